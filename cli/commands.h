@@ -1,0 +1,31 @@
+// The `concord` subcommands. Each file adds one subcommand to the CLI11 app.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+#include <vector>
+
+namespace concord::cli {
+
+struct Globals {
+  std::vector<std::string> plugin_paths;  // --plugin-path (repeatable)
+  bool verbose = false;
+  bool quiet = false;
+};
+
+// Thrown by a subcommand to end the process with this status after it printed its own report.
+struct Exit {
+  int code;
+};
+
+// Loads the built-in plugins, CONCORD_PLUGIN_PATH and --plugin-path into the global registry;
+// reports libraries that refused to load. Returns the registry.
+void load_all_plugins(const Globals& g);
+
+void add_run_command(CLI::App& app, Globals& g);
+void add_validate_command(CLI::App& app, Globals& g);
+void add_plugins_command(CLI::App& app, Globals& g);
+void add_harmonize_command(CLI::App& app, Globals& g);
+
+}  // namespace concord::cli

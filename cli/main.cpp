@@ -1,0 +1,56 @@
+// concord: run, validate and inspect federated pipelines; harmonize datasets offline.
+#include "commands.h"
+
+#include <concord/error.h>
+#include <concord/registry.h>
+
+#include <spdlog/spdlog.h>
+
+#include <iostream>
+
+namespace concord::cli {
+
+void load_all_plugins(const Globals& g) {
+  static bool loaded = false;
+  if (loaded) return;
+  loaded = true;
+  auto failures = load_plugins(global_registry(), g.plugin_paths);
+  for (const auto& f : failures) spdlog::error("plugin {}: {}", f.file, f.reason);
+}
+
+}  // namespace concord::cli
+
+int main(int argc, char** argv) {
+  using namespace concord::cli;
+  CLI::App app{"Concord: federated learning on medical images, with harmonization"};
+  app.set_version_flag("--version", std::string("concord ") + CONCORD_VERSION);
+  app.require_subcommand(1);
+  Globals g;
+  app.add_option("--plugin-path", g.plugin_paths,
+                 "Extra plugin library or folder (repeatable; also CONCORD_PLUGIN_PATH)");
+  app.add_flag("-v,--verbose", g.verbose, "Debug logging");
+  app.add_flag("-q,--quiet", g.quiet, "Warnings and errors only");
+  app.parse_complete_callback([&] {
+    spdlog::set_level(g.verbose ? spdlog::level::debug
+                                : g.quiet ? spdlog::level::warn : spdlog::level::info);
+    spdlog::set_pattern("[%H:%M:%S] %^%l%$ %v");
+  });
+  add_run_command(app, g);
+  add_validate_command(app, g);
+  add_plugins_command(app, g);
+  add_harmonize_command(app, g);
+  try {
+    app.parse(argc, argv);
+  } catch (const Exit& e) {
+    return e.code;
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const concord::Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,45 @@
+# concord_add_plugin(NAME SOURCES ... [LIBS ...])
+#   Builds a Concord plugin shared library. Used by built-in plugins and, through the installed
+#   CMake package, by out-of-tree plugins alike.
+function(concord_add_plugin name)
+  cmake_parse_arguments(P "" "" "SOURCES;LIBS" ${ARGN})
+  add_library(${name} MODULE ${P_SOURCES})
+  set_target_properties(${name} PROPERTIES PREFIX "lib" CXX_VISIBILITY_PRESET hidden
+                                           VISIBILITY_INLINES_HIDDEN ON)
+  if(TARGET concord)  # in-tree build
+    target_link_libraries(${name} PRIVATE concord ${P_LIBS})
+    set_target_properties(${name} PROPERTIES
+      LIBRARY_OUTPUT_DIRECTORY ${CONCORD_PLUGIN_OUTPUT_DIR}
+      BUILD_RPATH "$ORIGIN/../.." INSTALL_RPATH "$ORIGIN/../..")
+    install(TARGETS ${name} LIBRARY DESTINATION ${CONCORD_PLUGIN_SUBDIR})
+    set_property(GLOBAL APPEND PROPERTY CONCORD_PLUGIN_TARGETS ${name})
+  else()  # out of tree, against an installed Concord
+    target_link_libraries(${name} PRIVATE Concord::sdk ${P_LIBS})
+  endif()
+endfunction()
+
+# concord_add_test(NAME SOURCES ... [LIBS ...]): one gtest executable = one ctest entry (each
+# process start costs ~0.5 s with LibTorch, so cases are grouped per executable).
+function(concord_add_test name)
+  cmake_parse_arguments(T "" "TIMEOUT" "SOURCES;LIBS" ${ARGN})
+  add_executable(${name} ${T_SOURCES})
+  target_link_libraries(${name} PRIVATE concord concord_testing ${T_LIBS})
+  add_test(NAME ${name} COMMAND ${name} --gtest_color=no
+           WORKING_DIRECTORY ${CMAKE_BINARY_DIR})
+  if(NOT T_TIMEOUT)
+    set(T_TIMEOUT 600)
+  endif()
+  set_tests_properties(${name} PROPERTIES TIMEOUT ${T_TIMEOUT}
+    ENVIRONMENT "CONCORD_SHARED_DATA=${CONCORD_SHARED_DATA};CONCORD_SOURCE_DIR=${CMAKE_SOURCE_DIR};CONCORD_BUILD_DIR=${CMAKE_BINARY_DIR};OMP_NUM_THREADS=2")
+  set_property(GLOBAL APPEND PROPERTY CONCORD_TEST_TARGETS ${name})
+endfunction()
+
+# Called once at the end of the top-level CMakeLists: tests need every plugin built.
+function(concord_finish_plugins)
+  get_property(plugins GLOBAL PROPERTY CONCORD_PLUGIN_TARGETS)
+  add_custom_target(concord-plugins ALL DEPENDS ${plugins})
+  get_property(tests GLOBAL PROPERTY CONCORD_TEST_TARGETS)
+  foreach(t ${tests})
+    add_dependencies(${t} concord-plugins concord-cli)
+  endforeach()
+endfunction()

@@ -1,0 +1,36 @@
+// Aggregator plugins turn the sites' uploaded shared state into the next global state.
+#pragma once
+
+#include <concord/array.h>
+#include <concord/registry.h>
+
+namespace concord {
+
+struct SiteUpdate {
+  std::string site;
+  NamedArrays state;        // the site's shared state after local training (not a delta)
+  double num_samples = 0;   // training samples seen this round
+  double train_loss = 0;    // mean training loss of the last local epoch
+  std::map<std::string, double> scalars;
+};
+
+struct RoundInfo {
+  int round = 0;   // 1-based
+  int rounds = 0;  // total planned
+  uint64_t seed = 0;
+};
+
+class Aggregator : public Plugin {
+ public:
+  // `global` is the shared state broadcast at the start of the round; updates are finite
+  // (the engine rejects non-finite ones before this call). Returns the new shared state.
+  virtual NamedArrays aggregate(const NamedArrays& global, const std::vector<SiteUpdate>& updates,
+                                const RoundInfo& round) = 0;
+  // Server-side state (optimizer moments); saved in checkpoints for bit-identical resume.
+  virtual NamedArrays state() const { return {}; }
+  virtual void load_state(const NamedArrays& /*state*/) {}
+  // Settings the sites must apply in local training (e.g. FedProx "proximal_mu").
+  virtual std::map<std::string, double> client_settings() const { return {}; }
+};
+
+}  // namespace concord

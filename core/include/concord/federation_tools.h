@@ -1,0 +1,43 @@
+// Making federations out of one dataset: partitioning into sites and per-site scanner shift.
+#pragma once
+
+#include <concord/image.h>
+
+#include <cstdint>
+#include <string>
+
+namespace concord {
+
+struct PartitionSpec {
+  std::string scheme = "none";  // none | iid | dirichlet | quantity
+  int sites = 4;
+  double alpha = 0.5;  // dirichlet: label concentration; quantity: size concentration
+  int min_samples = 8;  // each site gets at least this many training samples
+};
+
+// Splits every site's train and test samples of `pooled` (usually one source) into
+// spec.sites sites named site-1 .. site-N. Deterministic in `seed`. "none" returns the input.
+Federation partition(Federation pooled, const PartitionSpec& spec, uint64_t seed);
+
+// A site's acquisition signature (all deterministic in seed and site index).
+struct ScannerSignature {
+  double gamma = 1;          // intensity exponent (on [0,1]-normalised intensities)
+  double contrast = 1;       // multiplicative
+  double brightness = 0;     // additive
+  double bias_amplitude = 0;  // smooth multiplicative bias field amplitude
+  uint64_t bias_seed = 0;     // shape of the bias field
+  double noise_sigma = 0;     // Gaussian noise std
+  double blur_sigma = 0;      // Gaussian blur (pixels)
+  double lowfreq_scale = 1;   // scaling of the low-frequency amplitude spectrum
+  std::string json() const;
+};
+
+// strength 0 gives the identity signature; 1 a strong, visible shift.
+ScannerSignature site_signature(uint64_t seed, int site_index, double strength);
+// Applies the signature in place; noise drawn from `noise_seed`.
+void apply_signature(Image& image, const ScannerSignature& sig, uint64_t noise_seed);
+// Applies a per-site signature to every image of every site (keeps `reference` untouched
+// when set; records the parameters in federation.notes["scanner.<site>"]).
+void apply_scanner_shift(Federation& federation, double strength, uint64_t seed);
+
+}  // namespace concord

@@ -1,0 +1,86 @@
+// Pipeline files: one YAML file describes a whole experiment; validated before anything runs.
+#pragma once
+
+#include <concord/args.h>
+#include <concord/federation_tools.h>
+#include <concord/registry.h>
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace concord {
+
+struct Component {
+  std::string type;
+  Args args;
+  SourceLoc where;
+};
+
+struct Diagnostic {
+  SourceLoc where;
+  std::string message;
+  std::string str() const { return where.str() + ": error: " + message; }
+};
+
+// Every problem found in a pipeline, reported together.
+class ValidationError : public Error {
+ public:
+  explicit ValidationError(std::vector<Diagnostic> diags);
+  const std::vector<Diagnostic>& diagnostics() const { return diags_; }
+
+ private:
+  std::vector<Diagnostic> diags_;
+};
+
+struct PipelineConfig {
+  std::string file;
+  std::string name;
+  uint64_t seed = 0;
+  struct Data {
+    Component dataset;
+    std::vector<std::string> sites;  // empty: all the dataset has
+    PartitionSpec partition;
+    double scanner_shift = 0;  // 0 = off
+  } data;
+  Component model;
+  std::vector<Component> harmonizers;
+  std::optional<Component> adapter;
+  struct Training {
+    int local_epochs = 1;
+    int batch_size = 32;
+    std::string optimizer = "adam";  // sgd | adam
+    double lr = 1e-3;
+    double momentum = 0.9;
+    double weight_decay = 0;
+    int threads = 0;  // 0: LibTorch default
+  } training;
+  struct Federation {
+    int rounds = 5;
+    double fraction = 1.0;  // of available sites selected per round
+    int min_sites = 1;      // k: a round needs at least k replies
+    double availability = 1.0;  // probability a site is available in a round
+    std::map<std::string, double> site_availability;  // per-site override
+  } federation;
+  Component aggregator;
+  std::vector<Component> filters;
+  struct Evaluation {
+    std::vector<Component> metrics;
+    int every = 1;
+    std::vector<std::string> held_out;  // sites that only evaluate
+  } evaluation;
+  std::string output = "runs";
+  std::string resolved_yaml;  // the whole pipeline with every default filled in
+};
+
+// Reads, applies `overrides` ("a.b=value"), validates against the registry and builds the
+// config. Throws ValidationError listing every problem with FILE:LINE:COL.
+PipelineConfig load_pipeline(const std::string& file, const std::vector<std::string>& overrides,
+                             const Registry& registry);
+// Same, from text (for tests); `file` is only used in messages.
+PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
+                              const std::vector<std::string>& overrides,
+                              const Registry& registry);
+
+}  // namespace concord

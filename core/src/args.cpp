@@ -1,0 +1,275 @@
+#include <concord/args.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace concord {
+
+const char* arg_type_name(ArgType t) {
+  switch (t) {
+    case ArgType::Int: return "int";
+    case ArgType::Float: return "float";
+    case ArgType::Bool: return "bool";
+    case ArgType::String: return "string";
+    case ArgType::Path: return "path";
+    case ArgType::Enum: return "enum";
+    case ArgType::List: return "list";
+  }
+  return "?";
+}
+
+std::string Value::str() const {
+  switch (type) {
+    case ArgType::Int: return std::to_string(i);
+    case ArgType::Float: {
+      std::ostringstream o;
+      o << f;
+      return o.str();
+    }
+    case ArgType::Bool: return b ? "true" : "false";
+    case ArgType::List: {
+      std::string out = "[";
+      for (size_t k = 0; k < items.size(); ++k) out += (k ? ", " : "") + items[k].str();
+      return out + "]";
+    }
+    default: return s;
+  }
+}
+
+Value make_value(int64_t v) {
+  Value x;
+  x.type = ArgType::Int;
+  x.i = v;
+  x.f = double(v);
+  return x;
+}
+Value make_value(double v) {
+  Value x;
+  x.type = ArgType::Float;
+  x.f = v;
+  return x;
+}
+Value make_value(bool v) {
+  Value x;
+  x.type = ArgType::Bool;
+  x.b = v;
+  return x;
+}
+Value make_value(const std::string& v) {
+  Value x;
+  x.type = ArgType::String;
+  x.s = v;
+  return x;
+}
+Value make_value(const char* v) { return make_value(std::string(v)); }
+Value make_value(const std::vector<std::string>& v) {
+  Value x;
+  x.type = ArgType::List;
+  for (const auto& s : v) x.items.push_back(make_value(s));
+  return x;
+}
+
+ArgSpec ArgSpec::integer(std::string name, int64_t def, std::string doc) {
+  ArgSpec a;
+  a.name = std::move(name);
+  a.type = ArgType::Int;
+  a.doc = std::move(doc);
+  a.default_value = make_value(def);
+  return a;
+}
+ArgSpec ArgSpec::real(std::string name, double def, std::string doc) {
+  ArgSpec a;
+  a.name = std::move(name);
+  a.type = ArgType::Float;
+  a.doc = std::move(doc);
+  a.default_value = make_value(def);
+  return a;
+}
+ArgSpec ArgSpec::boolean(std::string name, bool def, std::string doc) {
+  ArgSpec a;
+  a.name = std::move(name);
+  a.type = ArgType::Bool;
+  a.doc = std::move(doc);
+  a.default_value = make_value(def);
+  return a;
+}
+ArgSpec ArgSpec::string(std::string name, std::string def, std::string doc) {
+  ArgSpec a;
+  a.name = std::move(name);
+  a.type = ArgType::String;
+  a.doc = std::move(doc);
+  a.default_value = make_value(def);
+  return a;
+}
+ArgSpec ArgSpec::path(std::string name, std::string doc) {
+  ArgSpec a;
+  a.name = std::move(name);
+  a.type = ArgType::Path;
+  a.doc = std::move(doc);
+  a.must_exist = true;
+  return a;
+}
+ArgSpec ArgSpec::choice(std::string name, std::vector<std::string> choices, std::string def,
+                        std::string doc) {
+  ArgSpec a;
+  a.name = std::move(name);
+  a.type = ArgType::Enum;
+  a.choices = std::move(choices);
+  a.doc = std::move(doc);
+  Value v = make_value(def);
+  v.type = ArgType::Enum;
+  a.default_value = v;
+  return a;
+}
+ArgSpec ArgSpec::list(std::string name, ArgType element, std::vector<std::string> def,
+                      std::string doc) {
+  ArgSpec a;
+  a.name = std::move(name);
+  a.type = ArgType::List;
+  a.element = element;
+  a.doc = std::move(doc);
+  Value v;
+  v.type = ArgType::List;
+  for (const auto& s : def) {
+    Value item;
+    item.type = element;
+    item.s = s;
+    if (element == ArgType::Int) item.i = std::stoll(s), item.f = double(item.i);
+    if (element == ArgType::Float) item.f = std::stod(s);
+    v.items.push_back(item);
+  }
+  a.default_value = v;
+  return a;
+}
+ArgSpec& ArgSpec::range(double lo, double hi) {
+  min = lo;
+  max = hi;
+  return *this;
+}
+ArgSpec& ArgSpec::at_least(double lo) {
+  min = lo;
+  return *this;
+}
+ArgSpec& ArgSpec::required() {
+  default_value.reset();
+  optional = false;
+  return *this;
+}
+ArgSpec& ArgSpec::not_required() {
+  default_value.reset();
+  optional = true;
+  return *this;
+}
+ArgSpec& ArgSpec::output() {
+  must_exist = false;
+  return *this;
+}
+ArgSpec& ArgSpec::with_default(std::string def) {
+  Value v = make_value(def);
+  v.type = type;
+  default_value = v;
+  return *this;
+}
+
+std::string ArgSpec::default_str() const {
+  if (default_value) {
+    if (type == ArgType::String || type == ArgType::Path) return "\"" + default_value->s + "\"";
+    return default_value->str();
+  }
+  return optional ? "(none)" : "required";
+}
+
+static std::string fmt_num(double v) {
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+
+std::string ArgSpec::type_str() const {
+  auto bounds = [&]() -> std::string {
+    if (!min && !max) return "";
+    return " in [" + (min ? fmt_num(*min) : "-inf") + ", " + (max ? fmt_num(*max) : "inf") + "]";
+  };
+  auto enum_str = [&]() {
+    std::string s = "{";
+    for (size_t k = 0; k < choices.size(); ++k) s += (k ? "|" : "") + choices[k];
+    return s + "}";
+  };
+  switch (type) {
+    case ArgType::Int: return "int" + bounds();
+    case ArgType::Float: return "float" + bounds();
+    case ArgType::Enum: return "enum " + enum_str();
+    case ArgType::List:
+      return std::string("list<") + arg_type_name(element) +
+             (element == ArgType::Enum ? " " + enum_str() : "") + ">" + bounds();
+    default: return arg_type_name(type);
+  }
+}
+
+const Value& Args::value(const std::string& name) const {
+  auto it = values_.find(name);
+  if (it == values_.end())
+    throw Error("plugin '" + plugin_ + "' read argument '" + name +
+                "' which has no value (not declared, or optional and absent)");
+  return it->second;
+}
+int64_t Args::integer(const std::string& name) const { return value(name).i; }
+double Args::real(const std::string& name) const {
+  const Value& v = value(name);
+  return v.type == ArgType::Int ? double(v.i) : v.f;
+}
+bool Args::flag(const std::string& name) const { return value(name).b; }
+const std::string& Args::str(const std::string& name) const { return value(name).s; }
+std::vector<std::string> Args::strings(const std::string& name) const {
+  std::vector<std::string> out;
+  for (const auto& v : value(name).items) out.push_back(v.type == ArgType::Int || v.type == ArgType::Float ? v.str() : v.s);
+  return out;
+}
+std::vector<double> Args::reals(const std::string& name) const {
+  std::vector<double> out;
+  for (const auto& v : value(name).items) out.push_back(v.type == ArgType::Int ? double(v.i) : v.f);
+  return out;
+}
+
+Args make_args(const std::string& plugin, const std::vector<ArgSpec>& specs,
+               const std::map<std::string, Value>& given) {
+  std::map<std::string, Value> out;
+  std::string problems;
+  for (const auto& [k, v] : given) {
+    const ArgSpec* spec = nullptr;
+    for (const auto& s : specs)
+      if (s.name == k) spec = &s;
+    if (!spec) {
+      problems += "\n  unknown argument '" + k + "'";
+      continue;
+    }
+    Value x = v;
+    if (spec->type == ArgType::Float && x.type == ArgType::Int) x.f = double(x.i);
+    if (spec->type == ArgType::Int && x.type == ArgType::Float) {
+      if (x.f != std::floor(x.f)) problems += "\n  '" + k + "' must be an integer";
+      x.i = int64_t(x.f);
+    }
+    x.type = spec->type;
+    double num = spec->type == ArgType::Int ? double(x.i) : x.f;
+    if ((spec->type == ArgType::Int || spec->type == ArgType::Float) &&
+        ((spec->min && num < *spec->min) || (spec->max && num > *spec->max)))
+      problems += "\n  '" + k + "' = " + x.str() + " is outside " + spec->type_str();
+    if (spec->type == ArgType::Enum) {
+      bool ok = false;
+      for (const auto& c : spec->choices) ok = ok || c == x.s;
+      if (!ok) problems += "\n  '" + k + "' = " + x.s + " is not one of " + spec->type_str();
+    }
+    out[k] = x;
+  }
+  for (const auto& s : specs) {
+    if (out.count(s.name)) continue;
+    if (s.default_value)
+      out[s.name] = *s.default_value;
+    else if (!s.optional)
+      problems += "\n  missing required argument '" + s.name + "'";
+  }
+  if (!problems.empty()) throw Error("plugin '" + plugin + "':" + problems);
+  return Args(plugin, std::move(out));
+}
+
+}  // namespace concord

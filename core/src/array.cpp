@@ -1,0 +1,99 @@
+#include <concord/array.h>
+#include <concord/error.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace concord {
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::F64: return 8;
+    case DType::I64: return 8;
+    case DType::I32: return 4;
+    case DType::U8: return 1;
+  }
+  throw Error("unknown dtype");
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "float32";
+    case DType::F64: return "float64";
+    case DType::I64: return "int64";
+    case DType::I32: return "int32";
+    case DType::U8: return "uint8";
+  }
+  return "?";
+}
+
+namespace {
+std::shared_ptr<void> allocate(size_t bytes) {
+  // 64-byte alignment: SIMD-friendly and safe for every dtype; never a null pointer.
+  size_t rounded = ((bytes + 63) / 64) * 64;
+  void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
+  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+}
+}  // namespace
+
+int64_t Array::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape_) n *= d;
+  return n;
+}
+
+Array Array::uninitialized(DType dtype, std::vector<int64_t> shape) {
+  Array a;
+  a.dtype_ = dtype;
+  a.shape_ = std::move(shape);
+  auto mem = allocate(a.nbytes());
+  a.data_ = mem.get();
+  a.owner_ = std::move(mem);
+  return a;
+}
+
+Array::Array(DType dtype, std::vector<int64_t> shape) {
+  *this = uninitialized(dtype, std::move(shape));
+  std::memset(data_, 0, nbytes());
+}
+
+Array Array::view(DType dtype, std::vector<int64_t> shape, void* data,
+                  std::shared_ptr<const void> owner) {
+  Array a;
+  a.dtype_ = dtype;
+  a.shape_ = std::move(shape);
+  a.data_ = data;
+  a.owner_ = std::move(owner);
+  return a;
+}
+
+Array Array::clone() const {
+  Array a = uninitialized(dtype_, shape_);
+  if (nbytes()) std::memcpy(a.data_, data_, nbytes());
+  return a;
+}
+
+Array Array::to_f32() const {
+  if (dtype_ == DType::F32) return clone();
+  Array a = uninitialized(DType::F32, shape_);
+  float* out = a.data<float>();
+  const int64_t n = numel();
+  switch (dtype_) {
+    case DType::F64: for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const double*>(data_)[i]); break;
+    case DType::I64: for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const int64_t*>(data_)[i]); break;
+    case DType::I32: for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const int32_t*>(data_)[i]); break;
+    case DType::U8: for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const uint8_t*>(data_)[i]); break;
+    case DType::F32: break;
+  }
+  return a;
+}
+
+void Array::check(DType wanted) const {
+  if (wanted != dtype_)
+    throw Error(std::string("array holds ") + dtype_name(dtype_) + ", accessed as " +
+                dtype_name(wanted));
+}
+
+}  // namespace concord
