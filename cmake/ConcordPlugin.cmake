@@ -18,10 +18,11 @@ function(concord_add_plugin name)
   endif()
 endfunction()
 
-# concord_add_test(NAME SOURCES ... [LIBS ...]): one gtest executable = one ctest entry (each
-# process start costs ~0.5 s with LibTorch, so cases are grouped per executable).
+# concord_add_test(NAME SOURCES ... [LIBS ...] [PLUGINS target...] [NEEDS_CLI] [TIMEOUT s]):
+#   one gtest executable = one ctest entry (each process start costs ~0.5 s with LibTorch, so
+#   cases are grouped per executable). PLUGINS: plugin targets the test loads (built first).
 function(concord_add_test name)
-  cmake_parse_arguments(T "" "TIMEOUT" "SOURCES;LIBS" ${ARGN})
+  cmake_parse_arguments(T "NEEDS_CLI" "TIMEOUT" "SOURCES;LIBS;PLUGINS" ${ARGN})
   add_executable(${name} ${T_SOURCES})
   target_link_libraries(${name} PRIVATE concord concord_testing ${T_LIBS})
   add_test(NAME ${name} COMMAND ${name} --gtest_color=no
@@ -31,15 +32,16 @@ function(concord_add_test name)
   endif()
   set_tests_properties(${name} PROPERTIES TIMEOUT ${T_TIMEOUT}
     ENVIRONMENT "CONCORD_SHARED_DATA=${CONCORD_SHARED_DATA};CONCORD_SOURCE_DIR=${CMAKE_SOURCE_DIR};CONCORD_BUILD_DIR=${CMAKE_BINARY_DIR};OMP_NUM_THREADS=2")
-  set_property(GLOBAL APPEND PROPERTY CONCORD_TEST_TARGETS ${name})
+  if(T_PLUGINS)
+    add_dependencies(${name} ${T_PLUGINS})
+  endif()
+  if(T_NEEDS_CLI)
+    add_dependencies(${name} concord-cli)
+  endif()
 endfunction()
 
-# Called once at the end of the top-level CMakeLists: tests need every plugin built.
+# Called once at the end of the top-level CMakeLists: `concord-plugins` builds every plugin.
 function(concord_finish_plugins)
   get_property(plugins GLOBAL PROPERTY CONCORD_PLUGIN_TARGETS)
   add_custom_target(concord-plugins ALL DEPENDS ${plugins})
-  get_property(tests GLOBAL PROPERTY CONCORD_TEST_TARGETS)
-  foreach(t ${tests})
-    add_dependencies(${t} concord-plugins concord-cli)
-  endforeach()
 endfunction()
