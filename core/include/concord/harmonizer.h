@@ -23,6 +23,10 @@ struct Stats {
   NamedArrays arrays;
   std::map<std::string, double> scalars;
   double weight = 0;
+  // The site a fit_site() result comes from: set by the caller (engine, `concord harmonize`)
+  // before combine(), so harmonizers that keep per-site statistics can key them by site.
+  // Empty for combined statistics.
+  std::string site;
 };
 
 // Calls the visitor once per image; lets sites and the offline tool stream images.
