@@ -2,6 +2,8 @@
 // (select, local training, upload, aggregate, broadcast) over a Channel.
 #pragma once
 
+#include <concord/aggregator.h>
+#include <concord/channel.h>
 #include <concord/pipeline.h>
 
 #include <functional>
@@ -11,6 +13,47 @@
 #include <vector>
 
 namespace concord {
+
+// The coordinator's side of the five steps, knowing nothing of models, data or strategies:
+// it moves named arrays over a Channel and asks the aggregator plugin to combine them.
+class Coordinator {
+ public:
+  Coordinator(Channel& channel, Aggregator& aggregator, uint64_t seed);
+
+  // Step 1: sites available this round (each with its probability), then a seeded sample of
+  // ceil(fraction * available) of them. Deterministic in (seed, round).
+  std::vector<std::string> select(int round, const std::vector<std::string>& candidates,
+                                  double fraction, double availability,
+                                  const std::map<std::string, double>& site_availability) const;
+
+  struct RoundOutcome {
+    std::vector<SiteUpdate> updates;    // accepted uploads
+    std::vector<std::string> failures;  // "site 'x': reason", one per failed or rejected site
+    bool aggregated = false;            // false when fewer than min_sites replied
+  };
+  // Steps 2-4: ask each selected site to train (the request carries `settings`), collect the
+  // uploads (rejecting non-finite ones), aggregate when at least `min_sites` replied.
+  RoundOutcome train_round(int round, int rounds, const std::vector<std::string>& selected,
+                           const std::map<std::string, double>& settings, int min_sites);
+  // Step 5: send the global state to `sites` (encoded once; one call per site).
+  void broadcast(int round, const std::vector<std::string>& sites);
+
+  // Other exchanges (evaluation, harmonizer fit) use the same Channel.
+  Message call(const std::string& site, const Message& request);
+
+  const NamedArrays& global() const { return global_; }
+  void set_global(NamedArrays g) { global_ = std::move(g); }
+
+ private:
+  Channel& channel_;
+  Aggregator& aggregator_;
+  uint64_t seed_;
+  NamedArrays global_;
+};
+
+// A seed derived from the pipeline seed and labels (round, site, purpose): every random
+// choice in a run flows from the pipeline's seed through this.
+uint64_t derive_seed(uint64_t seed, const std::string& label, int64_t n = 0);
 
 struct SiteResult {
   std::string site;
@@ -34,6 +77,8 @@ struct RunOptions {
   int stop_after_round = -1;  // stop (as if interrupted) after this round; tests only
   // Called after every round with the round number (for tests and progress).
   std::function<void(int)> on_round;
+  // Called as work advances: phase ("fit", "round 3/5", "evaluate"), step, steps in phase.
+  std::function<void(const std::string& phase, int done, int total)> on_progress;
 };
 
 // Fault injection for tests: makes a site throw in a given round.

@@ -1,0 +1,841 @@
+// Experiment: builds data, model, harmonizers, adapter and aggregator from a pipeline, connects
+// one Site per hospital to the Coordinator through an in-process Channel, and runs the rounds.
+#include <concord/adapter.h>
+#include <concord/dataset.h>
+#include <concord/engine.h>
+#include <concord/filter.h>
+#include <concord/harmonizer.h>
+#include <concord/metric.h>
+#include <concord/model.h>
+#include <concord/tensor_bridge.h>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <set>
+#include <sstream>
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace concord {
+
+namespace {
+
+// Settings every site receives with a train request.
+struct LocalConfig {
+  const PipelineConfig* config = nullptr;
+  Task task = Task::Classification;
+  int num_classes = 2;
+};
+
+// One hospital: holds its images (never sent), its local state, and answers the coordinator.
+class Site : public LocalTrainer {
+ public:
+  Site(std::string name, SiteData data, bool held_out, Model& model, Adapter& adapter,
+       const std::set<std::string>& shared, const NamedArrays& initial, LocalConfig cfg,
+       std::vector<std::unique_ptr<Harmonizer>> harmonizers,
+       std::vector<std::unique_ptr<Filter>> filters,
+       const std::vector<std::pair<std::string, std::unique_ptr<Metric>>>& metrics,
+       const FaultPlan& faults)
+      : name_(std::move(name)), data_(std::move(data)), held_out_(held_out), model_(model),
+        adapter_(adapter), shared_(shared), initial_(initial), cfg_(cfg),
+        harmonizers_(std::move(harmonizers)), filters_(std::move(filters)), metrics_(metrics),
+        faults_(faults) {}
+
+  Bytes handle(const Bytes& request) {
+    Message in = decode(request);
+    round_ = int(in.round);
+    auto fault = faults_.fail.find({name_, round_});
+    if (fault != faults_.fail.end() && in.type == "train") throw SiteError(name_, fault->second);
+    Message out;
+    out.site = name_;
+    out.round = in.round;
+    if (in.type == "broadcast") {
+      global_ = std::move(in.arrays);  // views into the one broadcast buffer
+      out.type = "ack";
+    } else if (in.type == "train") {
+      out = train_round(in);
+    } else if (in.type == "evaluate") {
+      out = evaluate(in.text["phase"]);
+    } else if (in.type == "fit") {
+      out = fit_harmonizer(int(in.scalars["index"]));
+    } else if (in.type == "harmonizer-stats") {
+      set_harmonizer(int(in.scalars["index"]), in);
+      out.type = "ack";
+    } else if (in.type == "personalize") {
+      load_model_state();
+      adapter_.personalize(*this);
+      save_local_state();
+      out.type = "ack";
+    } else {
+      throw SiteError(name_, "unknown request '" + in.type + "'");
+    }
+    return encode(out);
+  }
+
+  // --- LocalTrainer ---
+  const std::string& site() const override { return name_; }
+  int round() const override { return round_; }
+  Model& model() override { return model_; }
+  const std::map<std::string, at::Tensor>& received() const override { return received_; }
+  NamedArrays& site_store() override { return store_; }
+  int64_t train_samples() const override { return int64_t(data_.train.size()); }
+  bool has_trained() const override { return trained_; }
+
+  TrainResult train(int epochs, const ParamFilter& trainable, const LossTerm& extra) override {
+    const auto& t = cfg_.config->training;
+    auto entries = model_.state();
+    std::vector<at::Tensor> params;
+    std::vector<std::pair<at::Tensor, bool>> saved_grad;
+    for (auto& e : entries) {
+      if (!e.is_parameter) continue;
+      bool on = !trainable || trainable(e);
+      saved_grad.emplace_back(e.tensor, e.tensor.requires_grad());
+      e.tensor.set_requires_grad(on);
+      if (on) params.push_back(e.tensor);
+    }
+    TrainResult result;
+    if (params.empty() || data_.train.empty()) return restore_grad(saved_grad), result;
+    std::unique_ptr<torch::optim::Optimizer> opt;
+    if (t.optimizer == "sgd")
+      opt = std::make_unique<torch::optim::SGD>(
+          params, torch::optim::SGDOptions(t.lr).momentum(t.momentum).weight_decay(t.weight_decay));
+    else
+      opt = std::make_unique<torch::optim::Adam>(
+          params, torch::optim::AdamOptions(t.lr).weight_decay(t.weight_decay));
+    // FedProx-style proximal term, when the aggregator asks for one.
+    const double mu = settings_.count("proximal_mu") ? settings_.at("proximal_mu") : 0.0;
+    std::vector<std::pair<at::Tensor, at::Tensor>> prox;
+    if (mu > 0)
+      for (auto& e : entries)
+        if (e.is_parameter && received_.count(e.name) && e.tensor.requires_grad())
+          prox.emplace_back(e.tensor, received_.at(e.name));
+    model_.set_training(true);
+    std::mt19937_64 rng(derive_seed(cfg_.config->seed, "shuffle/" + name_, round_ * 1000 + calls_++));
+    for (int ep = 0; ep < epochs; ++ep) {
+      std::vector<size_t> order(data_.train.size());
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      double loss_sum = 0;
+      int64_t seen = 0;
+      for (size_t start = 0; start < order.size(); start += size_t(t.batch_size)) {
+        size_t end = std::min(order.size(), start + size_t(t.batch_size));
+        if (end - start < 2 && order.size() >= 2) break;  // BatchNorm needs 2+ samples
+        std::vector<size_t> idx(order.begin() + long(start), order.begin() + long(end));
+        auto [x, y] = batch(data_.train, idx, &rng);
+        opt->zero_grad();
+        at::Tensor loss = task_loss(model_.forward(x), y);
+        if (extra) loss = loss + extra();
+        if (!prox.empty()) {
+          at::Tensor p = torch::zeros({}, torch::kFloat);
+          for (auto& [w, g] : prox) p = p + (w - g).pow(2).sum();
+          loss = loss + 0.5 * mu * p;
+        }
+        loss.backward();
+        opt->step();
+        loss_sum += loss.item<double>() * double(idx.size());
+        seen += int64_t(idx.size());
+        result.steps++;
+      }
+      result.samples += seen;
+      result.loss = seen ? loss_sum / double(seen) : 0;
+    }
+    restore_grad(saved_grad);
+    return result;
+  }
+
+  void recalibrate_batchnorm() override {
+    torch::NoGradGuard ng;
+    // Fresh running statistics estimated from this site's images alone (labels unused).
+    for (auto& e : model_.state()) {
+      if (e.module_type.rfind("BatchNorm", 0) != 0 || e.is_parameter) continue;
+      const std::string leaf = e.name.substr(e.name.rfind('.') + 1);
+      if (leaf == "running_mean" || leaf == "num_batches_tracked") e.tensor.zero_();
+      if (leaf == "running_var") e.tensor.fill_(1);
+    }
+    model_.set_training(true);
+    std::vector<size_t> idx(data_.train.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    const size_t bs = size_t(cfg_.config->training.batch_size);
+    for (size_t s = 0; s < idx.size(); s += bs) {
+      std::vector<size_t> part(idx.begin() + long(s), idx.begin() + long(std::min(idx.size(), s + bs)));
+      if (part.size() < 2) break;
+      model_.forward(batch(data_.train, part, nullptr).first);
+    }
+    model_.set_training(false);
+  }
+
+  // --- state ---
+  void load_model_state() {
+    torch::NoGradGuard ng;
+    received_.clear();
+    for (auto& e : model_.state()) {
+      const Array* src = nullptr;
+      if (shared_.count(e.name)) {
+        auto it = global_.find(e.name);
+        if (it == global_.end()) throw SiteError(name_, "no global value for '" + e.name + "'");
+        src = &it->second;
+        received_[e.name] = to_tensor(it->second).clone();
+      } else {
+        auto it = local_.find(e.name);
+        src = it != local_.end() ? &it->second : &initial_.at(e.name);
+      }
+      e.tensor.copy_(to_tensor(*src));
+    }
+  }
+  void save_local_state() {
+    for (auto& e : model_.state())
+      if (!shared_.count(e.name)) local_[e.name] = to_array(e.tensor.detach().clone());
+  }
+  NamedArrays& local_state() { return local_; }
+  void set_trained(bool t) { trained_ = t; }
+  bool held_out() const { return held_out_; }
+  const SiteData& data() const { return data_; }
+
+ private:
+  Message train_round(Message& in) {
+    settings_ = in.scalars;
+    load_model_state();
+    const int epochs = int(settings_.count("local_epochs") ? settings_["local_epochs"] : 1);
+    torch::manual_seed(derive_seed(cfg_.config->seed, "torch/" + name_, round_));
+    TrainResult r = adapter_.train_local(*this, epochs);
+    trained_ = true;
+    save_local_state();
+    Message out;
+    out.type = "update";
+    out.site = name_;
+    out.round = round_;
+    for (auto& e : model_.state())
+      if (shared_.count(e.name)) out.arrays[e.name] = to_array(e.tensor.detach().clone());
+    if (!filters_.empty()) {
+      std::mt19937_64 rng(derive_seed(cfg_.config->seed, "filter/" + name_, round_));
+      FilterContext ctx{name_, round_, &rng};
+      for (auto& f : filters_) f->apply(out.arrays, global_, ctx);
+    }
+    out.scalars["num_samples"] = double(data_.train.size());
+    out.scalars["train_loss"] = r.loss;
+    out.scalars["steps"] = double(r.steps);
+    return out;
+  }
+
+  Message evaluate(const std::string& phase) {
+    load_model_state();
+    if (!trained_) adapter_.prepare_unseen_site(*this);
+    adapter_.before_evaluate(*this);
+    Predictions p;
+    p.task = cfg_.task;
+    p.num_classes = cfg_.num_classes;
+    model_.set_training(false);
+    {
+      torch::NoGradGuard ng;
+      const size_t bs = 64;
+      for (size_t s = 0; s < data_.test.size(); s += bs) {
+        std::vector<size_t> idx;
+        for (size_t i = s; i < std::min(data_.test.size(), s + bs); ++i) idx.push_back(i);
+        auto [x, y] = batch(data_.test, idx, nullptr);
+        at::Tensor prob = torch::softmax(model_.forward(x), 1);
+        if (cfg_.task == Task::Classification) {
+          auto pc = prob.contiguous();
+          const float* pp = pc.data_ptr<float>();
+          p.probs.insert(p.probs.end(), pp, pp + pc.numel());
+          auto yc = y.contiguous();
+          const int64_t* yy = yc.data_ptr<int64_t>();
+          p.labels.insert(p.labels.end(), yy, yy + yc.numel());
+        } else {
+          at::Tensor pred = prob.argmax(1).to(torch::kUInt8).contiguous();
+          at::Tensor truth = y.to(torch::kUInt8).contiguous();
+          const int64_t per = pred[0].numel();
+          for (int64_t i = 0; i < pred.size(0); ++i) {
+            const uint8_t* a = pred[i].data_ptr<uint8_t>();
+            const uint8_t* b = truth[i].data_ptr<uint8_t>();
+            p.pred_masks.emplace_back(a, a + per);
+            p.true_masks.emplace_back(b, b + per);
+          }
+        }
+      }
+    }
+    Message out;
+    out.type = "metrics";
+    out.site = name_;
+    out.text["phase"] = phase;
+    out.scalars["num_test"] = double(data_.test.size());
+    for (const auto& [mname, metric] : metrics_)
+      if (metric->supports(cfg_.task) && p.size() > 0) out.scalars[mname] = metric->compute(p);
+    return out;
+  }
+
+  Message fit_harmonizer(int index) {
+    Harmonizer& h = *harmonizers_.at(size_t(index));
+    Stats s = h.fit_site([&](const ImageVisitor& visit) {
+      for (const auto& sample : data_.train) visit(sample.image);
+    });
+    Message out;
+    out.type = "stats";
+    out.site = name_;
+    out.arrays = std::move(s.arrays);
+    out.scalars = std::move(s.scalars);
+    out.scalars["__weight"] = s.weight;
+    return out;
+  }
+
+  void set_harmonizer(int index, Message& in) {
+    Harmonizer& h = *harmonizers_.at(size_t(index));
+    Stats s;
+    s.arrays = std::move(in.arrays);
+    s.scalars = std::move(in.scalars);
+    s.weight = s.scalars["__weight"];
+    s.scalars.erase("__weight");
+    s.scalars.erase("index");
+    h.set_statistics(s, name_);
+    if (h.augments()) {
+      augmenters_.push_back(&h);
+      return;
+    }
+    for (auto* split : {&data_.train, &data_.test})
+      for (auto& sample : *split) h.apply(sample.image);
+  }
+
+  // Builds an NCHW batch; training batches get the augmenting harmonizers.
+  std::pair<at::Tensor, at::Tensor> batch(const std::vector<Sample>& samples,
+                                          const std::vector<size_t>& idx, std::mt19937_64* rng) {
+    std::vector<at::Tensor> xs, ys;
+    for (size_t i : idx) {
+      const Sample& s = samples[i];
+      if (rng && !augmenters_.empty()) {
+        Image im = s.image;
+        for (Harmonizer* h : augmenters_) h->augment(im, *rng);
+        xs.push_back(image_to_tensor(im));
+      } else {
+        xs.push_back(image_to_tensor(s.image));
+      }
+      if (cfg_.task == Task::Classification) {
+        ys.push_back(torch::tensor({s.label}, torch::kLong));
+      } else {
+        if (!s.mask) throw SiteError(name_, "sample '" + s.id + "' has no mask");
+        ys.push_back(image_to_tensor(*s.mask)[0].round().to(torch::kLong));
+      }
+    }
+    at::Tensor x = torch::stack(xs);
+    at::Tensor y = cfg_.task == Task::Classification ? torch::cat(ys) : torch::stack(ys);
+    return {x, y};
+  }
+
+  at::Tensor task_loss(const at::Tensor& logits, const at::Tensor& y) {
+    at::Tensor ce = torch::nn::functional::cross_entropy(logits, y);
+    if (cfg_.task == Task::Classification) return ce;
+    // Segmentation: cross-entropy + soft Dice over foreground classes.
+    at::Tensor prob = torch::softmax(logits, 1);
+    at::Tensor onehot = torch::one_hot(y, logits.size(1)).permute({0, 3, 1, 2}).to(torch::kFloat);
+    at::Tensor inter = (prob * onehot).sum({0, 2, 3});
+    at::Tensor denom = prob.sum({0, 2, 3}) + onehot.sum({0, 2, 3});
+    at::Tensor dice = (2 * inter + 1) / (denom + 1);
+    return ce + (1 - dice.slice(0, 1).mean());
+  }
+
+  static void restore_grad(std::vector<std::pair<at::Tensor, bool>>& saved) {
+    for (auto& [t, g] : saved) t.set_requires_grad(g);
+  }
+
+  std::string name_;
+  SiteData data_;
+  bool held_out_;
+  Model& model_;
+  Adapter& adapter_;
+  const std::set<std::string>& shared_;
+  const NamedArrays& initial_;
+  LocalConfig cfg_;
+  std::vector<std::unique_ptr<Harmonizer>> harmonizers_;
+  std::vector<Harmonizer*> augmenters_;
+  std::vector<std::unique_ptr<Filter>> filters_;
+  const std::vector<std::pair<std::string, std::unique_ptr<Metric>>>& metrics_;
+  const FaultPlan& faults_;
+  NamedArrays global_, local_, store_;
+  std::map<std::string, at::Tensor> received_;
+  std::map<std::string, double> settings_;
+  bool trained_ = false;
+  int round_ = 0;
+  int64_t calls_ = 0;
+};
+
+std::string jsonl_line(const json& j) { return j.dump() + "\n"; }
+
+}  // namespace
+
+struct Experiment::Impl {
+  PipelineConfig config;
+  const Registry& registry;
+  FaultPlan faults;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Adapter> adapter;
+  std::unique_ptr<Aggregator> aggregator;
+  std::vector<std::pair<std::string, std::unique_ptr<Metric>>> metrics;
+  std::set<std::string> shared;
+  NamedArrays initial;
+  std::vector<std::unique_ptr<Site>> sites;
+  InProcessChannel channel;
+  std::unique_ptr<Coordinator> coordinator;
+  Federation federation_info;  // task, classes, notes (images live in the sites)
+  NamedArrays final_global;
+
+  Impl(PipelineConfig c, const Registry& r) : config(std::move(c)), registry(r) {}
+
+  BuildContext ctx(const std::string& instance) const { return {config.seed, instance}; }
+
+  void progress(const RunOptions& o, const std::string& phase, int done, int total) {
+    if (o.on_progress) o.on_progress(phase, done, total);
+  }
+
+  void setup(const RunOptions& options) {
+    if (config.training.threads > 0) torch::set_num_threads(config.training.threads);
+    // Data
+    progress(options, "loading data", 0, 1);
+    auto dataset = registry.create<Dataset>(Kind::Dataset, config.data.dataset.type,
+                                            config.data.dataset.args, ctx("data.dataset"));
+    Federation fed;
+    try {
+      fed = dataset->load(DataRequest{config.seed, config.data.sites});
+    } catch (const std::exception& e) {
+      throw Error(config.data.dataset.where.str() + ": dataset '" + config.data.dataset.type +
+                  "': " + e.what());
+    }
+    if (config.data.partition.scheme != "none")
+      fed = partition(std::move(fed), config.data.partition, derive_seed(config.seed, "partition"));
+    if (config.data.scanner_shift > 0)
+      apply_scanner_shift(fed, config.data.scanner_shift, derive_seed(config.seed, "scanner"));
+    if (!config.data.sites.empty()) {
+      std::vector<SiteData> keep;
+      for (const auto& want : config.data.sites) {
+        auto it = std::find_if(fed.sites.begin(), fed.sites.end(),
+                               [&](const SiteData& s) { return s.name == want; });
+        if (it == fed.sites.end()) {
+          std::string have;
+          for (const auto& s : fed.sites) have += " " + s.name;
+          throw Error(config.file + ": data.sites names '" + want + "', which the dataset does not have (it has:" + have + ")");
+        }
+        keep.push_back(std::move(*it));
+      }
+      fed.sites = std::move(keep);
+    }
+    if (fed.sites.empty()) throw Error("dataset '" + config.data.dataset.type + "' produced no sites");
+    std::set<std::string> names;
+    for (const auto& s : fed.sites) names.insert(s.name);
+    for (const auto& h : config.evaluation.held_out)
+      if (!names.count(h)) throw Error(config.file + ": evaluation.held_out names unknown site '" + h + "'");
+    for (const auto& [s, p] : config.federation.site_availability)
+      if (!names.count(s)) throw Error(config.file + ": federation.site_availability names unknown site '" + s + "'");
+    const Sample* first = nullptr;
+    for (const auto& s : fed.sites)
+      if (!s.train.empty()) { first = &s.train.front(); break; }
+    if (!first)
+      for (const auto& s : fed.sites)
+        if (!s.test.empty()) { first = &s.test.front(); break; }
+    if (!first) throw Error("dataset '" + config.data.dataset.type + "' has no samples");
+    for (const auto& s : fed.sites)
+      for (const auto* split : {&s.train, &s.test})
+        for (const auto& smp : *split)
+          if (smp.image.size != first->image.size || smp.image.channels != first->image.channels)
+            throw Error("site '" + s.name + "': sample '" + smp.id + "' is " +
+                        std::to_string(smp.image.size[0]) + "x" + std::to_string(smp.image.size[1]) +
+                        "x" + std::to_string(smp.image.channels) + ", others " +
+                        std::to_string(first->image.size[0]) + "x" + std::to_string(first->image.size[1]) +
+                        "x" + std::to_string(first->image.channels) + " (set the dataset's size/channels)");
+
+    // Model, initialised from the seed.
+    torch::manual_seed(derive_seed(config.seed, "model-init"));
+    model = registry.create<Model>(Kind::Model, config.model.type, config.model.args, ctx("model"));
+    ModelSpec spec;
+    spec.task = fed.task;
+    spec.in_channels = fed.channels;
+    spec.num_classes = fed.num_classes;
+    spec.image_size = {first->image.size[0], first->image.size[1]};
+    model->build(spec);
+    for (auto& e : model->state()) initial[e.name] = to_array(e.tensor.detach().clone());
+
+    // Adapter (default: everything shared, plain local training).
+    if (config.adapter)
+      adapter = registry.create<Adapter>(Kind::Adapter, config.adapter->type, config.adapter->args, ctx("adapter"));
+    else
+      adapter = std::make_unique<Adapter>();
+    try {
+      adapter->attach(*model);
+    } catch (const std::exception& e) {
+      throw Error((config.adapter ? config.adapter->where.str() + ": adapter '" + config.adapter->type + "': " : "") + e.what());
+    }
+    NamedArrays global;
+    for (auto& e : model->state())
+      if (adapter->is_shared(e)) {
+        shared.insert(e.name);
+        global[e.name] = initial.at(e.name);
+      }
+    aggregator = registry.create<Aggregator>(Kind::Aggregator, config.aggregator.type, config.aggregator.args, ctx("aggregator"));
+
+    // Metrics (defaults by task).
+    std::vector<Component> mcomps = config.evaluation.metrics;
+    if (mcomps.empty()) {
+      std::vector<std::string> defaults = fed.task == Task::Classification
+          ? std::vector<std::string>{"accuracy", "balanced-accuracy", "roc-auc"}
+          : std::vector<std::string>{"dice"};
+      for (const auto& n : defaults)
+        if (const PluginDesc* d = registry.find(Kind::Metric, n))
+          mcomps.push_back({n, make_args(n, d->args), {}});
+    }
+    for (const auto& m : mcomps) {
+      auto metric = registry.create<Metric>(Kind::Metric, m.type, m.args, ctx("metric"));
+      if (!metric->supports(fed.task))
+        throw Error(m.where.str() + ": metric '" + m.type + "' does not support " + task_name(fed.task) + " data");
+      metrics.emplace_back(m.type, std::move(metric));
+    }
+
+    federation_info.task = fed.task;
+    federation_info.num_classes = fed.num_classes;
+    federation_info.channels = fed.channels;
+    federation_info.notes = fed.notes;
+    LocalConfig lc{&config, fed.task, fed.num_classes};
+    std::set<std::string> held(config.evaluation.held_out.begin(), config.evaluation.held_out.end());
+    for (auto& sd : fed.sites) {
+      std::vector<std::unique_ptr<Harmonizer>> hs;
+      for (size_t i = 0; i < config.harmonizers.size(); ++i)
+        hs.push_back(registry.create<Harmonizer>(Kind::Harmonizer, config.harmonizers[i].type,
+                                                 config.harmonizers[i].args, ctx(sd.name)));
+      std::vector<std::unique_ptr<Filter>> fs;
+      for (const auto& f : config.filters)
+        fs.push_back(registry.create<Filter>(Kind::Filter, f.type, f.args, ctx(sd.name)));
+      std::string name = sd.name;
+      auto site = std::make_unique<Site>(name, std::move(sd), held.count(name) > 0, *model, *adapter,
+                                         shared, initial, lc, std::move(hs), std::move(fs), metrics, faults);
+      Site* raw = site.get();
+      channel.connect(name, [raw](const Bytes& b) { return raw->handle(b); });
+      sites.push_back(std::move(site));
+    }
+    coordinator = std::make_unique<Coordinator>(channel, *aggregator, config.seed);
+    coordinator->set_global(std::move(global));
+  }
+
+  std::vector<std::string> site_names(bool include_held_out) const {
+    std::vector<std::string> out;
+    for (const auto& s : sites)
+      if (include_held_out || !s->held_out()) out.push_back(s->site());
+    return out;
+  }
+
+  // Federated fit phase of every harmonizer, in order.
+  void fit_harmonizers(const RunOptions& o) {
+    for (size_t i = 0; i < config.harmonizers.size(); ++i) {
+      const auto& hc = config.harmonizers[i];
+      progress(o, "harmonizer " + hc.type, int(i), int(config.harmonizers.size()));
+      Harmonizer& combiner = *registry.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, ctx("coordinator")).release();
+      std::unique_ptr<Harmonizer> own(&combiner);
+      Stats global;
+      if (combiner.needs_fit()) {
+        std::vector<Stats> parts;
+        for (const auto& name : site_names(false)) {  // held-out sites do not contribute
+          Message req;
+          req.type = "fit";
+          req.scalars["index"] = double(i);
+          Message rep = coordinator->call(name, req);
+          Stats s;
+          s.arrays = std::move(rep.arrays);
+          s.weight = rep.scalars["__weight"];
+          rep.scalars.erase("__weight");
+          s.scalars = std::move(rep.scalars);
+          parts.push_back(std::move(s));
+        }
+        global = combiner.combine(parts);
+      }
+      Message set;
+      set.type = "harmonizer-stats";
+      set.arrays = global.arrays;
+      set.scalars = global.scalars;
+      set.scalars["__weight"] = global.weight;
+      set.scalars["index"] = double(i);
+      Bytes bytes = encode(set);
+      for (const auto& name : site_names(true)) decode(channel.call(name, bytes));
+      spdlog::info("harmonizer {} ({}): fitted on {} sites, applied at {}", i, hc.type,
+                   site_names(false).size(), sites.size());
+    }
+  }
+
+  std::map<std::string, std::map<std::string, double>> evaluate(int round, const std::string& phase) {
+    std::map<std::string, std::map<std::string, double>> out;
+    for (const auto& name : site_names(true)) {
+      Message req;
+      req.type = "evaluate";
+      req.round = round;
+      req.text["phase"] = phase;
+      try {
+        Message rep = coordinator->call(name, req);
+        out[name] = rep.scalars;
+      } catch (const std::exception& e) {
+        spdlog::error("round {}: evaluation at {}", round, e.what());
+      }
+    }
+    return out;
+  }
+
+  // --- checkpoints: global state, every site's local state and store, aggregator state ---
+  void save_checkpoint(const fs::path& dir, int round) {
+    Message m;
+    m.type = "checkpoint";
+    m.round = round;
+    for (const auto& [k, v] : coordinator->global()) m.arrays["global/" + k] = v;
+    for (const auto& [k, v] : aggregator->state()) m.arrays["aggregator/" + k] = v;
+    for (auto& s : sites) {
+      for (const auto& [k, v] : s->local_state()) m.arrays["site/" + s->site() + "/local/" + k] = v;
+      for (const auto& [k, v] : s->site_store()) m.arrays["site/" + s->site() + "/store/" + k] = v;
+      m.scalars["site/" + s->site() + "/trained"] = s->has_trained() ? 1 : 0;
+    }
+    m.text["pipeline"] = config.resolved_yaml;
+    Bytes b = encode(m);
+    char fname[64];
+    std::snprintf(fname, sizeof(fname), "round-%04d.ckpt", round);
+    write_file_atomic((dir / fname).string(), b->data(), b->size());
+    write_file_atomic((dir / "latest").string(), std::string(fname) + "\n");
+    // Keep the two newest checkpoints.
+    std::vector<fs::path> all;
+    for (const auto& e : fs::directory_iterator(dir))
+      if (e.path().extension() == ".ckpt") all.push_back(e.path());
+    std::sort(all.begin(), all.end());
+    for (size_t i = 0; i + 2 < all.size(); ++i) fs::remove(all[i]);
+  }
+
+  int load_checkpoint(const fs::path& dir) {
+    std::ifstream latest(dir / "latest");
+    std::string fname;
+    if (!latest || !(latest >> fname)) throw Error("cannot resume: no checkpoint in " + dir.string());
+    Message m = decode(read_file((dir / fname).string()));
+    if (m.text["pipeline"] != config.resolved_yaml)
+      throw Error("cannot resume " + dir.string() + ": the pipeline differs from the one the run started with");
+    NamedArrays global, agg;
+    std::map<std::string, Site*> by_name;
+    for (auto& s : sites) by_name[s->site()] = s.get();
+    for (auto& [k, v] : m.arrays) {
+      Array copy = v.clone();  // do not pin the whole file buffer
+      if (k.rfind("global/", 0) == 0) global[k.substr(7)] = copy;
+      else if (k.rfind("aggregator/", 0) == 0) agg[k.substr(11)] = copy;
+      else if (k.rfind("site/", 0) == 0) {
+        std::string rest = k.substr(5);
+        for (auto& [name, site] : by_name) {
+          if (rest.rfind(name + "/local/", 0) == 0) site->local_state()[rest.substr(name.size() + 7)] = copy;
+          else if (rest.rfind(name + "/store/", 0) == 0) site->site_store()[rest.substr(name.size() + 7)] = copy;
+        }
+      }
+    }
+    for (auto& [name, site] : by_name) site->set_trained(m.scalars["site/" + name + "/trained"] > 0);
+    coordinator->set_global(std::move(global));
+    aggregator->load_state(agg);
+    return int(m.round);
+  }
+};
+
+Experiment::Experiment(PipelineConfig config, const Registry& registry)
+    : impl_(std::make_unique<Impl>(std::move(config), registry)) {}
+Experiment::~Experiment() = default;
+void Experiment::inject_faults(FaultPlan plan) { impl_->faults = std::move(plan); }
+const NamedArrays& Experiment::global_state() const { return impl_->final_global; }
+
+static void summarise(RunSummary& summary, const std::vector<std::string>& metric_names) {
+  for (const auto& m : metric_names) {
+    double sum = 0, worst = INFINITY;
+    int n = 0;
+    for (const auto& s : summary.sites) {
+      if (s.held_out || !s.metrics.count(m) || std::isnan(s.metrics.at(m))) continue;
+      sum += s.metrics.at(m);
+      worst = std::min(worst, s.metrics.at(m));
+      ++n;
+    }
+    if (n) {
+      summary.mean[m] = sum / n;
+      summary.worst[m] = worst;
+    }
+  }
+}
+
+RunSummary Experiment::run(const RunOptions& options) {
+  Impl& x = *impl_;
+  const auto& cfg = x.config;
+  fs::path run_dir = options.run_dir.empty() ? fs::path(cfg.output) / cfg.name : fs::path(options.run_dir);
+  fs::path ckpt_dir = run_dir / "checkpoints";
+  if (!options.resume && fs::exists(ckpt_dir / "latest"))
+    throw Error("run folder " + run_dir.string() + " already holds a run; use --resume to continue it or choose another folder");
+  fs::create_directories(ckpt_dir);
+  write_file_atomic((run_dir / "pipeline.yaml").string(), cfg.resolved_yaml);
+
+  auto t0 = std::chrono::steady_clock::now();
+  x.setup(options);
+  x.fit_harmonizers(options);
+  int start_round = 1;
+  fs::path metrics_file = run_dir / "metrics.jsonl";
+  if (options.resume) {
+    int done = x.load_checkpoint(ckpt_dir);
+    start_round = done + 1;
+    // Drop metric lines written after the checkpoint (an interrupted round).
+    std::ifstream in(metrics_file);
+    std::string kept, line;
+    while (std::getline(in, line))
+      if (!line.empty() && json::parse(line).value("round", 0) <= done) kept += line + "\n";
+    write_file_atomic(metrics_file.string(), kept);
+    spdlog::info("resuming {} after round {}", run_dir.string(), done);
+  } else {
+    write_file_atomic(metrics_file.string(), std::string());
+  }
+  std::ofstream metrics_out(metrics_file, std::ios::app);
+
+  RunSummary summary;
+  summary.run_dir = run_dir.string();
+  const auto train_sites = x.site_names(false);
+  const auto all_sites = x.site_names(true);
+  x.coordinator->broadcast(start_round - 1, all_sites);  // initial (or restored) model
+
+  std::map<std::string, std::map<std::string, double>> last_eval;
+  std::map<std::string, double> settings = x.aggregator->client_settings();
+  settings["local_epochs"] = cfg.training.local_epochs;
+  int round = start_round;
+  for (; round <= cfg.federation.rounds; ++round) {
+    const std::string phase = "round " + std::to_string(round) + "/" + std::to_string(cfg.federation.rounds);
+    x.progress(options, phase, 0, 3);
+    // 1. select
+    auto selected = x.coordinator->select(round, train_sites, cfg.federation.fraction,
+                                          cfg.federation.availability, cfg.federation.site_availability);
+    spdlog::info("{}: selected {} of {} sites", phase, selected.size(), train_sites.size());
+    // 2-4. local training, upload, aggregation
+    auto outcome = x.coordinator->train_round(round, cfg.federation.rounds, selected, settings,
+                                              cfg.federation.min_sites);
+    for (const auto& f : outcome.failures) summary.failures.push_back("round " + std::to_string(round) + ": " + f);
+    x.progress(options, phase, 1, 3);
+    // 5. broadcast
+    x.coordinator->broadcast(round, all_sites);
+    x.progress(options, phase, 2, 3);
+    // evaluation
+    bool eval_now = round % cfg.evaluation.every == 0 || round == cfg.federation.rounds;
+    if (eval_now) last_eval = x.evaluate(round, "global");
+    std::map<std::string, const SiteUpdate*> by_site;
+    for (const auto& u : outcome.updates) by_site[u.site] = &u;
+    std::string lines;
+    for (const auto& name : all_sites) {
+      json j{{"round", round}, {"site", name},
+             {"held_out", std::find(train_sites.begin(), train_sites.end(), name) == train_sites.end()},
+             {"selected", std::find(selected.begin(), selected.end(), name) != selected.end()},
+             {"aggregated", outcome.aggregated}};
+      if (by_site.count(name)) {
+        j["train_loss"] = by_site[name]->train_loss;
+        j["num_samples"] = by_site[name]->num_samples;
+      }
+      if (eval_now && last_eval.count(name)) {
+        json m = json::object();
+        for (const auto& [k, v] : last_eval[name])
+          if (k != "num_test") m[k] = std::isnan(v) ? json(nullptr) : json(v);
+        j["metrics"] = m;
+      }
+      lines += jsonl_line(j);
+    }
+    metrics_out << lines;
+    metrics_out.flush();
+    x.save_checkpoint(ckpt_dir, round);
+    x.progress(options, phase, 3, 3);
+    if (eval_now) {
+      std::string msg;
+      for (const auto& [site, m] : last_eval)
+        for (const auto& [k, v] : m)
+          if (k != "num_test" && msg.find(site) == std::string::npos) msg += " " + site + " " + k + "=" + fmt::format("{:.3f}", v);
+      spdlog::info("{}:{}", phase, msg);
+    }
+    summary.rounds_completed = round;
+    if (options.on_round) options.on_round(round);
+    if (options.stop_after_round == round) {
+      x.final_global = x.coordinator->global();
+      return summary;
+    }
+  }
+  summary.rounds_completed = cfg.federation.rounds;
+  if (last_eval.empty()) last_eval = x.evaluate(cfg.federation.rounds, "global");
+
+  // Personalisation (adapter), then evaluate again.
+  std::map<std::string, std::map<std::string, double>> personalized;
+  if (x.adapter->personalizes()) {
+    for (const auto& name : all_sites) {
+      Message req;
+      req.type = "personalize";
+      req.round = cfg.federation.rounds;
+      x.coordinator->call(name, req);
+    }
+    personalized = x.evaluate(cfg.federation.rounds, "personalized");
+    std::string lines;
+    for (const auto& [name, m] : personalized) {
+      json jm = json::object();
+      for (const auto& [k, v] : m)
+        if (k != "num_test") jm[k] = std::isnan(v) ? json(nullptr) : json(v);
+      lines += jsonl_line({{"round", cfg.federation.rounds}, {"site", name}, {"phase", "personalized"}, {"metrics", jm}});
+    }
+    metrics_out << lines;
+  }
+
+  std::vector<std::string> metric_names;
+  for (const auto& [n, m] : x.metrics) metric_names.push_back(n);
+  for (const auto& name : all_sites) {
+    SiteResult r;
+    r.site = name;
+    r.held_out = std::find(train_sites.begin(), train_sites.end(), name) == train_sites.end();
+    for (const auto& [k, v] : last_eval[name]) if (k != "num_test") r.metrics[k] = v;
+    for (const auto& [k, v] : personalized[name]) if (k != "num_test") r.personalized[k] = v;
+    summary.sites.push_back(r);
+  }
+  summarise(summary, metric_names);
+
+  // Final model: load the global state (and no site's local part) and write it.
+  x.final_global = x.coordinator->global();
+  {
+    torch::NoGradGuard ng;
+    for (auto& e : x.model->state()) {
+      const Array& a = x.final_global.count(e.name) ? x.final_global.at(e.name) : x.initial.at(e.name);
+      e.tensor.copy_(to_tensor(a));
+    }
+  }
+  x.model->save((run_dir / "model.pt").string());
+  Message gm;
+  gm.type = "global-state";
+  gm.arrays = x.final_global;
+  Bytes gb = encode(gm);
+  write_file_atomic((run_dir / "global.state").string(), gb->data(), gb->size());
+
+  json js;
+  js["name"] = cfg.name;
+  js["seed"] = cfg.seed;
+  js["rounds"] = summary.rounds_completed;
+  js["task"] = task_name(x.federation_info.task);
+  js["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto clean = [](const std::map<std::string, double>& m) {
+    json o = json::object();
+    for (const auto& [k, v] : m) o[k] = std::isnan(v) ? json(nullptr) : json(v);
+    return o;
+  };
+  json jsites = json::array();
+  for (const auto& s : summary.sites) {
+    json o{{"site", s.site}, {"held_out", s.held_out}, {"metrics", clean(s.metrics)}};
+    if (!s.personalized.empty()) o["personalized"] = clean(s.personalized);
+    jsites.push_back(o);
+  }
+  js["sites"] = jsites;
+  js["mean"] = clean(summary.mean);
+  js["worst"] = clean(summary.worst);
+  js["failures"] = summary.failures;
+  json notes = json::object();
+  for (const auto& [k, v] : x.federation_info.notes) {
+    try { notes[k] = json::parse(v); } catch (...) { notes[k] = v; }
+  }
+  js["data_notes"] = notes;
+  write_file_atomic((run_dir / "summary.json").string(), js.dump(2) + "\n");
+  return summary;
+}
+
+const char* task_name(Task t) { return t == Task::Classification ? "classification" : "segmentation"; }
+
+}  // namespace concord
