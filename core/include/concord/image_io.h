@@ -19,6 +19,16 @@ Image read_image(const std::string& path);
 // float32 where the format allows it. Geometry is preserved where the format has it.
 void write_image(const Image& image, const std::string& path, bool keep_pixel_type = true);
 
+struct WriteOptions {
+  // Cast back to image.pixel_type (rounded, clamped); false: float32 where the format allows it
+  // (PNG keeps 8/16-bit, JPEG/BMP 8-bit; DICOM stores 16-bit integers with a rescale slope).
+  bool keep_pixel_type = true;
+  // DICOM: new SeriesInstanceUID (and ImageType DERIVED) because the pixel data changed.
+  // SOPInstanceUIDs are always new; StudyInstanceUID and FrameOfReferenceUID are kept.
+  bool new_uids = true;
+};
+void write_image(const Image& image, const std::string& path, const WriteOptions& options);
+
 // True for file names read_image understands (not folders).
 bool is_image_file(const std::string& path);
 // True for a folder holding DICOM files.
