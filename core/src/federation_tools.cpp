@@ -18,7 +18,7 @@
 //   2. low-frequency amplitude scaling    |F(u)| *= 1 + (s - 1) exp(-|u|^2 / (2 r0^2)), r0 = 0.05
 //      cycles/pixel, phase and the mean (DC) kept (cv::dft per slice and channel)
 //   3. Gaussian blur                      sigma in pixels, in-plane
-//   4. gamma                              v = clamp(v, 0, 1)^gamma
+//   4. gamma                              v = max(v, 0)^gamma (no upper clamp: nothing saturates)
 //   5. contrast and brightness            v = contrast * v + brightness
 //   6. Gaussian noise                     v += sigma * N(0, 1), drawn from the noise seed
 // Each step is skipped when its parameter is the identity, so strength 0 leaves every bit as is.
@@ -355,14 +355,14 @@ ScannerSignature site_signature(uint64_t seed, int site_index, double strength) 
   auto sym = [&](int param) { return 2 * t(param) - 1; };  // in [-1, 1)
   const double s = strength;
   ScannerSignature sig;
-  sig.gamma = std::exp(s * 0.5 * sym(0));
-  sig.contrast = std::exp(s * 0.35 * sym(1));
-  sig.brightness = s * 0.12 * sym(2);
-  sig.bias_amplitude = s > 0 ? s * (0.1 + 0.25 * t(3)) : 0.0;
+  sig.gamma = std::exp(s * 0.4 * sym(0));
+  sig.contrast = std::exp(s * 0.25 * sym(1));
+  sig.brightness = s * 0.08 * sym(2);
+  sig.bias_amplitude = s > 0 ? s * (0.05 + 0.2 * t(3)) : 0.0;
   sig.bias_seed = mix_seed(mix_seed(seed, 0xb1a5), uint64_t(site_index));
   sig.noise_sigma = s > 0 ? s * (0.01 + 0.03 * t(4)) : 0.0;
   sig.blur_sigma = s * 1.2 * t(5);
-  sig.lowfreq_scale = std::exp(s * 0.6 * sym(6));
+  sig.lowfreq_scale = std::exp(s * 0.3 * sym(6));
   return sig;
 }
 
@@ -450,7 +450,7 @@ void apply_signature(Image& image, const ScannerSignature& sig, uint64_t noise_s
       }
   }
   if (sig.gamma != 1)
-    for (auto& v : image.data) v = float(std::pow(std::clamp(double(v), 0.0, 1.0), sig.gamma));
+    for (auto& v : image.data) v = float(std::pow(std::max(double(v), 0.0), sig.gamma));
   if (sig.contrast != 1 || sig.brightness != 0)
     for (auto& v : image.data) v = float(sig.contrast * v + sig.brightness);
   if (sig.noise_sigma > 0) {

@@ -237,7 +237,7 @@ TEST(ScannerShift, EachStepDoesWhatItSays) {
     apply_signature(img, s, 0);
     EXPECT_FLOAT_EQ(img.at(3, 2), 2 * v + 0.1f);
   }
-  {  // gamma on clamped values
+  {  // gamma (negative values clamp to 0)
     Image img = ramp(8, 8);
     const float v = img.at(5, 1);
     ScannerSignature s = id;
