@@ -1,12 +1,108 @@
+// `concord run FILE [--set k=v]... [--run-dir DIR]` and `concord run --resume RUN_DIR`.
 #include "commands.h"
+#include "progress.h"
 
-#include <concord/error.h>
+#include <concord/engine.h>
+
+#include <spdlog/spdlog.h>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <set>
+#include <sstream>
 
 namespace concord::cli {
 
-void add_run_command(CLI::App& app, Globals&) {
-  auto* sub = app.add_subcommand("run", "(under construction)");
-  sub->callback([] { throw Error("'run' is under construction"); });
+PipelineConfig load_or_report(const Globals& g, const std::string& file,
+                              const std::vector<std::string>& overrides);
+
+static std::string cell(const std::map<std::string, double>& m, const std::string& k) {
+  auto it = m.find(k);
+  if (it == m.end()) return "-";
+  if (std::isnan(it->second)) return "n/a";
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(3) << it->second;
+  return o.str();
+}
+
+static void print_table(const RunSummary& s) {
+  std::set<std::string> names;
+  bool personalized = false;
+  for (const auto& r : s.sites) {
+    for (const auto& [k, v] : r.metrics) names.insert(k);
+    personalized = personalized || !r.personalized.empty();
+  }
+  size_t w = 10;
+  for (const auto& r : s.sites) w = std::max(w, r.site.size() + 12);
+  auto row = [&](const std::string& label, const std::map<std::string, double>& m,
+                 const std::map<std::string, double>* p) {
+    std::cout << std::left << std::setw(int(w)) << label;
+    for (const auto& n : names) {
+      std::string c = cell(m, n);
+      if (p) c += " / " + cell(*p, n);
+      std::cout << std::right << std::setw(int(std::max<size_t>(n.size(), 8) + (p ? 11 : 2))) << c;
+    }
+    std::cout << "\n";
+  };
+  std::cout << "\n" << std::left << std::setw(int(w)) << "site";
+  for (const auto& n : names)
+    std::cout << std::right
+              << std::setw(int(std::max<size_t>(n.size(), 8) + (personalized ? 11 : 2)))
+              << (personalized ? n + " (glob/pers)" : n);
+  std::cout << "\n";
+  for (const auto& r : s.sites)
+    row(r.site + (r.held_out ? " (held out)" : ""), r.metrics,
+        personalized ? &r.personalized : nullptr);
+  row("mean", s.mean, nullptr);
+  row("worst site", s.worst, nullptr);
+  std::cout << "\nresults: " << s.run_dir << "/summary.json, metrics.jsonl, model.pt\n";
+  if (!s.failures.empty()) {
+    std::cout << s.failures.size() << " site failure(s):\n";
+    for (const auto& f : s.failures) std::cout << "  " << f << "\n";
+  }
+}
+
+void add_run_command(CLI::App& app, Globals& g) {
+  auto* sub = app.add_subcommand("run", "Run a federated pipeline");
+  struct Opts {
+    std::string file, run_dir, resume;
+    std::vector<std::string> sets;
+    bool no_progress = false;
+  };
+  auto o = std::make_shared<Opts>();
+  sub->add_option("file", o->file, "Pipeline YAML file");
+  sub->add_option("--set", o->sets, "Override a key, e.g. --set training.lr=1e-3 (repeatable)");
+  sub->add_option("--run-dir", o->run_dir, "Run folder (default: <output>/<name>)");
+  sub->add_option("--resume", o->resume, "Continue the interrupted run in this folder");
+  sub->add_flag("--no-progress", o->no_progress, "No progress bar (log lines only)");
+  sub->callback([&g, o] {
+    std::string file = o->file, run_dir = o->run_dir;
+    if (!o->resume.empty()) {
+      run_dir = o->resume;
+      if (file.empty()) file = (std::filesystem::path(o->resume) / "pipeline.yaml").string();
+      if (!std::filesystem::exists(file))
+        throw Error("cannot resume: " + file + " not found (is " + o->resume + " a run folder?)");
+    }
+    if (file.empty()) throw Error("run needs a pipeline file (or --resume RUN_DIR)");
+    PipelineConfig config = load_or_report(g, file, o->sets);
+    Experiment exp(config, global_registry());
+    RunOptions opts;
+    opts.run_dir = run_dir;
+    opts.resume = !o->resume.empty();
+    std::unique_ptr<ProgressBar> bar;
+    if (!o->no_progress && isatty(STDERR_FILENO)) {
+      bar = std::make_unique<ProgressBar>("rounds", config.federation.rounds);
+      opts.on_progress = [&bar](const std::string& phase, int, int) { bar->set_status(phase); };
+      opts.on_round = [&bar](int) { bar->advance(1); };
+    }
+    RunSummary s = exp.run(opts);
+    if (bar) bar->finish();
+    print_table(s);
+  });
 }
 
 }  // namespace concord::cli

@@ -9,9 +9,9 @@
 #include <concord/model.h>
 #include <concord/tensor_bridge.h>
 
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -46,9 +46,17 @@ class Site : public LocalTrainer {
        std::vector<std::unique_ptr<Filter>> filters,
        const std::vector<std::pair<std::string, std::unique_ptr<Metric>>>& metrics,
        const FaultPlan& faults)
-      : name_(std::move(name)), data_(std::move(data)), held_out_(held_out), model_(model),
-        adapter_(adapter), shared_(shared), initial_(initial), cfg_(cfg),
-        harmonizers_(std::move(harmonizers)), filters_(std::move(filters)), metrics_(metrics),
+      : name_(std::move(name)),
+        data_(std::move(data)),
+        held_out_(held_out),
+        model_(model),
+        adapter_(adapter),
+        shared_(shared),
+        initial_(initial),
+        cfg_(cfg),
+        harmonizers_(std::move(harmonizers)),
+        filters_(std::move(filters)),
+        metrics_(metrics),
         faults_(faults) {}
 
   Bytes handle(const Bytes& request) {
@@ -120,7 +128,8 @@ class Site : public LocalTrainer {
         if (e.is_parameter && received_.count(e.name) && e.tensor.requires_grad())
           prox.emplace_back(e.tensor, received_.at(e.name));
     model_.set_training(true);
-    std::mt19937_64 rng(derive_seed(cfg_.config->seed, "shuffle/" + name_, round_ * 1000 + calls_++));
+    std::mt19937_64 rng(
+        derive_seed(cfg_.config->seed, "shuffle/" + name_, round_ * 1000 + calls_++));
     for (int ep = 0; ep < epochs; ++ep) {
       std::vector<size_t> order(data_.train.size());
       std::iota(order.begin(), order.end(), 0);
@@ -167,7 +176,8 @@ class Site : public LocalTrainer {
     std::iota(idx.begin(), idx.end(), 0);
     const size_t bs = size_t(cfg_.config->training.batch_size);
     for (size_t s = 0; s < idx.size(); s += bs) {
-      std::vector<size_t> part(idx.begin() + long(s), idx.begin() + long(std::min(idx.size(), s + bs)));
+      std::vector<size_t> part(idx.begin() + long(s),
+                               idx.begin() + long(std::min(idx.size(), s + bs)));
       if (part.size() < 2) break;
       model_.forward(batch(data_.train, part, nullptr).first);
     }
@@ -366,7 +376,9 @@ class Site : public LocalTrainer {
   int64_t calls_ = 0;
 };
 
-std::string jsonl_line(const json& j) { return j.dump() + "\n"; }
+std::string jsonl_line(const json& j) {
+  return j.dump() + "\n";
+}
 
 }  // namespace
 
@@ -419,35 +431,46 @@ struct Experiment::Impl {
         if (it == fed.sites.end()) {
           std::string have;
           for (const auto& s : fed.sites) have += " " + s.name;
-          throw Error(config.file + ": data.sites names '" + want + "', which the dataset does not have (it has:" + have + ")");
+          throw Error(config.file + ": data.sites names '" + want +
+                      "', which the dataset does not have (it has:" + have + ")");
         }
         keep.push_back(std::move(*it));
       }
       fed.sites = std::move(keep);
     }
-    if (fed.sites.empty()) throw Error("dataset '" + config.data.dataset.type + "' produced no sites");
+    if (fed.sites.empty())
+      throw Error("dataset '" + config.data.dataset.type + "' produced no sites");
     std::set<std::string> names;
     for (const auto& s : fed.sites) names.insert(s.name);
     for (const auto& h : config.evaluation.held_out)
-      if (!names.count(h)) throw Error(config.file + ": evaluation.held_out names unknown site '" + h + "'");
+      if (!names.count(h))
+        throw Error(config.file + ": evaluation.held_out names unknown site '" + h + "'");
     for (const auto& [s, p] : config.federation.site_availability)
-      if (!names.count(s)) throw Error(config.file + ": federation.site_availability names unknown site '" + s + "'");
+      if (!names.count(s))
+        throw Error(config.file + ": federation.site_availability names unknown site '" + s + "'");
     const Sample* first = nullptr;
     for (const auto& s : fed.sites)
-      if (!s.train.empty()) { first = &s.train.front(); break; }
+      if (!s.train.empty()) {
+        first = &s.train.front();
+        break;
+      }
     if (!first)
       for (const auto& s : fed.sites)
-        if (!s.test.empty()) { first = &s.test.front(); break; }
+        if (!s.test.empty()) {
+          first = &s.test.front();
+          break;
+        }
     if (!first) throw Error("dataset '" + config.data.dataset.type + "' has no samples");
     for (const auto& s : fed.sites)
       for (const auto* split : {&s.train, &s.test})
         for (const auto& smp : *split)
           if (smp.image.size != first->image.size || smp.image.channels != first->image.channels)
-            throw Error("site '" + s.name + "': sample '" + smp.id + "' is " +
-                        std::to_string(smp.image.size[0]) + "x" + std::to_string(smp.image.size[1]) +
-                        "x" + std::to_string(smp.image.channels) + ", others " +
-                        std::to_string(first->image.size[0]) + "x" + std::to_string(first->image.size[1]) +
-                        "x" + std::to_string(first->image.channels) + " (set the dataset's size/channels)");
+            throw Error(
+                "site '" + s.name + "': sample '" + smp.id + "' is " +
+                std::to_string(smp.image.size[0]) + "x" + std::to_string(smp.image.size[1]) + "x" +
+                std::to_string(smp.image.channels) + ", others " +
+                std::to_string(first->image.size[0]) + "x" + std::to_string(first->image.size[1]) +
+                "x" + std::to_string(first->image.channels) + " (set the dataset's size/channels)");
 
     // Model, initialised from the seed.
     torch::manual_seed(derive_seed(config.seed, "model-init"));
@@ -462,13 +485,17 @@ struct Experiment::Impl {
 
     // Adapter (default: everything shared, plain local training).
     if (config.adapter)
-      adapter = registry.create<Adapter>(Kind::Adapter, config.adapter->type, config.adapter->args, ctx("adapter"));
+      adapter = registry.create<Adapter>(Kind::Adapter, config.adapter->type, config.adapter->args,
+                                         ctx("adapter"));
     else
       adapter = std::make_unique<Adapter>();
     try {
       adapter->attach(*model);
     } catch (const std::exception& e) {
-      throw Error((config.adapter ? config.adapter->where.str() + ": adapter '" + config.adapter->type + "': " : "") + e.what());
+      throw Error((config.adapter
+                       ? config.adapter->where.str() + ": adapter '" + config.adapter->type + "': "
+                       : "") +
+                  e.what());
     }
     NamedArrays global;
     for (auto& e : model->state())
@@ -476,14 +503,16 @@ struct Experiment::Impl {
         shared.insert(e.name);
         global[e.name] = initial.at(e.name);
       }
-    aggregator = registry.create<Aggregator>(Kind::Aggregator, config.aggregator.type, config.aggregator.args, ctx("aggregator"));
+    aggregator = registry.create<Aggregator>(Kind::Aggregator, config.aggregator.type,
+                                             config.aggregator.args, ctx("aggregator"));
 
     // Metrics (defaults by task).
     std::vector<Component> mcomps = config.evaluation.metrics;
     if (mcomps.empty()) {
-      std::vector<std::string> defaults = fed.task == Task::Classification
-          ? std::vector<std::string>{"accuracy", "balanced-accuracy", "roc-auc"}
-          : std::vector<std::string>{"dice"};
+      std::vector<std::string> defaults =
+          fed.task == Task::Classification
+              ? std::vector<std::string>{"accuracy", "balanced-accuracy", "roc-auc"}
+              : std::vector<std::string>{"dice"};
       for (const auto& n : defaults)
         if (const PluginDesc* d = registry.find(Kind::Metric, n))
           mcomps.push_back({n, make_args(n, d->args), {}});
@@ -491,7 +520,8 @@ struct Experiment::Impl {
     for (const auto& m : mcomps) {
       auto metric = registry.create<Metric>(Kind::Metric, m.type, m.args, ctx("metric"));
       if (!metric->supports(fed.task))
-        throw Error(m.where.str() + ": metric '" + m.type + "' does not support " + task_name(fed.task) + " data");
+        throw Error(m.where.str() + ": metric '" + m.type + "' does not support " +
+                    task_name(fed.task) + " data");
       metrics.emplace_back(m.type, std::move(metric));
     }
 
@@ -500,7 +530,8 @@ struct Experiment::Impl {
     federation_info.channels = fed.channels;
     federation_info.notes = fed.notes;
     LocalConfig lc{&config, fed.task, fed.num_classes};
-    std::set<std::string> held(config.evaluation.held_out.begin(), config.evaluation.held_out.end());
+    std::set<std::string> held(config.evaluation.held_out.begin(),
+                               config.evaluation.held_out.end());
     for (auto& sd : fed.sites) {
       std::vector<std::unique_ptr<Harmonizer>> hs;
       for (size_t i = 0; i < config.harmonizers.size(); ++i)
@@ -510,8 +541,9 @@ struct Experiment::Impl {
       for (const auto& f : config.filters)
         fs.push_back(registry.create<Filter>(Kind::Filter, f.type, f.args, ctx(sd.name)));
       std::string name = sd.name;
-      auto site = std::make_unique<Site>(name, std::move(sd), held.count(name) > 0, *model, *adapter,
-                                         shared, initial, lc, std::move(hs), std::move(fs), metrics, faults);
+      auto site = std::make_unique<Site>(name, std::move(sd), held.count(name) > 0, *model,
+                                         *adapter, shared, initial, lc, std::move(hs),
+                                         std::move(fs), metrics, faults);
       Site* raw = site.get();
       channel.connect(name, [raw](const Bytes& b) { return raw->handle(b); });
       sites.push_back(std::move(site));
@@ -532,7 +564,9 @@ struct Experiment::Impl {
     for (size_t i = 0; i < config.harmonizers.size(); ++i) {
       const auto& hc = config.harmonizers[i];
       progress(o, "harmonizer " + hc.type, int(i), int(config.harmonizers.size()));
-      Harmonizer& combiner = *registry.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, ctx("coordinator")).release();
+      Harmonizer& combiner =
+          *registry.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, ctx("coordinator"))
+               .release();
       std::unique_ptr<Harmonizer> own(&combiner);
       Stats global;
       if (combiner.needs_fit()) {
@@ -543,6 +577,7 @@ struct Experiment::Impl {
           req.scalars["index"] = double(i);
           Message rep = coordinator->call(name, req);
           Stats s;
+          s.site = name;
           s.arrays = std::move(rep.arrays);
           s.weight = rep.scalars["__weight"];
           rep.scalars.erase("__weight");
@@ -564,7 +599,8 @@ struct Experiment::Impl {
     }
   }
 
-  std::map<std::string, std::map<std::string, double>> evaluate(int round, const std::string& phase) {
+  std::map<std::string, std::map<std::string, double>> evaluate(int round,
+                                                                const std::string& phase) {
     std::map<std::string, std::map<std::string, double>> out;
     for (const auto& name : site_names(true)) {
       Message req;
@@ -610,26 +646,33 @@ struct Experiment::Impl {
   int load_checkpoint(const fs::path& dir) {
     std::ifstream latest(dir / "latest");
     std::string fname;
-    if (!latest || !(latest >> fname)) throw Error("cannot resume: no checkpoint in " + dir.string());
+    if (!latest || !(latest >> fname))
+      throw Error("cannot resume: no checkpoint in " + dir.string());
     Message m = decode(read_file((dir / fname).string()));
     if (m.text["pipeline"] != config.resolved_yaml)
-      throw Error("cannot resume " + dir.string() + ": the pipeline differs from the one the run started with");
+      throw Error("cannot resume " + dir.string() +
+                  ": the pipeline differs from the one the run started with");
     NamedArrays global, agg;
     std::map<std::string, Site*> by_name;
     for (auto& s : sites) by_name[s->site()] = s.get();
     for (auto& [k, v] : m.arrays) {
       Array copy = v.clone();  // do not pin the whole file buffer
-      if (k.rfind("global/", 0) == 0) global[k.substr(7)] = copy;
-      else if (k.rfind("aggregator/", 0) == 0) agg[k.substr(11)] = copy;
+      if (k.rfind("global/", 0) == 0)
+        global[k.substr(7)] = copy;
+      else if (k.rfind("aggregator/", 0) == 0)
+        agg[k.substr(11)] = copy;
       else if (k.rfind("site/", 0) == 0) {
         std::string rest = k.substr(5);
         for (auto& [name, site] : by_name) {
-          if (rest.rfind(name + "/local/", 0) == 0) site->local_state()[rest.substr(name.size() + 7)] = copy;
-          else if (rest.rfind(name + "/store/", 0) == 0) site->site_store()[rest.substr(name.size() + 7)] = copy;
+          if (rest.rfind(name + "/local/", 0) == 0)
+            site->local_state()[rest.substr(name.size() + 7)] = copy;
+          else if (rest.rfind(name + "/store/", 0) == 0)
+            site->site_store()[rest.substr(name.size() + 7)] = copy;
         }
       }
     }
-    for (auto& [name, site] : by_name) site->set_trained(m.scalars["site/" + name + "/trained"] > 0);
+    for (auto& [name, site] : by_name)
+      site->set_trained(m.scalars["site/" + name + "/trained"] > 0);
     coordinator->set_global(std::move(global));
     aggregator->load_state(agg);
     return int(m.round);
@@ -639,8 +682,12 @@ struct Experiment::Impl {
 Experiment::Experiment(PipelineConfig config, const Registry& registry)
     : impl_(std::make_unique<Impl>(std::move(config), registry)) {}
 Experiment::~Experiment() = default;
-void Experiment::inject_faults(FaultPlan plan) { impl_->faults = std::move(plan); }
-const NamedArrays& Experiment::global_state() const { return impl_->final_global; }
+void Experiment::inject_faults(FaultPlan plan) {
+  impl_->faults = std::move(plan);
+}
+const NamedArrays& Experiment::global_state() const {
+  return impl_->final_global;
+}
 
 static void summarise(RunSummary& summary, const std::vector<std::string>& metric_names) {
   for (const auto& m : metric_names) {
@@ -662,10 +709,12 @@ static void summarise(RunSummary& summary, const std::vector<std::string>& metri
 RunSummary Experiment::run(const RunOptions& options) {
   Impl& x = *impl_;
   const auto& cfg = x.config;
-  fs::path run_dir = options.run_dir.empty() ? fs::path(cfg.output) / cfg.name : fs::path(options.run_dir);
+  fs::path run_dir =
+      options.run_dir.empty() ? fs::path(cfg.output) / cfg.name : fs::path(options.run_dir);
   fs::path ckpt_dir = run_dir / "checkpoints";
   if (!options.resume && fs::exists(ckpt_dir / "latest"))
-    throw Error("run folder " + run_dir.string() + " already holds a run; use --resume to continue it or choose another folder");
+    throw Error("run folder " + run_dir.string() +
+                " already holds a run; use --resume to continue it or choose another folder");
   fs::create_directories(ckpt_dir);
   write_file_atomic((run_dir / "pipeline.yaml").string(), cfg.resolved_yaml);
 
@@ -700,16 +749,19 @@ RunSummary Experiment::run(const RunOptions& options) {
   settings["local_epochs"] = cfg.training.local_epochs;
   int round = start_round;
   for (; round <= cfg.federation.rounds; ++round) {
-    const std::string phase = "round " + std::to_string(round) + "/" + std::to_string(cfg.federation.rounds);
+    const std::string phase =
+        "round " + std::to_string(round) + "/" + std::to_string(cfg.federation.rounds);
     x.progress(options, phase, 0, 3);
     // 1. select
-    auto selected = x.coordinator->select(round, train_sites, cfg.federation.fraction,
-                                          cfg.federation.availability, cfg.federation.site_availability);
+    auto selected =
+        x.coordinator->select(round, train_sites, cfg.federation.fraction,
+                              cfg.federation.availability, cfg.federation.site_availability);
     spdlog::info("{}: selected {} of {} sites", phase, selected.size(), train_sites.size());
     // 2-4. local training, upload, aggregation
     auto outcome = x.coordinator->train_round(round, cfg.federation.rounds, selected, settings,
                                               cfg.federation.min_sites);
-    for (const auto& f : outcome.failures) summary.failures.push_back("round " + std::to_string(round) + ": " + f);
+    for (const auto& f : outcome.failures)
+      summary.failures.push_back("round " + std::to_string(round) + ": " + f);
     x.progress(options, phase, 1, 3);
     // 5. broadcast
     x.coordinator->broadcast(round, all_sites);
@@ -721,8 +773,10 @@ RunSummary Experiment::run(const RunOptions& options) {
     for (const auto& u : outcome.updates) by_site[u.site] = &u;
     std::string lines;
     for (const auto& name : all_sites) {
-      json j{{"round", round}, {"site", name},
-             {"held_out", std::find(train_sites.begin(), train_sites.end(), name) == train_sites.end()},
+      json j{{"round", round},
+             {"site", name},
+             {"held_out",
+              std::find(train_sites.begin(), train_sites.end(), name) == train_sites.end()},
              {"selected", std::find(selected.begin(), selected.end(), name) != selected.end()},
              {"aggregated", outcome.aggregated}};
       if (by_site.count(name)) {
@@ -745,7 +799,8 @@ RunSummary Experiment::run(const RunOptions& options) {
       std::string msg;
       for (const auto& [site, m] : last_eval)
         for (const auto& [k, v] : m)
-          if (k != "num_test" && msg.find(site) == std::string::npos) msg += " " + site + " " + k + "=" + fmt::format("{:.3f}", v);
+          if (k != "num_test" && msg.find(site) == std::string::npos)
+            msg += " " + site + " " + k + "=" + fmt::format("{:.3f}", v);
       spdlog::info("{}:{}", phase, msg);
     }
     summary.rounds_completed = round;
@@ -773,7 +828,10 @@ RunSummary Experiment::run(const RunOptions& options) {
       json jm = json::object();
       for (const auto& [k, v] : m)
         if (k != "num_test") jm[k] = std::isnan(v) ? json(nullptr) : json(v);
-      lines += jsonl_line({{"round", cfg.federation.rounds}, {"site", name}, {"phase", "personalized"}, {"metrics", jm}});
+      lines += jsonl_line({{"round", cfg.federation.rounds},
+                           {"site", name},
+                           {"phase", "personalized"},
+                           {"metrics", jm}});
     }
     metrics_out << lines;
   }
@@ -784,8 +842,10 @@ RunSummary Experiment::run(const RunOptions& options) {
     SiteResult r;
     r.site = name;
     r.held_out = std::find(train_sites.begin(), train_sites.end(), name) == train_sites.end();
-    for (const auto& [k, v] : last_eval[name]) if (k != "num_test") r.metrics[k] = v;
-    for (const auto& [k, v] : personalized[name]) if (k != "num_test") r.personalized[k] = v;
+    for (const auto& [k, v] : last_eval[name])
+      if (k != "num_test") r.metrics[k] = v;
+    for (const auto& [k, v] : personalized[name])
+      if (k != "num_test") r.personalized[k] = v;
     summary.sites.push_back(r);
   }
   summarise(summary, metric_names);
@@ -795,7 +855,8 @@ RunSummary Experiment::run(const RunOptions& options) {
   {
     torch::NoGradGuard ng;
     for (auto& e : x.model->state()) {
-      const Array& a = x.final_global.count(e.name) ? x.final_global.at(e.name) : x.initial.at(e.name);
+      const Array& a =
+          x.final_global.count(e.name) ? x.final_global.at(e.name) : x.initial.at(e.name);
       e.tensor.copy_(to_tensor(a));
     }
   }
@@ -829,13 +890,19 @@ RunSummary Experiment::run(const RunOptions& options) {
   js["failures"] = summary.failures;
   json notes = json::object();
   for (const auto& [k, v] : x.federation_info.notes) {
-    try { notes[k] = json::parse(v); } catch (...) { notes[k] = v; }
+    try {
+      notes[k] = json::parse(v);
+    } catch (...) {
+      notes[k] = v;
+    }
   }
   js["data_notes"] = notes;
   write_file_atomic((run_dir / "summary.json").string(), js.dump(2) + "\n");
   return summary;
 }
 
-const char* task_name(Task t) { return t == Task::Classification ? "classification" : "segmentation"; }
+const char* task_name(Task t) {
+  return t == Task::Classification ? "classification" : "segmentation";
+}
 
 }  // namespace concord

@@ -14,19 +14,26 @@ namespace concord {
 
 const char* kind_name(Kind k) {
   switch (k) {
-    case Kind::Dataset: return "dataset";
-    case Kind::Model: return "model";
-    case Kind::Harmonizer: return "harmonizer";
-    case Kind::Adapter: return "adapter";
-    case Kind::Aggregator: return "aggregator";
-    case Kind::Filter: return "filter";
-    case Kind::Metric: return "metric";
+    case Kind::Dataset:
+      return "dataset";
+    case Kind::Model:
+      return "model";
+    case Kind::Harmonizer:
+      return "harmonizer";
+    case Kind::Adapter:
+      return "adapter";
+    case Kind::Aggregator:
+      return "aggregator";
+    case Kind::Filter:
+      return "filter";
+    case Kind::Metric:
+      return "metric";
   }
   return "?";
 }
 
 std::vector<Kind> all_kinds() {
-  return {Kind::Dataset, Kind::Model,  Kind::Harmonizer, Kind::Adapter,
+  return {Kind::Dataset,    Kind::Model,  Kind::Harmonizer, Kind::Adapter,
           Kind::Aggregator, Kind::Filter, Kind::Metric};
 }
 
@@ -49,7 +56,8 @@ void Registry::add(PluginDesc desc) {
   if (it != plugins_.end())
     throw Error(std::string("duplicate ") + kind_name(desc.kind) + " plugin '" + desc.name +
                 "': registered by " + it->second.library + " and again by " + desc.library);
-  if (!desc.make) throw Error("plugin '" + desc.name + "' from " + desc.library + " has no factory");
+  if (!desc.make)
+    throw Error("plugin '" + desc.name + "' from " + desc.library + " has no factory");
   plugins_.emplace(key, std::move(desc));
 }
 
@@ -119,15 +127,18 @@ void PluginLoader::load_file(const std::string& file) {
   auto entry = reinterpret_cast<concord_plugin_fn>(dlsym(handle, CONCORD_PLUGIN_SYMBOL));
   if (!entry) {
     dlclose(handle);
-    throw Error("plugin library " + path + " has no '" CONCORD_PLUGIN_SYMBOL
+    throw Error("plugin library " + path +
+                " has no '" CONCORD_PLUGIN_SYMBOL
                 "' entry point (is it a Concord plugin? use the CONCORD_PLUGIN macro)");
   }
   const concord_plugin_info* info = entry();
   if (!info) throw Error("plugin library " + path + ": " CONCORD_PLUGIN_SYMBOL "() returned null");
-  if (info->api_version != CONCORD_API_VERSION) {
+  // Copy what we report before dlclose: `info` lives in the library.
+  const uint32_t api = info->api_version;
+  if (api != CONCORD_API_VERSION) {
     dlclose(handle);
     throw Error("plugin library " + path + " was built for Concord plugin API version " +
-                std::to_string(info->api_version) + ", this Concord has API version " +
+                std::to_string(api) + ", this Concord has API version " +
                 std::to_string(CONCORD_API_VERSION) + "; rebuild the plugin");
   }
   std::string abi = info->abi_tag ? info->abi_tag : "";

@@ -1,10 +1,10 @@
 #include "testing.h"
 
+#include <sys/wait.h>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
-#include <sys/wait.h>
 
 namespace fs = std::filesystem;
 
@@ -20,16 +20,23 @@ std::string shared_data() {
   return fs::is_directory(d) ? d : "";
 }
 
-std::string source_dir() { return env_or("CONCORD_SOURCE_DIR", CONCORD_TEST_SOURCE_DIR); }
-std::string build_dir() { return env_or("CONCORD_BUILD_DIR", CONCORD_TEST_BUILD_DIR); }
-std::string concord_exe() { return build_dir() + "/bin/concord"; }
+std::string source_dir() {
+  return env_or("CONCORD_SOURCE_DIR", CONCORD_TEST_SOURCE_DIR);
+}
+std::string build_dir() {
+  return env_or("CONCORD_BUILD_DIR", CONCORD_TEST_BUILD_DIR);
+}
+std::string concord_exe() {
+  return build_dir() + "/bin/concord";
+}
 
 const Registry& builtin_registry() {
   static Registry* registry = [] {
     auto* r = new Registry;
     PluginLoader loader(*r);
     auto failures = loader.load_dirs({build_dir() + "/lib/concord/plugins"});
-    for (const auto& f : failures) ADD_FAILURE() << "built-in plugin failed to load: " << f.file << ": " << f.reason;
+    for (const auto& f : failures)
+      ADD_FAILURE() << "built-in plugin failed to load: " << f.file << ": " << f.reason;
     return r;
   }();
   return *registry;
@@ -37,7 +44,8 @@ const Registry& builtin_registry() {
 
 TempDir::TempDir() {
   std::random_device rd;
-  path_ = fs::temp_directory_path() / ("concord-test-" + std::to_string(rd()) + std::to_string(rd()));
+  path_ =
+      fs::temp_directory_path() / ("concord-test-" + std::to_string(rd()) + std::to_string(rd()));
   fs::create_directories(path_);
 }
 TempDir::~TempDir() {

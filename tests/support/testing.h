@@ -13,12 +13,12 @@ namespace concord::testkit {
 // ../shared/data (CONCORD_SHARED_DATA), or "" when absent.
 std::string shared_data();
 // Skips the current test with a clear message when the shared data folder is absent.
-#define CONCORD_REQUIRE_SHARED_DATA(sub)                                                    \
-  do {                                                                                      \
-    if (::concord::testkit::shared_data().empty() ||                                        \
-        !std::filesystem::exists(::concord::testkit::shared_data() + "/" + (sub)))          \
+#define CONCORD_REQUIRE_SHARED_DATA(sub)                                                     \
+  do {                                                                                       \
+    if (::concord::testkit::shared_data().empty() ||                                         \
+        !std::filesystem::exists(::concord::testkit::shared_data() + "/" + (sub)))           \
       GTEST_SKIP() << "shared data '" << (sub) << "' not found (set CONCORD_SHARED_DATA or " \
-                   << "place ../shared/data beside the project); skipping";                 \
+                   << "place ../shared/data beside the project); skipping";                  \
   } while (0)
 
 std::string source_dir();  // the project's source tree
