@@ -32,7 +32,8 @@ int main(int argc, char** argv) {
   app.add_flag("-q,--quiet", g.quiet, "Warnings and errors only");
   app.parse_complete_callback([&] {
     spdlog::set_level(g.verbose ? spdlog::level::debug
-                                : g.quiet ? spdlog::level::warn : spdlog::level::info);
+                      : g.quiet ? spdlog::level::warn
+                                : spdlog::level::info);
     spdlog::set_pattern("[%H:%M:%S] %^%l%$ %v");
   });
   add_run_command(app, g);

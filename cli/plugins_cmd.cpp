@@ -24,8 +24,9 @@ void add_plugins_command(CLI::App& app, Globals& g) {
   auto kind = std::make_shared<std::string>();
   auto name = std::make_shared<std::string>();
   auto brief = std::make_shared<bool>(false);
-  sub->add_option("--kind", *kind, "Only this kind (dataset, model, harmonizer, adapter, "
-                                   "aggregator, filter, metric)");
+  sub->add_option("--kind", *kind,
+                  "Only this kind (dataset, model, harmonizer, adapter, "
+                  "aggregator, filter, metric)");
   sub->add_option("name", *name, "Show only the plugin with this name");
   sub->add_flag("--brief", *brief, "One line per plugin");
   sub->callback([&g, kind, name, brief] {

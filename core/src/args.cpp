@@ -7,32 +7,42 @@ namespace concord {
 
 const char* arg_type_name(ArgType t) {
   switch (t) {
-    case ArgType::Int: return "int";
-    case ArgType::Float: return "float";
-    case ArgType::Bool: return "bool";
-    case ArgType::String: return "string";
-    case ArgType::Path: return "path";
-    case ArgType::Enum: return "enum";
-    case ArgType::List: return "list";
+    case ArgType::Int:
+      return "int";
+    case ArgType::Float:
+      return "float";
+    case ArgType::Bool:
+      return "bool";
+    case ArgType::String:
+      return "string";
+    case ArgType::Path:
+      return "path";
+    case ArgType::Enum:
+      return "enum";
+    case ArgType::List:
+      return "list";
   }
   return "?";
 }
 
 std::string Value::str() const {
   switch (type) {
-    case ArgType::Int: return std::to_string(i);
+    case ArgType::Int:
+      return std::to_string(i);
     case ArgType::Float: {
       std::ostringstream o;
       o << f;
       return o.str();
     }
-    case ArgType::Bool: return b ? "true" : "false";
+    case ArgType::Bool:
+      return b ? "true" : "false";
     case ArgType::List: {
       std::string out = "[";
       for (size_t k = 0; k < items.size(); ++k) out += (k ? ", " : "") + items[k].str();
       return out + "]";
     }
-    default: return s;
+    default:
+      return s;
   }
 }
 
@@ -61,7 +71,9 @@ Value make_value(const std::string& v) {
   x.s = v;
   return x;
 }
-Value make_value(const char* v) { return make_value(std::string(v)); }
+Value make_value(const char* v) {
+  return make_value(std::string(v));
+}
 Value make_value(const std::vector<std::string>& v) {
   Value x;
   x.type = ArgType::List;
@@ -196,13 +208,17 @@ std::string ArgSpec::type_str() const {
     return s + "}";
   };
   switch (type) {
-    case ArgType::Int: return "int" + bounds();
-    case ArgType::Float: return "float" + bounds();
-    case ArgType::Enum: return "enum " + enum_str();
+    case ArgType::Int:
+      return "int" + bounds();
+    case ArgType::Float:
+      return "float" + bounds();
+    case ArgType::Enum:
+      return "enum " + enum_str();
     case ArgType::List:
       return std::string("list<") + arg_type_name(element) +
              (element == ArgType::Enum ? " " + enum_str() : "") + ">" + bounds();
-    default: return arg_type_name(type);
+    default:
+      return arg_type_name(type);
   }
 }
 
@@ -213,16 +229,23 @@ const Value& Args::value(const std::string& name) const {
                 "' which has no value (not declared, or optional and absent)");
   return it->second;
 }
-int64_t Args::integer(const std::string& name) const { return value(name).i; }
+int64_t Args::integer(const std::string& name) const {
+  return value(name).i;
+}
 double Args::real(const std::string& name) const {
   const Value& v = value(name);
   return v.type == ArgType::Int ? double(v.i) : v.f;
 }
-bool Args::flag(const std::string& name) const { return value(name).b; }
-const std::string& Args::str(const std::string& name) const { return value(name).s; }
+bool Args::flag(const std::string& name) const {
+  return value(name).b;
+}
+const std::string& Args::str(const std::string& name) const {
+  return value(name).s;
+}
 std::vector<std::string> Args::strings(const std::string& name) const {
   std::vector<std::string> out;
-  for (const auto& v : value(name).items) out.push_back(v.type == ArgType::Int || v.type == ArgType::Float ? v.str() : v.s);
+  for (const auto& v : value(name).items)
+    out.push_back(v.type == ArgType::Int || v.type == ArgType::Float ? v.str() : v.s);
   return out;
 }
 std::vector<double> Args::reals(const std::string& name) const {

@@ -8,22 +8,32 @@ namespace concord {
 
 size_t dtype_size(DType t) {
   switch (t) {
-    case DType::F32: return 4;
-    case DType::F64: return 8;
-    case DType::I64: return 8;
-    case DType::I32: return 4;
-    case DType::U8: return 1;
+    case DType::F32:
+      return 4;
+    case DType::F64:
+      return 8;
+    case DType::I64:
+      return 8;
+    case DType::I32:
+      return 4;
+    case DType::U8:
+      return 1;
   }
   throw Error("unknown dtype");
 }
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::F32: return "float32";
-    case DType::F64: return "float64";
-    case DType::I64: return "int64";
-    case DType::I32: return "int32";
-    case DType::U8: return "uint8";
+    case DType::F32:
+      return "float32";
+    case DType::F64:
+      return "float64";
+    case DType::I64:
+      return "int64";
+    case DType::I32:
+      return "int32";
+    case DType::U8:
+      return "uint8";
   }
   return "?";
 }
@@ -81,11 +91,20 @@ Array Array::to_f32() const {
   float* out = a.data<float>();
   const int64_t n = numel();
   switch (dtype_) {
-    case DType::F64: for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const double*>(data_)[i]); break;
-    case DType::I64: for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const int64_t*>(data_)[i]); break;
-    case DType::I32: for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const int32_t*>(data_)[i]); break;
-    case DType::U8: for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const uint8_t*>(data_)[i]); break;
-    case DType::F32: break;
+    case DType::F64:
+      for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const double*>(data_)[i]);
+      break;
+    case DType::I64:
+      for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const int64_t*>(data_)[i]);
+      break;
+    case DType::I32:
+      for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const int32_t*>(data_)[i]);
+      break;
+    case DType::U8:
+      for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const uint8_t*>(data_)[i]);
+      break;
+    case DType::F32:
+      break;
   }
   return a;
 }

@@ -30,7 +30,8 @@ std::vector<std::string> Coordinator::select(
     auto it = site_availability.find(site);
     double p = it == site_availability.end() ? availability : it->second;
     std::mt19937_64 rng(derive_seed(seed_, "availability/" + site, round));
-    if (p >= 1.0 || std::uniform_real_distribution<double>(0, 1)(rng) < p) available.push_back(site);
+    if (p >= 1.0 || std::uniform_real_distribution<double>(0, 1)(rng) < p)
+      available.push_back(site);
   }
   if (available.empty()) return available;
   size_t want = size_t(std::ceil(fraction * double(available.size()) - 1e-9));
@@ -79,7 +80,8 @@ Coordinator::RoundOutcome Coordinator::train_round(int round, int rounds,
       if (!all_finite(reply.arrays, &bad)) {
         spdlog::error("round {}: rejected the update of site '{}': non-finite values in '{}'",
                       round, site, bad);
-        out.failures.push_back("site '" + site + "': non-finite values in '" + bad + "' (rejected)");
+        out.failures.push_back("site '" + site + "': non-finite values in '" + bad +
+                               "' (rejected)");
         continue;
       }
       for (const auto& [name, g] : global_)

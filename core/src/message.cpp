@@ -20,11 +20,15 @@ Buffer::Buffer(size_t size) : size_(size) {
   data_ = static_cast<uint8_t*>(std::aligned_alloc(64, rounded ? rounded : 64));
   if (!data_) throw Error("out of memory allocating a " + std::to_string(size) + "-byte message");
 }
-Buffer::~Buffer() { std::free(data_); }
+Buffer::~Buffer() {
+  std::free(data_);
+}
 
 namespace {
 constexpr char kMagic[8] = {'C', 'O', 'N', 'C', 'O', 'R', 'D', 1};
-size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
+size_t align64(size_t n) {
+  return (n + 63) & ~size_t(63);
+}
 
 struct Writer {
   uint8_t* p;
@@ -34,7 +38,9 @@ struct Writer {
     pos += n;
   }
   template <class T>
-  void put(T v) { raw(&v, sizeof(T)); }
+  void put(T v) {
+    raw(&v, sizeof(T));
+  }
   void str(const std::string& s) {
     put<uint32_t>(uint32_t(s.size()));
     raw(s.data(), s.size());
@@ -150,7 +156,8 @@ Message decode(const Bytes& bytes) {
     if (dt > uint8_t(DType::U8)) throw Error("corrupt message: unknown dtype in array " + e.name);
     e.dtype = DType(dt);
     uint32_t nd = r.get<uint32_t>();
-    if (nd > 16) throw Error("corrupt message: array " + e.name + " has " + std::to_string(nd) + " dims");
+    if (nd > 16)
+      throw Error("corrupt message: array " + e.name + " has " + std::to_string(nd) + " dims");
     for (uint32_t k = 0; k < nd; ++k) {
       int64_t d = r.get<int64_t>();
       if (d < 0) throw Error("corrupt message: negative dimension in array " + e.name);
@@ -165,7 +172,8 @@ Message decode(const Bytes& bytes) {
     for (int64_t d : e.shape) n *= size_t(d);
     if (off > bytes->size() || n > bytes->size() - off)
       throw Error("corrupt or truncated message: array " + e.name + " runs past the end");
-    m.arrays[e.name] = Array::view(e.dtype, e.shape, const_cast<uint8_t*>(bytes->data()) + off, owner);
+    m.arrays[e.name] =
+        Array::view(e.dtype, e.shape, const_cast<uint8_t*>(bytes->data()) + off, owner);
     off += align64(n);
   }
   return m;
@@ -176,7 +184,8 @@ void write_file_atomic(const std::string& file, const void* data, size_t size) {
   fs::path target(file);
   if (target.has_parent_path()) fs::create_directories(target.parent_path());
   static thread_local std::mt19937_64 rng(std::random_device{}());
-  std::string tmp = file + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(rng() % 1000000);
+  std::string tmp =
+      file + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(rng() % 1000000);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) throw Error("cannot write " + tmp + ": " + std::strerror(errno));
   const uint8_t* p = static_cast<const uint8_t*>(data);

@@ -36,21 +36,21 @@ std::vector<ArgSpec> training_specs() {
               .range(0, 256)};
 }
 std::vector<ArgSpec> federation_specs() {
-  return {ArgSpec::integer("rounds", 5, "Federated rounds").range(1, 100000),
-          ArgSpec::real("fraction", 1.0, "Fraction of available sites selected per round")
-              .range(0, 1),
-          ArgSpec::integer("min_sites", 1, "k: a round needs at least k site replies").range(1, 1e6),
-          ArgSpec::real("availability", 1.0,
-                        "Probability that a site is available in a round (intermittent sites)")
-              .range(0, 1)};
+  return {
+      ArgSpec::integer("rounds", 5, "Federated rounds").range(1, 100000),
+      ArgSpec::real("fraction", 1.0, "Fraction of available sites selected per round").range(0, 1),
+      ArgSpec::integer("min_sites", 1, "k: a round needs at least k site replies").range(1, 1e6),
+      ArgSpec::real("availability", 1.0,
+                    "Probability that a site is available in a round (intermittent sites)")
+          .range(0, 1)};
 }
 std::vector<ArgSpec> partition_specs() {
-  return {ArgSpec::choice("scheme", {"none", "iid", "dirichlet", "quantity"}, "none",
-                          "How to split a single-source dataset into sites"),
-          ArgSpec::integer("sites", 4, "Number of sites to make").range(1, 100000),
-          ArgSpec::real("alpha", 0.5, "Dirichlet concentration (smaller: more skew)")
-              .range(1e-3, 1e6),
-          ArgSpec::integer("min_samples", 8, "Minimum training samples per site").range(0, 1e9)};
+  return {
+      ArgSpec::choice("scheme", {"none", "iid", "dirichlet", "quantity"}, "none",
+                      "How to split a single-source dataset into sites"),
+      ArgSpec::integer("sites", 4, "Number of sites to make").range(1, 100000),
+      ArgSpec::real("alpha", 0.5, "Dirichlet concentration (smaller: more skew)").range(1e-3, 1e6),
+      ArgSpec::integer("min_samples", 8, "Minimum training samples per site").range(0, 1e9)};
 }
 
 struct Parser {
@@ -93,7 +93,11 @@ struct Parser {
       return ok;
     }
     if (!n.IsScalar()) {
-      error(n, path, describe() + ", got a " + (n.IsMap() ? "map" : n.IsSequence() ? "list" : "null"));
+      error(n, path,
+            describe() + ", got a " +
+                (n.IsMap()        ? "map"
+                 : n.IsSequence() ? "list"
+                                  : "null"));
       return false;
     }
     const std::string s = n.Scalar();
@@ -113,8 +117,11 @@ struct Parser {
           if (used != s.size()) throw std::invalid_argument(s);
           break;
         }
-        case ArgType::Bool: out.b = n.as<bool>(); break;
-        default: out.s = s;
+        case ArgType::Bool:
+          out.b = n.as<bool>();
+          break;
+        default:
+          out.s = s;
       }
     } catch (const std::exception&) {
       error(n, path, describe() + ", got '" + s + "'");
@@ -132,14 +139,16 @@ struct Parser {
       for (const auto& c : spec.choices) ok = ok || c == s;
       if (!ok) {
         std::string hint = closest_name(s, spec.choices);
-        error(n, path, "'" + path + "' = '" + s + "' is not one of " + spec.type_str() +
-                           (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
+        error(n, path,
+              "'" + path + "' = '" + s + "' is not one of " + spec.type_str() +
+                  (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
         return false;
       }
     }
     if (type == ArgType::Path && spec.must_exist && !std::filesystem::exists(s)) {
-      error(n, path, "'" + path + "': path '" + s + "' does not exist (relative paths are " +
-                         "resolved from the current folder)");
+      error(n, path,
+            "'" + path + "': path '" + s + "' does not exist (relative paths are " +
+                "resolved from the current folder)");
       return false;
     }
     return true;
@@ -167,7 +176,8 @@ struct Parser {
         if (!spec) {
           std::string hint = closest_name(key, known);
           std::string msg = "unknown key '" + key + "' in '" + path + "'";
-          if (!hint.empty()) msg += " (did you mean '" + hint + "'?)";
+          if (!hint.empty())
+            msg += " (did you mean '" + hint + "'?)";
           else {
             msg += "; expected one of:";
             for (const auto& k : known) msg += " " + k;
@@ -184,8 +194,9 @@ struct Parser {
         if (s.default_value)
           out[s.name] = *s.default_value;
         else if (!s.optional)
-          error(n, path, "'" + path + "' is missing required '" + s.name + "' (" + s.type_str() +
-                             ": " + s.doc + ")");
+          error(n, path,
+                "'" + path + "' is missing required '" + s.name + "' (" + s.type_str() + ": " +
+                    s.doc + ")");
       }
     }
     for (const auto& [k, v] : out) resolved[k] = to_yaml(v);
@@ -194,15 +205,19 @@ struct Parser {
 
   static YAML::Node to_yaml(const Value& v) {
     switch (v.type) {
-      case ArgType::Int: return YAML::Node(v.i);
-      case ArgType::Float: return YAML::Node(v.f);
-      case ArgType::Bool: return YAML::Node(v.b);
+      case ArgType::Int:
+        return YAML::Node(v.i);
+      case ArgType::Float:
+        return YAML::Node(v.f);
+      case ArgType::Bool:
+        return YAML::Node(v.b);
       case ArgType::List: {
         YAML::Node seq(YAML::NodeType::Sequence);
         for (const auto& it : v.items) seq.push_back(to_yaml(it));
         return seq;
       }
-      default: return YAML::Node(v.s);
+      default:
+        return YAML::Node(v.s);
     }
   }
 
@@ -220,7 +235,8 @@ struct Parser {
         if (key != "type" && key != "args") {
           std::string hint = closest_name(key, {"type", "args"});
           error(kv.first, path + "." + key,
-                "unknown key '" + key + "' in component '" + path + "': expected 'type' and 'args'" +
+                "unknown key '" + key + "' in component '" + path +
+                    "': expected 'type' and 'args'" +
                     (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
         }
       }
@@ -287,8 +303,10 @@ struct Parser {
       return out;
     }
     for (const auto& it : n) {
-      if (!it.IsScalar()) error(it, path, "'" + path + "' entries must be names");
-      else out.push_back(it.Scalar());
+      if (!it.IsScalar())
+        error(it, path, "'" + path + "' entries must be names");
+      else
+        out.push_back(it.Scalar());
     }
     return out;
   }
@@ -301,7 +319,8 @@ struct Parser {
       if (std::find(known.begin(), known.end(), key) != known.end()) continue;
       std::string hint = closest_name(key, known);
       std::string msg = "unknown key '" + key + "'" + (path.empty() ? "" : " in '" + path + "'");
-      if (!hint.empty()) msg += " (did you mean '" + hint + "'?)";
+      if (!hint.empty())
+        msg += " (did you mean '" + hint + "'?)";
       else {
         msg += "; expected one of:";
         for (const auto& k : known) msg += " " + k;
@@ -314,8 +333,9 @@ struct Parser {
 void apply_override(YAML::Node root, const std::string& expr, std::set<std::string>& paths) {
   size_t eq = expr.find('=');
   if (eq == std::string::npos || eq == 0)
-    throw ValidationError({{SourceLoc{"--set", 0, 0}, "override '" + expr + "' must be KEY=VALUE, "
-                                                       "e.g. training.lr=1e-3"}});
+    throw ValidationError({{SourceLoc{"--set", 0, 0}, "override '" + expr +
+                                                          "' must be KEY=VALUE, "
+                                                          "e.g. training.lr=1e-3"}});
   std::string key = expr.substr(0, eq), value = expr.substr(eq + 1);
   std::vector<std::string> parts;
   std::stringstream ss(key);
@@ -324,7 +344,8 @@ void apply_override(YAML::Node root, const std::string& expr, std::set<std::stri
   try {
     value_node = YAML::Load(value.empty() ? "\"\"" : value);
   } catch (const YAML::Exception& e) {
-    throw ValidationError({{SourceLoc{"--set " + key, 0, 0}, "cannot parse value '" + value + "': " + e.msg}});
+    throw ValidationError(
+        {{SourceLoc{"--set " + key, 0, 0}, "cannot parse value '" + value + "': " + e.msg}});
   }
   // Walk with explicit node copies (yaml-cpp nodes are handles), creating maps as needed.
   std::vector<YAML::Node> chain{root};
@@ -335,7 +356,8 @@ void apply_override(YAML::Node root, const std::string& expr, std::set<std::stri
     if (cur.IsSequence() && is_index) {
       size_t idx = std::stoul(parts[i]);
       if (idx >= cur.size())
-        throw ValidationError({{SourceLoc{"--set " + key, 0, 0}, "index " + parts[i] + " out of range"}});
+        throw ValidationError(
+            {{SourceLoc{"--set " + key, 0, 0}, "index " + parts[i] + " out of range"}});
       next = cur[idx];
     } else {
       if (!cur[parts[i]] || cur[parts[i]].IsNull()) cur[parts[i]] = YAML::Node(YAML::NodeType::Map);
@@ -356,13 +378,13 @@ void apply_override(YAML::Node root, const std::string& expr, std::set<std::stri
 }  // namespace
 
 PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
-                              const std::vector<std::string>& overrides,
-                              const Registry& registry) {
+                              const std::vector<std::string>& overrides, const Registry& registry) {
   YAML::Node root;
   try {
     root = YAML::Load(text);
   } catch (const YAML::ParserException& e) {
-    throw ValidationError({{SourceLoc{file, e.mark.line + 1, e.mark.column + 1}, "YAML syntax: " + e.msg}});
+    throw ValidationError(
+        {{SourceLoc{file, e.mark.line + 1, e.mark.column + 1}, "YAML syntax: " + e.msg}});
   }
   if (!root.IsMap())
     throw ValidationError({{SourceLoc{file, 1, 1}, "a pipeline file must be a YAML map"}});
@@ -372,8 +394,9 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
   PipelineConfig c;
   c.file = file;
   YAML::Node out(YAML::NodeType::Map);
-  p.unknown_keys(root, "", {"name", "seed", "data", "model", "harmonizers", "adapter", "training",
-                            "federation", "aggregator", "filters", "evaluation", "output"});
+  p.unknown_keys(root, "",
+                 {"name", "seed", "data", "model", "harmonizers", "adapter", "training",
+                  "federation", "aggregator", "filters", "evaluation", "output"});
 
   // name, seed, output
   {
@@ -408,8 +431,10 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
     } else {
       p.unknown_keys(d, "data", {"dataset", "sites", "partition", "scanner_shift"});
       YAML::Node r;
-      if (!d["dataset"]) p.error(d, "data", "'data' needs 'dataset: {type, args}'");
-      else if (auto comp = p.component(d["dataset"], "data.dataset", Kind::Dataset, r)) c.data.dataset = *comp;
+      if (!d["dataset"])
+        p.error(d, "data", "'data' needs 'dataset: {type, args}'");
+      else if (auto comp = p.component(d["dataset"], "data.dataset", Kind::Dataset, r))
+        c.data.dataset = *comp;
       rd["dataset"] = r;
       c.data.sites = p.string_list(d["sites"], "data.sites");
       YAML::Node rs(YAML::NodeType::Sequence);
@@ -424,9 +449,11 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
         c.data.partition.alpha = pv["alpha"].f;
         c.data.partition.min_samples = int(pv["min_samples"].i);
       }
-      ArgSpec shift = ArgSpec::real("scanner_shift", 0, "Per-site scanner shift strength").range(0, 3);
+      ArgSpec shift =
+          ArgSpec::real("scanner_shift", 0, "Per-site scanner shift strength").range(0, 3);
       Value sv = *shift.default_value;
-      if (d["scanner_shift"]) p.convert(d["scanner_shift"], "data.scanner_shift", shift, ArgType::Float, sv);
+      if (d["scanner_shift"])
+        p.convert(d["scanner_shift"], "data.scanner_shift", shift, ArgType::Float, sv);
       c.data.scanner_shift = sv.f;
       rd["scanner_shift"] = sv.f;
     }
@@ -436,12 +463,15 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
   // model
   {
     YAML::Node r;
-    if (!root["model"]) p.error(root, "model", "missing 'model: {type, args}'");
-    else if (auto comp = p.component(root["model"], "model", Kind::Model, r)) c.model = *comp;
+    if (!root["model"])
+      p.error(root, "model", "missing 'model: {type, args}'");
+    else if (auto comp = p.component(root["model"], "model", Kind::Model, r))
+      c.model = *comp;
     out["model"] = r;
   }
 
-  c.harmonizers = p.component_list(root["harmonizers"], "harmonizers", Kind::Harmonizer, out, "harmonizers");
+  c.harmonizers =
+      p.component_list(root["harmonizers"], "harmonizers", Kind::Harmonizer, out, "harmonizers");
   c.filters = p.component_list(root["filters"], "filters", Kind::Filter, out, "filters");
 
   if (root["adapter"] && !root["adapter"].IsNull()) {
@@ -488,14 +518,16 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
     if (f && f.IsMap() && f["site_availability"]) {
       YAML::Node sa = f["site_availability"];
       if (!sa.IsMap()) {
-        p.error(sa, "federation.site_availability", "'federation.site_availability' must map site names to probabilities");
+        p.error(sa, "federation.site_availability",
+                "'federation.site_availability' must map site names to probabilities");
       } else {
         YAML::Node rsa(YAML::NodeType::Map);
         ArgSpec prob = ArgSpec::real("p", 1, "").range(0, 1);
         for (const auto& kv : sa) {
           Value pv;
           std::string site = kv.first.Scalar();
-          if (p.convert(kv.second, "federation.site_availability." + site, prob, ArgType::Float, pv)) {
+          if (p.convert(kv.second, "federation.site_availability." + site, prob, ArgType::Float,
+                        pv)) {
             c.federation.site_availability[site] = pv.f;
             rsa[site] = pv.f;
           }
@@ -511,7 +543,8 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
     YAML::Node e = root["evaluation"];
     YAML::Node r(YAML::NodeType::Map);
     p.unknown_keys(e, "evaluation", {"metrics", "every", "held_out"});
-    c.evaluation.metrics = p.component_list(e ? e["metrics"] : YAML::Node(), "evaluation.metrics", Kind::Metric, r, "metrics");
+    c.evaluation.metrics = p.component_list(e ? e["metrics"] : YAML::Node(), "evaluation.metrics",
+                                            Kind::Metric, r, "metrics");
     ArgSpec every = ArgSpec::integer("every", 1, "Evaluate every N rounds").range(1, 1e6);
     Value ev = *every.default_value;
     if (e && e["every"]) p.convert(e["every"], "evaluation.every", every, ArgType::Int, ev);
@@ -533,8 +566,9 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
 
   if (!p.diags.empty()) {
     std::stable_sort(p.diags.begin(), p.diags.end(), [](const Diagnostic& a, const Diagnostic& b) {
-      return a.where.file == b.where.file && a.where.line != b.where.line ? a.where.line < b.where.line
-                                                                          : false;
+      return a.where.file == b.where.file && a.where.line != b.where.line
+                 ? a.where.line < b.where.line
+                 : false;
     });
     throw ValidationError(p.diags);
   }

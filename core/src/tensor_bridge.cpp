@@ -9,21 +9,32 @@ namespace concord {
 namespace {
 DType dtype_from(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return DType::F32;
-    case at::kDouble: return DType::F64;
-    case at::kLong: return DType::I64;
-    case at::kInt: return DType::I32;
-    case at::kByte: return DType::U8;
-    default: throw Error(std::string("unsupported tensor dtype ") + c10::toString(t));
+    case at::kFloat:
+      return DType::F32;
+    case at::kDouble:
+      return DType::F64;
+    case at::kLong:
+      return DType::I64;
+    case at::kInt:
+      return DType::I32;
+    case at::kByte:
+      return DType::U8;
+    default:
+      throw Error(std::string("unsupported tensor dtype ") + c10::toString(t));
   }
 }
 at::ScalarType scalar_from(DType t) {
   switch (t) {
-    case DType::F32: return at::kFloat;
-    case DType::F64: return at::kDouble;
-    case DType::I64: return at::kLong;
-    case DType::I32: return at::kInt;
-    case DType::U8: return at::kByte;
+    case DType::F32:
+      return at::kFloat;
+    case DType::F64:
+      return at::kDouble;
+    case DType::I64:
+      return at::kLong;
+    case DType::I32:
+      return at::kInt;
+    case DType::U8:
+      return at::kByte;
   }
   return at::kFloat;
 }

@@ -17,8 +17,8 @@ using ParamFilter = std::function<bool(const StateEntry&)>;
 using LossTerm = std::function<at::Tensor()>;  // added to the loss at every step
 
 struct TrainResult {
-  double loss = 0;       // mean loss of the last epoch
-  int64_t samples = 0;   // samples seen over all epochs
+  double loss = 0;      // mean loss of the last epoch
+  int64_t samples = 0;  // samples seen over all epochs
   int64_t steps = 0;
 };
 

@@ -8,9 +8,9 @@ namespace concord {
 
 struct SiteUpdate {
   std::string site;
-  NamedArrays state;        // the site's shared state after local training (not a delta)
-  double num_samples = 0;   // training samples seen this round
-  double train_loss = 0;    // mean training loss of the last local epoch
+  NamedArrays state;       // the site's shared state after local training (not a delta)
+  double num_samples = 0;  // training samples seen this round
+  double train_loss = 0;   // mean training loss of the last local epoch
   std::map<std::string, double> scalars;
 };
 

@@ -19,9 +19,9 @@ struct Value {
   int64_t i = 0;
   double f = 0;
   bool b = false;
-  std::string s;              // String, Path, Enum
+  std::string s;             // String, Path, Enum
   std::vector<Value> items;  // List
-  std::string str() const;    // human/YAML rendering: 3, 0.5, true, "x", [a, b]
+  std::string str() const;   // human/YAML rendering: 3, 0.5, true, "x", [a, b]
 };
 
 struct ArgSpec {
@@ -47,12 +47,12 @@ struct ArgSpec {
                       std::string doc);
   ArgSpec& range(double lo, double hi);
   ArgSpec& at_least(double lo);
-  ArgSpec& required();       // drop the default
-  ArgSpec& not_required();   // optional with no default
-  ArgSpec& output();         // Path that need not exist (an output)
+  ArgSpec& required();                              // drop the default
+  ArgSpec& not_required();                          // optional with no default
+  ArgSpec& output();                                // Path that need not exist (an output)
   ArgSpec& with_default(std::string path_default);  // a Path/String default
-  std::string default_str() const;  // "required", "(none)" or the default rendered
-  std::string type_str() const;     // "int in [1, 100]", "enum {a|b}", "list<string>"
+  std::string default_str() const;                  // "required", "(none)" or the default rendered
+  std::string type_str() const;  // "int in [1, 100]", "enum {a|b}", "list<string>"
 };
 
 // Validated argument values of one plugin instance. Getters throw Error naming the argument

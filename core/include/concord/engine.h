@@ -58,8 +58,8 @@ uint64_t derive_seed(uint64_t seed, const std::string& label, int64_t n = 0);
 struct SiteResult {
   std::string site;
   bool held_out = false;
-  std::map<std::string, double> metrics;           // after federation (global model)
-  std::map<std::string, double> personalized;       // after the adapter's personalisation
+  std::map<std::string, double> metrics;       // after federation (global model)
+  std::map<std::string, double> personalized;  // after the adapter's personalisation
 };
 
 struct RunSummary {

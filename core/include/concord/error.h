@@ -8,9 +8,9 @@ namespace concord {
 
 // Where a value came from: a pipeline file position, or a command-line override.
 struct SourceLoc {
-  std::string file;  // pipeline file, or "--set" for command-line overrides
-  int line = 0;      // 1-based; 0 = unknown
-  int column = 0;    // 1-based
+  std::string file;         // pipeline file, or "--set" for command-line overrides
+  int line = 0;             // 1-based; 0 = unknown
+  int column = 0;           // 1-based
   std::string str() const;  // "file:line:col" (or just "file")
 };
 

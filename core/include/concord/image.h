@@ -26,7 +26,7 @@ struct Image {
   std::array<int64_t, 3> size{0, 0, 1};  // x, y, z
   std::vector<float> data;
   Geometry geometry;
-  PixelType pixel_type = PixelType::F32;      // as read from disk
+  PixelType pixel_type = PixelType::F32;    // as read from disk
   std::map<std::string, std::string> meta;  // format metadata (e.g. DICOM tags), passed through
 
   Image() = default;
@@ -47,7 +47,7 @@ enum class Task { Classification, Segmentation };
 const char* task_name(Task t);
 
 struct Sample {
-  std::string id;                  // stable identifier (file path or generated name)
+  std::string id;  // stable identifier (file path or generated name)
   Image image;
   int64_t label = -1;              // classification target, -1 when none
   std::optional<Image> mask;       // segmentation target: class index per pixel, 1 channel

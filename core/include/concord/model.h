@@ -18,11 +18,11 @@ struct ModelSpec {
 // One parameter or buffer, with the module that owns it. `module_type` is the class name
 // ("BatchNorm2d", "Conv2d", or a TorchScript qualified type name's last component).
 struct StateEntry {
-  std::string name;         // "encoder.down1.bn.weight"
-  at::Tensor tensor;        // live tensor of the model (not a copy)
+  std::string name;          // "encoder.down1.bn.weight"
+  at::Tensor tensor;         // live tensor of the model (not a copy)
   bool is_parameter = true;  // false: buffer (running_mean, num_batches_tracked, ...)
-  std::string module_path;  // "encoder.down1.bn"
-  std::string module_type;  // "BatchNorm2d"
+  std::string module_path;   // "encoder.down1.bn"
+  std::string module_type;   // "BatchNorm2d"
 };
 
 struct ModuleEntry {

@@ -58,9 +58,9 @@ struct PipelineConfig {
   } training;
   struct Federation {
     int rounds = 5;
-    double fraction = 1.0;  // of available sites selected per round
-    int min_sites = 1;      // k: a round needs at least k replies
-    double availability = 1.0;  // probability a site is available in a round
+    double fraction = 1.0;                            // of available sites selected per round
+    int min_sites = 1;                                // k: a round needs at least k replies
+    double availability = 1.0;                        // probability a site is available in a round
     std::map<std::string, double> site_availability;  // per-site override
   } federation;
   Component aggregator;
@@ -80,7 +80,6 @@ PipelineConfig load_pipeline(const std::string& file, const std::vector<std::str
                              const Registry& registry);
 // Same, from text (for tests); `file` is only used in messages.
 PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
-                              const std::vector<std::string>& overrides,
-                              const Registry& registry);
+                              const std::vector<std::string>& overrides, const Registry& registry);
 
 }  // namespace concord

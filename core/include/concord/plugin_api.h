@@ -56,14 +56,14 @@ class Registry;
 
 // Usage, once per library:
 //   CONCORD_PLUGIN("concord-aggregators", "0.1.0") { registry.add(...); }
-#define CONCORD_PLUGIN(LIBRARY, VERSION)                                                      \
-  static void concord_register_(concord::Registry& registry);                                 \
-  extern "C" CONCORD_EXPORT const concord_plugin_info* concord_plugin(void) {                 \
-    static const concord_plugin_info info = {                                                 \
-        CONCORD_API_VERSION, CONCORD_ABI_TAG, LIBRARY, VERSION,                               \
-        [](void* r) { concord_register_(*static_cast<concord::Registry*>(r)); }};             \
-    return &info;                                                                             \
-  }                                                                                           \
+#define CONCORD_PLUGIN(LIBRARY, VERSION)                                          \
+  static void concord_register_(concord::Registry& registry);                     \
+  extern "C" CONCORD_EXPORT const concord_plugin_info* concord_plugin(void) {     \
+    static const concord_plugin_info info = {                                     \
+        CONCORD_API_VERSION, CONCORD_ABI_TAG, LIBRARY, VERSION,                   \
+        [](void* r) { concord_register_(*static_cast<concord::Registry*>(r)); }}; \
+    return &info;                                                                 \
+  }                                                                               \
   static void concord_register_(concord::Registry& registry)
 #endif
 

@@ -15,7 +15,7 @@
 namespace concord {
 
 enum class Kind { Dataset, Model, Harmonizer, Adapter, Aggregator, Filter, Metric };
-const char* kind_name(Kind k);                               // "dataset", ...
+const char* kind_name(Kind k);                                // "dataset", ...
 std::optional<Kind> kind_from_name(const std::string& name);  // inverse
 std::vector<Kind> all_kinds();
 
@@ -28,8 +28,8 @@ class Plugin {
 
 // What a plugin may read when it is built.
 struct BuildContext {
-  uint64_t seed = 0;        // the pipeline's seed (derive, never use raw time)
-  std::string instance;     // e.g. "harmonizers[1]" or a site name, for error messages
+  uint64_t seed = 0;     // the pipeline's seed (derive, never use raw time)
+  std::string instance;  // e.g. "harmonizers[1]" or a site name, for error messages
 };
 
 using Factory = std::function<std::unique_ptr<Plugin>(const Args&, const BuildContext&)>;
@@ -38,7 +38,10 @@ struct PluginDesc {
   PluginDesc() = default;
   PluginDesc(Kind kind, std::string name, std::string summary, std::vector<ArgSpec> args,
              Factory make)
-      : kind(kind), name(std::move(name)), summary(std::move(summary)), args(std::move(args)),
+      : kind(kind),
+        name(std::move(name)),
+        summary(std::move(summary)),
+        args(std::move(args)),
         make(std::move(make)) {}
   Kind kind = Kind::Dataset;
   std::string name;     // unique within its kind, e.g. "fedavg"
