@@ -32,6 +32,21 @@ std::vector<ArgSpec> image_option_specs() {
   };
 }
 
+// Numbers of a list argument, whether the items arrived typed (pipeline files) or as text.
+static std::vector<double> numbers(const Args& a, const std::string& name) {
+  std::vector<double> out;
+  for (const auto& s : a.strings(name)) {
+    try {
+      size_t used = 0;
+      out.push_back(std::stod(s, &used));
+      if (used != s.size()) throw std::invalid_argument(s);
+    } catch (const std::exception&) {
+      throw Error(a.plugin() + ": argument '" + name + "': '" + s + "' is not a number");
+    }
+  }
+  return out;
+}
+
 ImageOptions image_options(const Args& a) {
   ImageOptions o;
   if (a.has("size")) o.size = int(a.integer("size"));
@@ -39,13 +54,13 @@ ImageOptions image_options(const Args& a) {
   if (o.channels == 2) throw Error(a.plugin() + ": channels must be 0 (keep), 1 or 3, got 2");
   if (a.has("normalize")) o.normalize = a.str("normalize");
   if (a.has("percentiles")) {
-    auto p = a.reals("percentiles");
+    auto p = numbers(a, "percentiles");
     if (p.size() != 2 || !(p[0] < p[1]))
       throw Error(a.plugin() + ": percentiles must be two increasing values, e.g. [1, 99]");
     o.low_percentile = p[0];
     o.high_percentile = p[1];
   }
-  if (a.has("mask_values")) o.mask_values = a.reals("mask_values");
+  if (a.has("mask_values")) o.mask_values = numbers(a, "mask_values");
   if (a.has("slices")) o.slices = a.str("slices");
   return o;
 }
