@@ -8,6 +8,8 @@
 #include <concord/aggregator.h>
 #include <concord/registry.h>
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -113,6 +115,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  spdlog::set_level(spdlog::level::warn);  // krum logs its selection every call
   Registry registry;
   for (const auto& f : load_plugins(registry, {}))
     std::fprintf(stderr, "warning: could not load %s: %s\n", f.file.c_str(), f.reason.c_str());

@@ -20,7 +20,7 @@
 #include <vector>
 
 // Hot loops get an AVX2 clone chosen at load time, and the SSE2 baseline elsewhere.
-#define CONCORD_AGG_KERNEL __attribute__((target_clones("avx2", "default")))
+#define CONCORD_AGG_KERNEL __attribute__((target_clones("avx512f", "avx2", "default")))
 
 namespace concord::agg {
 
