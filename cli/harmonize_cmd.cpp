@@ -1,12 +1,708 @@
+// `concord harmonize fit|apply`: offline, parallel, resumable harmonization of image folders
+// with any harmonizer plugin.
+//
+//   fit   --method M [--arg k=v]... INPUTS... --stats FILE      statistics from the inputs
+//   apply --stats FILE INPUTS... --out DIR                      applies saved statistics
+//   apply --method M [--arg k=v]... INPUTS... --out DIR         one shot: fit, then apply
+//
+// Sites: with one input, each top-level subfolder is a site; with several, each input is one
+// (--site-depth overrides). Masks (folders mask/masks/label/labels/seg..., or --mask-glob) are
+// never harmonized: apply copies them unchanged (--masks skip leaves them out). --exclude globs
+// are skipped entirely. See docs/harmonize.md.
 #include "commands.h"
+#include "harmonize_inputs.h"
+#include "harmonize_report.h"
+#include "progress.h"
 
 #include <concord/error.h>
+#include <concord/harmonizer.h>
+#include <concord/image_io.h>
+#include <concord/message.h>
+#include <concord/registry.h>
+
+#include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <filesystem>
+#include <future>
+#include <iostream>
+#include <limits>
+#include <optional>
+#include <random>
+#include <thread>
 
 namespace concord::cli {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
 
-void add_harmonize_command(CLI::App& app, Globals&) {
-  auto* sub = app.add_subcommand("harmonize", "(under construction)");
-  sub->callback([] { throw Error("'harmonize' is under construction"); });
+namespace {
+
+struct Options {
+  std::string method;
+  std::vector<std::string> arg_pairs;  // "key=value"
+  std::vector<std::string> inputs;
+  std::string stats;       // fit: output; apply: input
+  std::string save_stats;  // apply one-shot: also save the fitted statistics
+  std::string out;
+  int jobs = 0;
+  int site_depth = -1;
+  std::vector<std::string> exclude, mask_globs;
+  std::string masks = "copy";
+  std::string pixel_type = "keep";
+  bool overwrite = false;
+  std::string preview;
+  int preview_per_site = 4;
+  std::string report;
+  uint64_t seed = 0;
+  bool no_progress = false;
+};
+
+int worker_count(const Options& o) {
+  if (o.jobs > 0) return o.jobs;
+  return int(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plugin arguments from --arg key=value, typed and checked against the declared ArgSpecs.
+
+bool parse_bool(const std::string& s, bool& out) {
+  std::string l = s;
+  std::transform(l.begin(), l.end(), l.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (l == "true" || l == "1" || l == "yes" || l == "on") return out = true, true;
+  if (l == "false" || l == "0" || l == "no" || l == "off") return out = false, true;
+  return false;
+}
+
+Value parse_scalar(ArgType type, const std::string& text, const std::string& where) {
+  Value v;
+  v.type = type;
+  try {
+    size_t used = 0;
+    switch (type) {
+      case ArgType::Int:
+        v.i = std::stoll(text, &used);
+        if (used != text.size()) throw std::invalid_argument("trailing text");
+        return v;
+      case ArgType::Float:
+        v.f = std::stod(text, &used);
+        if (used != text.size()) throw std::invalid_argument("trailing text");
+        return v;
+      case ArgType::Bool:
+        if (!parse_bool(text, v.b)) throw std::invalid_argument("not a boolean");
+        return v;
+      default:
+        v.s = text;
+        return v;
+    }
+  } catch (const std::exception&) {
+    throw Error(where + ": '" + text + "' is not a valid " + arg_type_name(type));
+  }
+}
+
+Args build_args(const PluginDesc& desc, const std::vector<std::string>& pairs) {
+  std::map<std::string, Value> given;
+  for (const auto& p : pairs) {
+    auto eq = p.find('=');
+    if (eq == std::string::npos || eq == 0)
+      throw Error("harmonizer '" + desc.name + "': --arg '" + p + "' is not of the form key=value");
+    const std::string key = p.substr(0, eq), text = p.substr(eq + 1);
+    auto spec = std::find_if(desc.args.begin(), desc.args.end(),
+                             [&](const ArgSpec& a) { return a.name == key; });
+    const std::string where = "harmonizer '" + desc.name + "', argument '" + key + "'";
+    if (spec == desc.args.end()) {
+      std::string known;
+      for (const auto& a : desc.args) known += (known.empty() ? "" : ", ") + a.name;
+      throw Error("harmonizer '" + desc.name + "' has no argument '" + key +
+                  "' (arguments: " + (known.empty() ? "none" : known) + ")");
+    }
+    if (spec->type == ArgType::List) {
+      Value list;
+      list.type = ArgType::List;
+      size_t start = 0;
+      while (start <= text.size() && !text.empty()) {
+        size_t comma = text.find(',', start);
+        std::string item = text.substr(start, comma == std::string::npos ? comma : comma - start);
+        list.items.push_back(parse_scalar(spec->element, item, where));
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+      }
+      given[key] = list;
+    } else {
+      given[key] = parse_scalar(spec->type, text, where);
+    }
+  }
+  try {
+    return make_args(desc.name, desc.args, given);
+  } catch (const Error& e) {
+    throw Error("harmonizer '" + desc.name + "': " + e.what());
+  }
+}
+
+const PluginDesc& harmonizer_desc(const Globals& g, const std::string& method) {
+  load_all_plugins(g);
+  if (method.empty()) throw Error("no harmonization method given (--method)");
+  return global_registry().get(Kind::Harmonizer, method);  // throws with did-you-mean
+}
+
+std::unique_ptr<Harmonizer> make_harmonizer(const std::string& method, const Args& args,
+                                            uint64_t seed) {
+  BuildContext ctx;
+  ctx.seed = seed;
+  ctx.instance = "harmonize";
+  return global_registry().create<Harmonizer>(Kind::Harmonizer, method, args, ctx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures: every unreadable or failing input, reported together at the end.
+
+class Failures {
+ public:
+  void add(const std::string& what, const std::string& reason, ProgressBar* bar) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    list_.push_back({what, reason});
+    const std::string line = "error: " + reason;
+    if (bar)
+      bar->print(line);
+    else
+      spdlog::error("{}", reason);
+  }
+  size_t size() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return list_.size();
+  }
+  std::vector<std::pair<std::string, std::string>> list() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return list_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<std::pair<std::string, std::string>> list_;
+};
+
+// Error messages from read_image already name the file; others get it prepended.
+std::string with_path(const std::string& path, const std::string& reason) {
+  return reason.find(path) != std::string::npos ? reason : path + ": " + reason;
+}
+
+void print_failures(const Failures& f, size_t total, const char* verb) {
+  auto list = f.list();
+  std::sort(list.begin(), list.end());
+  std::cerr << list.size() << " of " << total << " inputs failed to " << verb << ":\n";
+  for (const auto& [what, reason] : list) std::cerr << "  " << reason << "\n";
+}
+
+// Runs fn(i) for i in [0, n) on `jobs` threads (work stealing by an atomic counter).
+template <class F>
+void parallel_for(size_t n, int jobs, F fn) {
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next++) < n;) fn(i);
+  };
+  std::vector<std::thread> threads;
+  for (int t = 1; t < std::min<int>(jobs, int(n)); ++t) threads.emplace_back(work);
+  work();
+  for (auto& t : threads) t.join();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fit: one fit_site() per site, as a federated site would compute it, sites on worker threads.
+// (Chunks within a site are not combined: harmonizers that key statistics by site, such as
+// amplitude, refuse two parts of one site.) Each site reads its next image on a helper thread
+// while the harmonizer works on the current one.
+
+struct FitResult {
+  Stats stats;
+  size_t images = 0;
+  std::vector<std::string> sites;
+};
+
+FitResult fit(const std::string& method, const Args& args, const Options& o,
+              const std::vector<InputItem>& items, Failures& failures) {
+  std::map<std::string, std::vector<const InputItem*>> by_site;
+  size_t total = 0;
+  for (const auto& it : items)
+    if (it.role == InputItem::Role::Image) by_site[it.site].push_back(&it), ++total;
+  if (total == 0) throw Error("no images to fit '" + method + "' on");
+  std::vector<std::pair<std::string, std::vector<const InputItem*>>> sites(by_site.begin(),
+                                                                           by_site.end());
+  FitResult result;
+  for (const auto& [site, list] : sites) result.sites.push_back(site);
+
+  ProgressBar bar("fit " + method, int64_t(total), !o.no_progress);
+  std::vector<std::optional<Stats>> parts(sites.size());
+  std::atomic<size_t> read_ok{0};
+  parallel_for(sites.size(), worker_count(o), [&](size_t k) {
+    const auto& [site, list] = sites[k];
+    auto load = [&](size_t i) -> std::optional<Image> {
+      try {
+        return read_image(list[i]->path);
+      } catch (const std::exception& e) {
+        failures.add(list[i]->path, with_path(list[i]->path, e.what()), &bar);
+        return std::nullopt;
+      }
+    };
+    try {
+      auto h = make_harmonizer(method, args, o.seed);
+      ImageSource source = [&](const ImageVisitor& visit) {
+        std::future<std::optional<Image>> next = std::async(std::launch::async, load, 0);
+        for (size_t i = 0; i < list.size(); ++i) {
+          std::optional<Image> im = next.get();
+          if (i + 1 < list.size()) next = std::async(std::launch::async, load, i + 1);
+          if (im) {
+            try {
+              visit(*im);
+              ++read_ok;
+            } catch (const std::exception& e) {
+              failures.add(list[i]->path,
+                           list[i]->path + ": harmonizer '" + method + "' (fit): " + e.what(),
+                           &bar);
+            }
+          }
+          bar.advance();
+          if (failures.size()) bar.set_status(std::to_string(failures.size()) + " failed");
+        }
+      };
+      Stats s = h->fit_site(source);
+      s.site = site;
+      parts[k] = std::move(s);
+    } catch (const std::exception& e) {
+      failures.add("site " + site,
+                   "harmonizer '" + method + "' failed to fit site '" + site + "': " + e.what(),
+                   &bar);
+    }
+  });
+  bar.finish();
+  std::vector<Stats> ok;
+  for (auto& p : parts)
+    if (p) ok.push_back(std::move(*p));
+  if (ok.empty() || read_ok == 0)
+    throw Error("harmonizer '" + method +
+                "': no statistics could be computed (every input failed)");
+  auto h = make_harmonizer(method, args, o.seed);
+  try {
+    result.stats = h->combine(ok);
+  } catch (const std::exception& e) {
+    throw Error("harmonizer '" + method + "': combine failed: " + e.what());
+  }
+  result.images = read_ok;
+  return result;
+}
+
+// The stats file and a JSON sidecar (FILE.json) recording the arguments it was fitted with.
+void save_fit(const FitResult& r, const std::string& file, const std::string& method,
+              const Options& o, size_t failed) {
+  save_stats(r.stats, file, method);
+  json side;
+  side["method"] = method;
+  side["args"] = o.arg_pairs;
+  side["images"] = r.images;
+  side["failed"] = failed;
+  side["sites"] = r.sites;
+  write_file_atomic(file + ".json", side.dump(2) + "\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Apply
+
+uint64_t fnv1a(const void* data, size_t n, uint64_t h = 1469598103934665603ull) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+// Integer pixel types whose range the harmonized values left (they will be clamped).
+bool clamps(const Image& im) {
+  double lo, hi;
+  switch (im.pixel_type) {
+    case PixelType::U8:
+      lo = 0, hi = 255;
+      break;
+    case PixelType::I8:
+      lo = -128, hi = 127;
+      break;
+    case PixelType::U16:
+      lo = 0, hi = 65535;
+      break;
+    case PixelType::I16:
+      lo = -32768, hi = 32767;
+      break;
+    default:
+      return false;
+  }
+  size_t out = 0;
+  for (float v : im.data) out += (v < lo - 0.5 || v > hi + 0.5);
+  return out * 1000 > im.data.size();  // more than 0.1% of the voxels
+}
+
+void copy_atomic(const std::string& from, const std::string& to, bool dir) {
+  if (!dir) {
+    Bytes b = read_file(from);
+    write_file_atomic(to, b->data(), b->size());
+    return;
+  }
+  // A DICOM mask series: copy into a hidden sibling folder, then rename.
+  fs::path target(to);
+  fs::create_directories(target.parent_path());
+  fs::path tmp = target.parent_path() /
+                 ("." + target.filename().string() + ".concord-tmp-" + std::to_string(getpid()));
+  fs::remove_all(tmp);
+  fs::copy(from, tmp, fs::copy_options::recursive);
+  if (fs::exists(target)) fs::remove_all(target);
+  fs::rename(tmp, target);
+}
+
+// PNG, JPEG and BMP hold integers only: a float32 policy still rounds there.
+bool is_integer_only_format(const std::string& path) {
+  std::string ext = fs::path(path).extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(),
+                 [](unsigned char c) { return std::tolower(c); });
+  return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
+}
+
+struct ApplyCounts {
+  std::atomic<size_t> written{0}, skipped{0}, copied{0}, clamped{0}, rounded{0};
+};
+
+// Which images feed the site-shift measure and preview: up to `per_site` per site, chosen by a
+// seeded shuffle so that the choice does not depend on thread timing or on resumption.
+std::vector<bool> pick_report_items(const std::vector<InputItem>& items, int per_site,
+                                    uint64_t seed) {
+  std::vector<bool> pick(items.size(), false);
+  std::map<std::string, std::vector<size_t>> by_site;
+  for (size_t i = 0; i < items.size(); ++i)
+    if (items[i].role == InputItem::Role::Image) by_site[items[i].site].push_back(i);
+  std::mt19937_64 rng(seed ^ 0x5eed5eedull);
+  for (auto& [site, idx] : by_site) {
+    std::shuffle(idx.begin(), idx.end(), rng);
+    for (size_t k = 0; k < idx.size() && int(k) < per_site; ++k) pick[idx[k]] = true;
+  }
+  return pick;
+}
+
+void apply(const std::string& method, const Args& args, const std::vector<std::string>& arg_pairs,
+           const Stats& stats, const std::string& stats_id, const Options& o,
+           const std::vector<InputItem>& items, Failures& failures, size_t* processed) {
+  const bool keep = o.pixel_type == "keep";
+  fs::create_directories(o.out);
+  // Refuse to mix outputs of different harmonizations in one folder (resume must be safe).
+  const fs::path marker = fs::path(o.out) / ".concord-harmonize.json";
+  json mine;
+  mine["method"] = method;
+  mine["args"] = arg_pairs;
+  mine["stats"] = stats_id;
+  mine["pixel_type"] = o.pixel_type;
+  if (fs::exists(marker) && !o.overwrite) {
+    json theirs;
+    try {
+      Bytes b = read_file(marker.string());
+      theirs = json::parse(b->data(), b->data() + b->size());
+    } catch (const std::exception&) {
+    }
+    if (theirs != mine)
+      throw Error(o.out + " holds outputs of a different harmonization (" +
+                  theirs.value("method", std::string("?")) + ", " +
+                  theirs.value("stats", std::string("?")) +
+                  "); use another --out, or --overwrite to redo every output");
+  }
+  write_file_atomic(marker.string(), mine.dump(2) + "\n");
+
+  const int jobs = worker_count(o);
+  const std::vector<bool> report_pick = pick_report_items(items, 16, o.seed);
+  SiteShiftReport report;
+  ApplyCounts counts;
+  ProgressBar bar("apply " + method, int64_t(items.size()), !o.no_progress);
+
+  // One harmonizer per worker thread, its site statistics set when the site changes.
+  struct Worker {
+    std::unique_ptr<Harmonizer> h;
+    std::optional<std::string> site;
+  };
+  std::mutex workers_mutex;
+  std::map<std::thread::id, Worker> workers;
+  auto worker = [&]() -> Worker& {
+    std::lock_guard<std::mutex> lock(workers_mutex);
+    Worker& w = workers[std::this_thread::get_id()];
+    if (!w.h) w.h = make_harmonizer(method, args, o.seed);
+    return w;
+  };
+
+  parallel_for(items.size(), jobs, [&](size_t i) {
+    const InputItem& it = items[i];
+    const std::string out = (fs::path(o.out) / it.relative).string();
+    try {
+      if (it.role == InputItem::Role::Mask) {
+        if (o.masks == "copy") {
+          if (fs::exists(out) && !o.overwrite)
+            ++counts.skipped;
+          else
+            copy_atomic(it.path, out, it.dicom), ++counts.copied;
+        }
+      } else if (fs::exists(out) && !o.overwrite) {
+        ++counts.skipped;
+        if (report_pick[i]) report.add(it.site, it.relative, read_image(it.path), read_image(out));
+      } else {
+        Worker& w = worker();
+        if (w.site != it.site) {
+          w.h->set_statistics(stats, it.site);
+          w.site = it.site;
+        }
+        Image im = read_image(it.path);
+        std::optional<Image> before;
+        if (report_pick[i] || it.dicom) before = im;
+        w.h->apply(im);
+        if (im.data.size() != size_t(im.channels) * size_t(im.voxels()))
+          throw Error("harmonizer '" + method +
+                      "' returned an image whose buffer does not match "
+                      "its size");
+        if (keep && clamps(im)) ++counts.clamped;
+        if (!keep && is_integer_only_format(out)) ++counts.rounded;
+        WriteOptions wo;
+        wo.keep_pixel_type = keep;
+        wo.new_uids = !before || before->data != im.data;
+        write_image(im, out, wo);
+        ++counts.written;
+        if (report_pick[i]) report.add(it.site, it.relative, *before, im);
+      }
+    } catch (const std::exception& e) {
+      failures.add(it.path, with_path(it.path, e.what()), &bar);
+    }
+    bar.advance();
+    std::string status;
+    if (counts.skipped) status += std::to_string(counts.skipped) + " already done";
+    if (failures.size())
+      status += (status.empty() ? "" : ", ") + std::to_string(failures.size()) + " failed";
+    bar.set_status(status);
+  });
+  bar.finish();
+  *processed = items.size();
+
+  std::cout << "harmonize apply: " << counts.written << " written, " << counts.skipped
+            << " already complete (skipped), " << counts.copied << " masks copied, "
+            << failures.size() << " failed, in " << format_duration(bar.elapsed_seconds()) << " ("
+            << jobs << " threads)\n";
+  if (counts.clamped)
+    spdlog::warn(
+        "{} outputs had more than 0.1% of their values clamped to the input pixel type's "
+        "range; consider --pixel-type float32",
+        size_t(counts.clamped));
+  if (counts.rounded)
+    spdlog::warn(
+        "{} outputs are PNG/JPEG/BMP, which cannot hold float32: their values were "
+        "rounded (and clamped) to 16-bit (PNG) or 8-bit integers",
+        size_t(counts.rounded));
+  json rep;
+  rep["method"] = method;
+  rep["written"] = size_t(counts.written);
+  rep["skipped"] = size_t(counts.skipped);
+  rep["masks_copied"] = size_t(counts.copied);
+  rep["failed"] = json::array();
+  for (const auto& [what, reason] : failures.list()) rep["failed"].push_back(reason);
+  if (!report.empty()) {
+    ShiftMeasure m = report.measure();
+    auto pct = [](double a, double b) { return a > 0 ? 100.0 * (b - a) / a : 0.0; };
+    std::printf(
+        "site shift over %d sites (%d images): histogram W1 %.4f -> %.4f (%+.1f%%), amplitude "
+        "spectrum %.4f -> %.4f (%+.1f%%)\n",
+        m.sites, m.images, m.histogram_before, m.histogram_after,
+        pct(m.histogram_before, m.histogram_after), m.spectrum_before, m.spectrum_after,
+        pct(m.spectrum_before, m.spectrum_after));
+    std::fflush(stdout);
+    rep["site_shift"] = {{"sites", m.sites},
+                         {"images", m.images},
+                         {"histogram_before", m.histogram_before},
+                         {"histogram_after", m.histogram_after},
+                         {"spectrum_before", m.spectrum_before},
+                         {"spectrum_after", m.spectrum_after}};
+    if (!o.preview.empty()) {
+      report.write_preview(o.preview, o.preview_per_site);
+      std::cout << "preview: " << o.preview << "\n";
+    }
+  } else if (!o.preview.empty()) {
+    spdlog::warn("no image was harmonized: preview {} not written", o.preview);
+  }
+  if (!o.report.empty()) write_file_atomic(o.report, rep.dump(2) + "\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void add_common(CLI::App* sub, Options& o) {
+  sub->add_option("inputs", o.inputs, "Input folders, image files or manifests (.txt/.csv)")
+      ->required();
+  sub->add_option("-j,--jobs", o.jobs, "Worker threads (default: all cores)")
+      ->check(CLI::NonNegativeNumber);
+  sub->add_option("--site-depth", o.site_depth,
+                  "Path components below each input that name the site (default: 1 for one input, "
+                  "0 for several)");
+  sub->add_option("--exclude", o.exclude, "Glob on relative paths to skip entirely (repeatable)");
+  sub->add_option("--mask-glob", o.mask_globs,
+                  "Glob on relative paths of masks: never harmonized (repeatable; folders named "
+                  "mask(s)/label(s)/seg are masks already)");
+  sub->add_option("--seed", o.seed, "Seed for the plugins and for choosing report images");
+  sub->add_flag("--no-progress", o.no_progress, "No progress bar");
+}
+
+Discovery discover(const Options& o) {
+  DiscoveryOptions d;
+  d.site_depth = o.site_depth;
+  d.exclude = o.exclude;
+  d.mask_globs = o.mask_globs;
+  Discovery found = discover_inputs(o.inputs, d);
+  size_t images = 0, masks = 0;
+  std::vector<std::string> sites;
+  for (const auto& it : found.items) {
+    (it.role == InputItem::Role::Image ? images : masks) += 1;
+    if (sites.empty() || sites.back() != it.site) sites.push_back(it.site);
+  }
+  std::string list;
+  for (const auto& s : sites) list += (list.empty() ? "" : ", ") + s;
+  spdlog::info("{} images, {} masks in {} sites ({}); {} other files ignored", images, masks,
+               sites.size(), list, found.ignored.size());
+  return found;
+}
+
+void run_fit(const Globals& g, const Options& o) {
+  const PluginDesc& desc = harmonizer_desc(g, o.method);
+  Args args = build_args(desc, o.arg_pairs);
+  if (!make_harmonizer(o.method, args, o.seed)->needs_fit())
+    throw Error("harmonizer '" + o.method +
+                "' needs no statistics (it is site-local); use "
+                "`concord harmonize apply --method " +
+                o.method + "`");
+  Discovery found = discover(o);
+  Failures failures;
+  FitResult r = fit(o.method, args, o, found.items, failures);
+  save_fit(r, o.stats, o.method, o, failures.size());
+  std::cout << "fitted '" << o.method << "' on " << r.images << " images from " << r.sites.size()
+            << " sites -> " << o.stats << "\n";
+  if (failures.size()) {
+    print_failures(failures, r.images + failures.size(), "fit");
+    throw Exit{1};
+  }
+}
+
+void run_apply(const Globals& g, Options o) {
+  if (o.stats.empty() && o.method.empty())
+    throw Error("apply needs --stats FILE (from `harmonize fit`) or --method M (fit, then apply)");
+  if (o.pixel_type != "keep" && o.pixel_type != "float32")
+    throw Error("--pixel-type must be keep or float32, not '" + o.pixel_type + "'");
+  std::string method = o.method;
+  Stats stats;
+  std::string stats_id;
+  std::vector<std::string> arg_pairs = o.arg_pairs;
+  if (!o.stats.empty()) {
+    std::string saved;
+    stats = load_stats(o.stats, &saved);
+    if (!method.empty() && method != saved)
+      throw Error(o.stats + ": statistics of method '" + saved + "', not '" + method +
+                  "'; fit them with --method " + method + " or apply with --method " + saved);
+    method = saved;
+    // Fitted arguments come from the sidecar; --arg on the command line overrides them.
+    const std::string side = o.stats + ".json";
+    if (fs::exists(side)) {
+      Bytes b = read_file(side);
+      json j = json::parse(b->data(), b->data() + b->size());
+      std::vector<std::string> fitted = j.value("args", std::vector<std::string>{});
+      fitted.insert(fitted.end(), arg_pairs.begin(), arg_pairs.end());
+      arg_pairs = fitted;
+    }
+    Bytes raw = read_file(o.stats);
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx", (unsigned long long)fnv1a(raw->data(), raw->size()));
+    stats_id = hex;
+  }
+  // Later pairs override earlier ones with the same key.
+  std::map<std::string, std::string> last;
+  for (const auto& p : arg_pairs) last[p.substr(0, p.find('='))] = p;
+  arg_pairs.clear();
+  for (const auto& [k, p] : last) arg_pairs.push_back(p);
+
+  const PluginDesc& desc = harmonizer_desc(g, method);
+  Args args = build_args(desc, arg_pairs);
+  auto probe = make_harmonizer(method, args, o.seed);
+  if (probe->augments())
+    throw Error("harmonizer '" + method +
+                "' is an augmentation (applied per training draw); it "
+                "has no fixed transform to apply offline");
+  Discovery found = discover(o);
+  Failures failures;
+  size_t fit_images = 0;
+  if (o.stats.empty() && probe->needs_fit()) {
+    FitResult r = fit(method, args, o, found.items, failures);
+    stats = r.stats;
+    fit_images = r.images;
+    stats_id = "fitted in place";
+    if (!o.save_stats.empty()) save_fit(r, o.save_stats, method, o, failures.size());
+    std::cout << "fitted '" << method << "' on " << fit_images << " images from " << r.sites.size()
+              << " sites\n";
+  } else if (o.stats.empty()) {
+    stats_id = "site-local";
+  }
+  // An image that failed during fit fails again in apply: report it once.
+  Failures apply_failures;
+  size_t processed = 0;
+  apply(method, args, arg_pairs, stats, stats_id, o, found.items, apply_failures, &processed);
+  auto all = apply_failures.list();
+  for (const auto& [what, reason] : failures.list())
+    if (std::none_of(all.begin(), all.end(), [&](auto& f) { return f.first == what; }))
+      apply_failures.add(what, reason, nullptr);
+  if (apply_failures.size()) {
+    print_failures(apply_failures, processed, "harmonize");
+    throw Exit{1};
+  }
+}
+
+}  // namespace
+
+void add_harmonize_command(CLI::App& app, Globals& g) {
+  auto* sub = app.add_subcommand(
+      "harmonize", "Harmonize image folders offline with a harmonizer plugin (fit, apply)");
+  sub->require_subcommand(1);
+  auto fit_opts = std::make_shared<Options>();
+  auto* fit_cmd = sub->add_subcommand("fit", "Compute a method's statistics from the inputs");
+  fit_cmd
+      ->add_option("--method", fit_opts->method,
+                   "Harmonizer plugin (concord plugins --kind harmonizer)")
+      ->required();
+  fit_cmd->add_option("--arg", fit_opts->arg_pairs, "Plugin argument key=value (repeatable)");
+  fit_cmd->add_option("--stats", fit_opts->stats, "Statistics file to write")->required();
+  add_common(fit_cmd, *fit_opts);
+  fit_cmd->callback([&g, fit_opts] { run_fit(g, *fit_opts); });
+
+  auto apply_opts = std::make_shared<Options>();
+  auto* apply_cmd = sub->add_subcommand(
+      "apply", "Apply statistics (--stats) or fit and apply in one go (--method) to the inputs");
+  apply_cmd->add_option("--stats", apply_opts->stats, "Statistics file from `harmonize fit`");
+  apply_cmd->add_option("--method", apply_opts->method,
+                        "Harmonizer plugin: without --stats, fits it on the inputs first");
+  apply_cmd->add_option("--arg", apply_opts->arg_pairs, "Plugin argument key=value (repeatable)");
+  apply_cmd->add_option("--save-stats", apply_opts->save_stats,
+                        "With --method: also save the fitted statistics here");
+  apply_cmd->add_option("-o,--out", apply_opts->out, "Output folder (mirrors the input tree)")
+      ->required();
+  apply_cmd
+      ->add_option("--pixel-type", apply_opts->pixel_type,
+                   "keep: the input's pixel type (rounded, clamped); float32")
+      ->check(CLI::IsMember({"keep", "float32"}));
+  apply_cmd->add_option("--masks", apply_opts->masks, "copy masks unchanged, or skip them")
+      ->check(CLI::IsMember({"copy", "skip"}));
+  apply_cmd->add_flag("--overwrite", apply_opts->overwrite,
+                      "Redo outputs that already exist (default: resume, skipping them)");
+  apply_cmd->add_option("--preview", apply_opts->preview,
+                        "Before/after montage PNG, a row per site");
+  apply_cmd
+      ->add_option("--preview-per-site", apply_opts->preview_per_site,
+                   "Image pairs per site in the preview")
+      ->check(CLI::Range(1, 16));
+  apply_cmd->add_option("--report", apply_opts->report,
+                        "JSON report: counts, failures, site shift before/after");
+  add_common(apply_cmd, *apply_opts);
+  apply_cmd->callback([&g, apply_opts] { run_apply(g, *apply_opts); });
 }
 
 }  // namespace concord::cli

@@ -1,0 +1,266 @@
+// End-to-end tests of `concord harmonize`: they run the built `concord` binary on a small tree
+// of NIfTI, PNG and DICOM inputs written here.
+//
+// Needs the targets concord-cli and the harmonizer plugins (identity, zscore,
+// histogram-match, amplitude) built in the same build folder; fails with a clear message when
+// they are missing.
+#include <concord/image_io.h>
+
+#include "testing.h"
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <random>
+
+namespace fs = std::filesystem;
+using namespace concord;
+
+namespace {
+
+struct Result {
+  int code;
+  std::string out;
+};
+
+Result concord(const std::string& args) {
+  Result r;
+  r.code = testkit::run_command(testkit::concord_exe() + " " + args, &r.out);
+  return r;
+}
+
+// A clear failure when the binary or a plugin this test drives was not built.
+bool have_tools(const std::vector<std::string>& plugins) {
+  if (!fs::exists(testkit::concord_exe())) {
+    ADD_FAILURE() << testkit::concord_exe()
+                  << " is missing: build the target concord-cli before test_harmonize";
+    return false;
+  }
+  for (const auto& p : plugins) {
+    const fs::path lib = fs::path(testkit::build_dir()) / "lib/concord/plugins" /
+                         ("libconcord-harmonizer-" + p + ".so");
+    if (!fs::exists(lib)) {
+      ADD_FAILURE() << lib << " is missing: build the target concord-harmonizer-" << p
+                    << " before test_harmonize";
+      return false;
+    }
+  }
+  return true;
+}
+
+Image volume(uint64_t seed, float scale, float offset) {
+  Image im(3, 1, {16, 14, 6});
+  im.pixel_type = PixelType::I16;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n(0, 1);
+  for (int64_t z = 0; z < 6; ++z)
+    for (int64_t y = 0; y < 14; ++y)
+      for (int64_t x = 0; x < 16; ++x)
+        im.at(x, y, z) = std::round(offset + scale * (float(x + y) / 30.f + 0.2f * n(rng)));
+  im.geometry.spacing = {0.9, 1.1, 3.0};
+  im.geometry.origin = {-20, 15.5, 7};
+  return im;
+}
+
+Image picture(uint64_t seed, PixelType t, float scale) {
+  Image im(2, 1, {40, 32, 1});
+  im.pixel_type = t;
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(0, 1);
+  for (int64_t y = 0; y < 32; ++y)
+    for (int64_t x = 0; x < 40; ++x)
+      im.at(x, y) = std::round(scale * (0.3f + 0.5f * x / 40.f + 0.2f * u(rng)));
+  return im;
+}
+
+// in/siteA: NIfTI, 8-bit PNG, DICOM series, a mask; in/siteB: NIfTI, 16-bit PNG, DICOM series,
+// a corrupt NIfTI. The two sites differ in intensity scale.
+struct Tree {
+  testkit::TempDir tmp;
+  fs::path in = tmp.path() / "in";
+  Tree() {
+    for (const char* s : {"siteA", "siteB"}) fs::create_directories(in / s);
+    fs::create_directories(in / "siteA" / "mask");
+    write_image(volume(1, 300, 100), (in / "siteA/vol1.nii.gz").string());
+    write_image(volume(2, 900, 400), (in / "siteB/vol2.nii.gz").string());
+    write_image(picture(3, PixelType::U8, 120), (in / "siteA/img1.png").string());
+    write_image(picture(4, PixelType::U16, 20000), (in / "siteB/img2.png").string());
+    Image dicom = volume(5, 250, 50);
+    dicom.meta["0010|0010"] = "Harmonize^Test";
+    write_image(dicom, (in / "siteA/ct").string());
+    Image dicom_b = volume(6, 700, 300);
+    dicom_b.meta["0010|0010"] = "Harmonize^TestB";
+    write_image(dicom_b, (in / "siteB/ct").string());
+    Image mask = picture(7, PixelType::U8, 1);
+    write_image(mask, (in / "siteA/mask/img1.png").string());
+    std::ofstream(in / "siteB/bad.nii.gz") << "not a NIfTI file at all";
+  }
+  std::string str(const char* rel) const { return (tmp.path() / rel).string(); }
+};
+
+fs::file_time_type mtime(const fs::path& p) {
+  return fs::last_write_time(p);
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+}  // namespace
+
+TEST(Harmonize, FitApplyKeepsFormatsGeometryAndReportsCorruptInput) {
+  if (!have_tools({"identity"})) return;
+  Tree t;
+  const std::string stats = t.str("identity.stats");
+  Result fit = concord("harmonize fit --method identity " + t.in.string() + " --stats " + stats +
+                       " -j 2 --no-progress");
+  EXPECT_NE(fit.code, 0) << "a corrupt input must make fit exit non-zero\n" << fit.out;
+  EXPECT_NE(fit.out.find("bad.nii.gz"), std::string::npos) << fit.out;
+  ASSERT_TRUE(fs::exists(stats)) << "fit must still write statistics from the readable inputs\n"
+                                 << fit.out;
+
+  const fs::path out = t.tmp.path() / "out";
+  Result ap = concord("harmonize apply --stats " + stats + " " + t.in.string() + " --out " +
+                      out.string() + " -j 2 --no-progress --preview " + t.str("preview.png") +
+                      " --report " + t.str("report.json"));
+  EXPECT_NE(ap.code, 0) << ap.out;
+  EXPECT_NE(ap.out.find("bad.nii.gz"), std::string::npos) << ap.out;
+  EXPECT_NE(ap.out.find("1 of "), std::string::npos) << "summary lists the failure\n" << ap.out;
+
+  // Every other input was written, mirroring the tree, in its own format and pixel type.
+  Image v = read_image((out / "siteA/vol1.nii.gz").string());
+  Image v0 = read_image((t.in / "siteA/vol1.nii.gz").string());
+  EXPECT_EQ(v.pixel_type, PixelType::I16);
+  EXPECT_EQ(v.size, v0.size);
+  EXPECT_EQ(v.data, v0.data);  // identity
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(v.geometry.spacing[i], v0.geometry.spacing[i], 1e-5);
+    EXPECT_NEAR(v.geometry.origin[i], v0.geometry.origin[i], 1e-4);
+  }
+  EXPECT_EQ(read_image((out / "siteA/img1.png").string()).pixel_type, PixelType::U8);
+  EXPECT_EQ(read_image((out / "siteB/img2.png").string()).pixel_type, PixelType::U16);
+  ASSERT_TRUE(is_dicom_dir((out / "siteA/ct").string()));
+  Image d = read_image((out / "siteA/ct").string());
+  Image d0 = read_image((t.in / "siteA/ct").string());
+  EXPECT_EQ(d.data, d0.data);
+  EXPECT_EQ(d.pixel_type, PixelType::I16);
+  EXPECT_NE(d.meta["0010|0010"].find("Harmonize^Test"), std::string::npos);
+  // Pixel data unchanged (identity): the series keeps its UID.
+  EXPECT_EQ(d.meta["0020|000e"], d0.meta["0020|000e"]);
+  // The mask is copied byte for byte, never harmonized.
+  EXPECT_EQ(slurp(out / "siteA/mask/img1.png"), slurp(t.in / "siteA/mask/img1.png"));
+  EXPECT_FALSE(fs::exists(out / "siteB/bad.nii.gz"));
+
+  // Preview and report.
+  Image preview = read_image(t.str("preview.png"));
+  EXPECT_EQ(preview.dim, 2);
+  EXPECT_GT(preview.size[1], 2 * 128);  // two site rows
+  auto report = nlohmann::json::parse(slurp(t.str("report.json")));
+  EXPECT_EQ(report["written"], 6);
+  EXPECT_EQ(report["masks_copied"], 1);
+  ASSERT_EQ(report["failed"].size(), 1u);
+  EXPECT_NE(report["failed"][0].get<std::string>().find("bad.nii.gz"), std::string::npos);
+  EXPECT_EQ(report["site_shift"]["sites"], 2);
+  EXPECT_NE(ap.out.find("site shift over 2 sites"), std::string::npos) << ap.out;
+}
+
+TEST(Harmonize, ResumeSkipsCompleteOutputs) {
+  if (!have_tools({"identity"})) return;
+  Tree t;
+  fs::remove(t.in / "siteB/bad.nii.gz");
+  const fs::path out = t.tmp.path() / "out";
+  const std::string cmd = "harmonize apply --method identity " + t.in.string() + " --out " +
+                          out.string() + " -j 2 --no-progress";
+  Result first = concord(cmd);
+  ASSERT_EQ(first.code, 0) << first.out;
+  const fs::path a = out / "siteA/vol1.nii.gz", b = out / "siteB/img2.png";
+  const auto ta = mtime(a), tb = mtime(b);
+  fs::remove(b);
+  Result second = concord(cmd);
+  ASSERT_EQ(second.code, 0) << second.out;
+  EXPECT_EQ(mtime(a), ta) << "a complete output was rewritten";
+  ASSERT_TRUE(fs::exists(b)) << "a missing output was not redone";
+  EXPECT_NE(second.out.find("1 written"), std::string::npos) << second.out;
+  EXPECT_NE(second.out.find("6 already complete"), std::string::npos) << second.out;
+  (void)tb;
+  // No temporary file or folder is left in the output tree.
+  for (const auto& e : fs::recursive_directory_iterator(out))
+    EXPECT_EQ(e.path().filename().string().find("concord-tmp"), std::string::npos) << e.path();
+}
+
+TEST(Harmonize, StatsOfAnotherMethodAndBadArgumentsAreRefused) {
+  if (!have_tools({"identity", "zscore"})) return;
+  Tree t;
+  fs::remove(t.in / "siteB/bad.nii.gz");
+  const std::string stats = t.str("identity.stats");
+  ASSERT_EQ(concord("harmonize fit --method identity " + t.in.string() + " --stats " + stats +
+                    " --no-progress")
+                .code,
+            0);
+  Result r = concord("harmonize apply --method zscore --stats " + stats + " " + t.in.string() +
+                     " --out " + t.str("out") + " --no-progress");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("'identity'"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("zscore"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(t.str("out/siteA/vol1.nii.gz")));
+
+  Result bad = concord("harmonize fit --method identity --arg nope=1 " + t.in.string() +
+                       " --stats " + t.str("x.stats") + " --no-progress");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.out.find("harmonizer 'identity' has no argument 'nope'"), std::string::npos)
+      << bad.out;
+  Result unknown = concord("harmonize fit --method idenity " + t.in.string() + " --stats " +
+                           t.str("x.stats") + " --no-progress");
+  EXPECT_NE(unknown.code, 0);
+  EXPECT_NE(unknown.out.find("identity"), std::string::npos) << "did-you-mean\n" << unknown.out;
+}
+
+TEST(Harmonize, ChangingMethodWritesFloatAndRenewsDicomUids) {
+  if (!have_tools({"zscore"})) return;
+  Tree t;
+  fs::remove(t.in / "siteB/bad.nii.gz");
+  const fs::path out = t.tmp.path() / "out";
+  Result r = concord("harmonize apply --method zscore " + t.in.string() + " --out " + out.string() +
+                     " --pixel-type float32 -j 2 --no-progress");
+  ASSERT_EQ(r.code, 0) << r.out;
+  Image v = read_image((out / "siteB/vol2.nii.gz").string());
+  EXPECT_EQ(v.pixel_type, PixelType::F32);
+  Image v0 = read_image((t.in / "siteB/vol2.nii.gz").string());
+  EXPECT_NE(v.data, v0.data);
+  Image d = read_image((out / "siteB/ct").string());
+  Image d0 = read_image((t.in / "siteB/ct").string());
+  EXPECT_NE(d.meta["0020|000e"], d0.meta["0020|000e"]) << "pixel data changed: new series UID";
+  EXPECT_NE(d.meta["0010|0010"].find("Harmonize^TestB"), std::string::npos);
+  EXPECT_EQ(d.size, d0.size);
+  // A second run into the same folder with other statistics is refused (no silent mixing).
+  Result again = concord("harmonize apply --method identity " + t.in.string() + " --out " +
+                         out.string() + " --no-progress");
+  EXPECT_NE(again.code, 0);
+  EXPECT_NE(again.out.find("different harmonization"), std::string::npos) << again.out;
+}
+
+// The acceptance check on real data: harmonization lowers the site shift of the six prostate
+// sites (histogram distance for histogram-match, spectrum distance for amplitude).
+TEST(Harmonize, RealProstateSitesShiftDecreases) {
+  CONCORD_REQUIRE_SHARED_DATA("multisite-prostate");
+  if (!have_tools({"histogram-match", "amplitude"})) return;
+  testkit::TempDir tmp;
+  const std::string data = testkit::shared_data() + "/multisite-prostate";
+  for (const char* method : {"histogram-match", "amplitude"}) {
+    SCOPED_TRACE(method);
+    const std::string rep = tmp.str() + "/" + method + ".json";
+    Result r = concord(std::string("harmonize apply --method ") + method + " " + data + " --out " +
+                       tmp.str() + "/" + method + " --pixel-type float32 " +
+                       "--no-progress -j 2 --report " + rep);
+    ASSERT_EQ(r.code, 0) << r.out;
+    auto j = nlohmann::json::parse(slurp(rep));
+    EXPECT_EQ(j["site_shift"]["sites"], 6);
+    EXPECT_EQ(j["masks_copied"], 12);
+    const auto& s = j["site_shift"];
+    if (std::string(method) == "histogram-match")
+      EXPECT_LT(s["histogram_after"].get<double>(), s["histogram_before"].get<double>()) << r.out;
+    else
+      EXPECT_LT(s["spectrum_after"].get<double>(), s["spectrum_before"].get<double>()) << r.out;
+  }
+}
