@@ -539,10 +539,12 @@ void add_common(CLI::App* sub, Options& o) {
   sub->add_option("--site-depth", o.site_depth,
                   "Path components below each input that name the site (default: 1 for one input, "
                   "0 for several)");
-  sub->add_option("--exclude", o.exclude, "Glob on relative paths to skip entirely (repeatable)");
+  sub->add_option("--exclude", o.exclude, "Glob on relative paths to skip entirely (repeatable)")
+      ->allow_extra_args(false);
   sub->add_option("--mask-glob", o.mask_globs,
                   "Glob on relative paths of masks: never harmonized (repeatable; folders named "
-                  "mask(s)/label(s)/seg are masks already)");
+                  "mask(s)/label(s)/seg are masks already)")
+      ->allow_extra_args(false);
   sub->add_option("--seed", o.seed, "Seed for the plugins and for choosing report images");
   sub->add_flag("--no-progress", o.no_progress, "No progress bar");
 }
@@ -669,7 +671,8 @@ void add_harmonize_command(CLI::App& app, Globals& g) {
       ->add_option("--method", fit_opts->method,
                    "Harmonizer plugin (concord plugins --kind harmonizer)")
       ->required();
-  fit_cmd->add_option("--arg", fit_opts->arg_pairs, "Plugin argument key=value (repeatable)");
+  fit_cmd->add_option("--arg", fit_opts->arg_pairs, "Plugin argument key=value (repeatable)")
+      ->allow_extra_args(false);
   fit_cmd->add_option("--stats", fit_opts->stats, "Statistics file to write")->required();
   add_common(fit_cmd, *fit_opts);
   fit_cmd->callback([&g, fit_opts] { run_fit(g, *fit_opts); });
@@ -680,7 +683,8 @@ void add_harmonize_command(CLI::App& app, Globals& g) {
   apply_cmd->add_option("--stats", apply_opts->stats, "Statistics file from `harmonize fit`");
   apply_cmd->add_option("--method", apply_opts->method,
                         "Harmonizer plugin: without --stats, fits it on the inputs first");
-  apply_cmd->add_option("--arg", apply_opts->arg_pairs, "Plugin argument key=value (repeatable)");
+  apply_cmd->add_option("--arg", apply_opts->arg_pairs, "Plugin argument key=value (repeatable)")
+      ->allow_extra_args(false);
   apply_cmd->add_option("--save-stats", apply_opts->save_stats,
                         "With --method: also save the fitted statistics here");
   apply_cmd->add_option("-o,--out", apply_opts->out, "Output folder (mirrors the input tree)")

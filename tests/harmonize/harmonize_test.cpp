@@ -23,7 +23,7 @@ struct Result {
   std::string out;
 };
 
-Result concord(const std::string& args) {
+Result run_concord(const std::string& args) {
   Result r;
   r.code = testkit::run_command(testkit::concord_exe() + " " + args, &r.out);
   return r;
@@ -113,17 +113,17 @@ TEST(Harmonize, FitApplyKeepsFormatsGeometryAndReportsCorruptInput) {
   if (!have_tools({"identity"})) return;
   Tree t;
   const std::string stats = t.str("identity.stats");
-  Result fit = concord("harmonize fit --method identity " + t.in.string() + " --stats " + stats +
-                       " -j 2 --no-progress");
+  Result fit = run_concord("harmonize fit --method identity " + t.in.string() + " --stats " +
+                           stats + " -j 2 --no-progress");
   EXPECT_NE(fit.code, 0) << "a corrupt input must make fit exit non-zero\n" << fit.out;
   EXPECT_NE(fit.out.find("bad.nii.gz"), std::string::npos) << fit.out;
   ASSERT_TRUE(fs::exists(stats)) << "fit must still write statistics from the readable inputs\n"
                                  << fit.out;
 
   const fs::path out = t.tmp.path() / "out";
-  Result ap = concord("harmonize apply --stats " + stats + " " + t.in.string() + " --out " +
-                      out.string() + " -j 2 --no-progress --preview " + t.str("preview.png") +
-                      " --report " + t.str("report.json"));
+  Result ap = run_concord("harmonize apply --stats " + stats + " " + t.in.string() + " --out " +
+                          out.string() + " -j 2 --no-progress --preview " + t.str("preview.png") +
+                          " --report " + t.str("report.json"));
   EXPECT_NE(ap.code, 0) << ap.out;
   EXPECT_NE(ap.out.find("bad.nii.gz"), std::string::npos) << ap.out;
   EXPECT_NE(ap.out.find("1 of "), std::string::npos) << "summary lists the failure\n" << ap.out;
@@ -172,12 +172,12 @@ TEST(Harmonize, ResumeSkipsCompleteOutputs) {
   const fs::path out = t.tmp.path() / "out";
   const std::string cmd = "harmonize apply --method identity " + t.in.string() + " --out " +
                           out.string() + " -j 2 --no-progress";
-  Result first = concord(cmd);
+  Result first = run_concord(cmd);
   ASSERT_EQ(first.code, 0) << first.out;
   const fs::path a = out / "siteA/vol1.nii.gz", b = out / "siteB/img2.png";
   const auto ta = mtime(a), tb = mtime(b);
   fs::remove(b);
-  Result second = concord(cmd);
+  Result second = run_concord(cmd);
   ASSERT_EQ(second.code, 0) << second.out;
   EXPECT_EQ(mtime(a), ta) << "a complete output was rewritten";
   ASSERT_TRUE(fs::exists(b)) << "a missing output was not redone";
@@ -194,24 +194,24 @@ TEST(Harmonize, StatsOfAnotherMethodAndBadArgumentsAreRefused) {
   Tree t;
   fs::remove(t.in / "siteB/bad.nii.gz");
   const std::string stats = t.str("identity.stats");
-  ASSERT_EQ(concord("harmonize fit --method identity " + t.in.string() + " --stats " + stats +
-                    " --no-progress")
+  ASSERT_EQ(run_concord("harmonize fit --method identity " + t.in.string() + " --stats " + stats +
+                        " --no-progress")
                 .code,
             0);
-  Result r = concord("harmonize apply --method zscore --stats " + stats + " " + t.in.string() +
-                     " --out " + t.str("out") + " --no-progress");
+  Result r = run_concord("harmonize apply --method zscore --stats " + stats + " " + t.in.string() +
+                         " --out " + t.str("out") + " --no-progress");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("'identity'"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("zscore"), std::string::npos) << r.out;
   EXPECT_FALSE(fs::exists(t.str("out/siteA/vol1.nii.gz")));
 
-  Result bad = concord("harmonize fit --method identity --arg nope=1 " + t.in.string() +
-                       " --stats " + t.str("x.stats") + " --no-progress");
+  Result bad = run_concord("harmonize fit --method identity --arg nope=1 " + t.in.string() +
+                           " --stats " + t.str("x.stats") + " --no-progress");
   EXPECT_NE(bad.code, 0);
   EXPECT_NE(bad.out.find("harmonizer 'identity' has no argument 'nope'"), std::string::npos)
       << bad.out;
-  Result unknown = concord("harmonize fit --method idenity " + t.in.string() + " --stats " +
-                           t.str("x.stats") + " --no-progress");
+  Result unknown = run_concord("harmonize fit --method idenity " + t.in.string() + " --stats " +
+                               t.str("x.stats") + " --no-progress");
   EXPECT_NE(unknown.code, 0);
   EXPECT_NE(unknown.out.find("identity"), std::string::npos) << "did-you-mean\n" << unknown.out;
 }
@@ -221,8 +221,8 @@ TEST(Harmonize, ChangingMethodWritesFloatAndRenewsDicomUids) {
   Tree t;
   fs::remove(t.in / "siteB/bad.nii.gz");
   const fs::path out = t.tmp.path() / "out";
-  Result r = concord("harmonize apply --method zscore " + t.in.string() + " --out " + out.string() +
-                     " --pixel-type float32 -j 2 --no-progress");
+  Result r = run_concord("harmonize apply --method zscore " + t.in.string() + " --out " +
+                         out.string() + " --pixel-type float32 -j 2 --no-progress");
   ASSERT_EQ(r.code, 0) << r.out;
   Image v = read_image((out / "siteB/vol2.nii.gz").string());
   EXPECT_EQ(v.pixel_type, PixelType::F32);
@@ -234,8 +234,8 @@ TEST(Harmonize, ChangingMethodWritesFloatAndRenewsDicomUids) {
   EXPECT_NE(d.meta["0010|0010"].find("Harmonize^TestB"), std::string::npos);
   EXPECT_EQ(d.size, d0.size);
   // A second run into the same folder with other statistics is refused (no silent mixing).
-  Result again = concord("harmonize apply --method identity " + t.in.string() + " --out " +
-                         out.string() + " --no-progress");
+  Result again = run_concord("harmonize apply --method identity " + t.in.string() + " --out " +
+                             out.string() + " --no-progress");
   EXPECT_NE(again.code, 0);
   EXPECT_NE(again.out.find("different harmonization"), std::string::npos) << again.out;
 }
@@ -250,9 +250,9 @@ TEST(Harmonize, RealProstateSitesShiftDecreases) {
   for (const char* method : {"histogram-match", "amplitude"}) {
     SCOPED_TRACE(method);
     const std::string rep = tmp.str() + "/" + method + ".json";
-    Result r = concord(std::string("harmonize apply --method ") + method + " " + data + " --out " +
-                       tmp.str() + "/" + method + " --pixel-type float32 " +
-                       "--no-progress -j 2 --report " + rep);
+    Result r = run_concord(std::string("harmonize apply --method ") + method + " " + data +
+                           " --out " + tmp.str() + "/" + method + " --pixel-type float32 " +
+                           "--no-progress -j 2 --report " + rep);
     ASSERT_EQ(r.code, 0) << r.out;
     auto j = nlohmann::json::parse(slurp(rep));
     EXPECT_EQ(j["site_shift"]["sites"], 6);
