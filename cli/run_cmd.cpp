@@ -93,14 +93,20 @@ void add_run_command(CLI::App& app, Globals& g) {
     RunOptions opts;
     opts.run_dir = run_dir;
     opts.resume = !o->resume.empty();
-    std::unique_ptr<ProgressBar> bar;
-    if (!o->no_progress && isatty(STDERR_FILENO)) {
-      bar = std::make_unique<ProgressBar>("rounds", config.federation.rounds);
-      opts.on_progress = [&bar](const std::string& phase, int, int) { bar->set_status(phase); };
-      opts.on_round = [&bar](int) { bar->advance(1); };
+    if (opts.run_dir.empty()) {
+      // A fresh folder per run: <output>/<name>, then <name>-2, <name>-3, ... never overwritten.
+      namespace fs = std::filesystem;
+      fs::path base = fs::path(config.output) / config.name;
+      fs::path dir = base;
+      for (int i = 2; fs::exists(dir); ++i) dir = base.string() + "-" + std::to_string(i);
+      opts.run_dir = dir.string();
     }
+    spdlog::info("run folder: {}", opts.run_dir);
+    auto bar = std::make_unique<ProgressBar>("rounds", config.federation.rounds, !o->no_progress);
+    opts.on_progress = [&bar](const std::string& phase, int, int) { bar->set_status(phase); };
+    opts.on_round = [&bar](int) { bar->advance(1); };
     RunSummary s = exp.run(opts);
-    if (bar) bar->finish();
+    bar->finish();
     print_table(s);
   });
 }

@@ -38,13 +38,18 @@ const char* dtype_name(DType t) {
   return "?";
 }
 
+// Large blocks come from the message buffer pool (message.cpp): model-sized arrays are made
+// every round and reusing mapped pages avoids page-faulting each one in.
+uint8_t* pooled_alloc(size_t bytes);
+void pooled_free(uint8_t* p, size_t bytes);
+
 namespace {
 std::shared_ptr<void> allocate(size_t bytes) {
   // 64-byte alignment: SIMD-friendly and safe for every dtype; never a null pointer.
-  size_t rounded = ((bytes + 63) / 64) * 64;
-  void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  size_t rounded = bytes == 0 ? 64 : ((bytes + 63) / 64) * 64;
+  void* p = pooled_alloc(rounded);
   if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
-  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+  return std::shared_ptr<void>(p, [rounded](void* q) { pooled_free(static_cast<uint8_t*>(q), rounded); });
 }
 }  // namespace
 

@@ -49,9 +49,12 @@ std::vector<std::string> Coordinator::select(
 static bool all_finite(const NamedArrays& state, std::string* bad) {
   for (const auto& [name, a] : state) {
     if (a.dtype() == DType::F32) {
-      const float* p = a.data<float>();
+      // Exponent bits all ones <=> Inf or NaN; an OR-reduction over integers vectorises.
+      const uint32_t* p = static_cast<const uint32_t*>(a.raw());
+      uint32_t any = 0;
       for (int64_t i = 0, n = a.numel(); i < n; ++i)
-        if (!std::isfinite(p[i])) return *bad = name, false;
+        any |= uint32_t((p[i] & 0x7f800000u) == 0x7f800000u);
+      if (any) return *bad = name, false;
     } else if (a.dtype() == DType::F64) {
       const double* p = a.data<double>();
       for (int64_t i = 0, n = a.numel(); i < n; ++i)

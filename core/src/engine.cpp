@@ -756,7 +756,7 @@ RunSummary Experiment::run(const RunOptions& options) {
     auto selected =
         x.coordinator->select(round, train_sites, cfg.federation.fraction,
                               cfg.federation.availability, cfg.federation.site_availability);
-    spdlog::info("{}: selected {} of {} sites", phase, selected.size(), train_sites.size());
+    spdlog::debug("{}: selected {} of {} sites", phase, selected.size(), train_sites.size());
     // 2-4. local training, upload, aggregation
     auto outcome = x.coordinator->train_round(round, cfg.federation.rounds, selected, settings,
                                               cfg.federation.min_sites);

@@ -11,18 +11,73 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <random>
 
 namespace concord {
 
+namespace {
+// Freed message buffers are kept for reuse: a federation sends messages of the same sizes every
+// round, and a reused buffer has its pages mapped already (a fresh 40 MB one page-faults 10,000
+// times, which costs more than copying into it). Bounded by CONCORD_BUFFER_POOL_MB (1024).
+class BufferPool {
+ public:
+  uint8_t* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        uint8_t* p = it->second;
+        free_.erase(it);
+        held_ -= bytes;
+        return p;
+      }
+    }
+    return static_cast<uint8_t*>(std::aligned_alloc(64, bytes));
+  }
+  void give(uint8_t* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (bytes >= kMinPooled && held_ + bytes <= limit_) {
+        free_.emplace(bytes, p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  static constexpr size_t kMinPooled = 1 << 20;  // small buffers: malloc is fast enough
+  std::mutex mutex_;
+  std::multimap<size_t, uint8_t*> free_;
+  size_t held_ = 0;
+  size_t limit_ = [] {
+    const char* v = std::getenv("CONCORD_BUFFER_POOL_MB");
+    return size_t(v ? std::atol(v) : 1024) << 20;
+  }();
+};
+
+BufferPool& pool() {
+  static BufferPool* p = new BufferPool;  // never destroyed: buffers may outlive statics
+  return *p;
+}
+}  // namespace
+
+uint8_t* pooled_alloc(size_t bytes) { return pool().take(bytes); }
+void pooled_free(uint8_t* p, size_t bytes) { pool().give(p, bytes); }
+
+namespace {
+
+size_t capacity_for(size_t size) { return size ? ((size + 63) / 64) * 64 : 64; }
+}  // namespace
+
 Buffer::Buffer(size_t size) : size_(size) {
-  size_t rounded = ((size + 63) / 64) * 64;
-  data_ = static_cast<uint8_t*>(std::aligned_alloc(64, rounded ? rounded : 64));
+  data_ = pool().take(capacity_for(size));
   if (!data_) throw Error("out of memory allocating a " + std::to_string(size) + "-byte message");
 }
-Buffer::~Buffer() {
-  std::free(data_);
-}
+Buffer::~Buffer() { pool().give(data_, capacity_for(size_)); }
 
 namespace {
 constexpr char kMagic[8] = {'C', 'O', 'N', 'C', 'O', 'R', 'D', 1};
