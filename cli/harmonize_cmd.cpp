@@ -365,6 +365,25 @@ bool is_integer_only_format(const std::string& path) {
   return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
 }
 
+// A run killed mid-write leaves its temporaries (never a partial output): remove them.
+void remove_leftover_temporaries(const std::string& out) {
+  std::vector<fs::path> stale;
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const auto tmp = name.rfind(".tmp-");
+    if (name.find(".concord-tmp-") != std::string::npos ||
+        (tmp != std::string::npos &&
+         name.find_first_not_of("0123456789-", tmp + 5) == std::string::npos)) {
+      stale.push_back(it->path());
+      if (it->is_directory()) it.disable_recursion_pending();
+    }
+  }
+  for (const auto& p : stale) fs::remove_all(p, ec);
+  if (!stale.empty())
+    spdlog::info("removed {} temporaries left by an interrupted run", stale.size());
+}
+
 struct ApplyCounts {
   std::atomic<size_t> written{0}, skipped{0}, copied{0}, clamped{0}, rounded{0};
 };
@@ -411,6 +430,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
                   "); use another --out, or --overwrite to redo every output");
   }
   write_file_atomic(marker.string(), mine.dump(2) + "\n");
+  remove_leftover_temporaries(o.out);
 
   const int jobs = worker_count(o);
   const std::vector<bool> report_pick = pick_report_items(items, 16, o.seed);

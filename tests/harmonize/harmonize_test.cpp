@@ -240,6 +240,52 @@ TEST(Harmonize, ChangingMethodWritesFloatAndRenewsDicomUids) {
   EXPECT_NE(again.out.find("different harmonization"), std::string::npos) << again.out;
 }
 
+// Killed mid-run (SIGKILL), the output tree holds only complete files; a rerun finishes the
+// rest and clears the temporaries the killed run left.
+TEST(Harmonize, KilledRunLeavesOnlyCompleteOutputsAndResumes) {
+  if (!have_tools({"identity"})) return;
+  testkit::TempDir tmp;
+  const fs::path in = tmp.path() / "in", out = tmp.path() / "out";
+  for (int i = 0; i < 24; ++i) {
+    Image v = volume(uint64_t(100 + i), 400, 100);
+    Image big(3, 1, {64, 64, 48});
+    big.pixel_type = PixelType::I16;
+    for (size_t k = 0; k < big.data.size(); ++k) big.data[k] = v.data[k % v.data.size()] + float(i);
+    write_image(
+        big, (in / ("s" + std::to_string(i % 2)) / ("v" + std::to_string(i) + ".nii.gz")).string());
+  }
+  const std::string cmd = "harmonize apply --method identity " + in.string() + " --out " +
+                          out.string() + " -j 2 --no-progress";
+  // Kill it once a couple of outputs exist, i.e. while it is writing the others.
+  testkit::run_command("sh -c '" + testkit::concord_exe() + " " + cmd +
+                       " & pid=$!; i=0; while [ $i -lt 400 ]; do "
+                       "[ $(find " +
+                       out.string() +
+                       " -name \"*.gz\" | wc -l) -ge 2 ] && break; "
+                       "sleep 0.02; i=$((i+1)); done; kill -9 $pid; wait $pid'");
+  size_t complete = 0;
+  for (const auto& e : fs::recursive_directory_iterator(out)) {
+    if (!e.is_regular_file() || e.path().extension() != ".gz") continue;
+    // Temporaries of the killed run (hidden scratch folders) are not outputs.
+    if (e.path().string().find("concord-tmp") != std::string::npos) continue;
+    const std::string rel = e.path().lexically_relative(out).string();
+    Image a = read_image(e.path().string());  // throws on a partial file
+    EXPECT_EQ(a.data, read_image((in / rel).string()).data) << rel;
+    ++complete;
+  }
+  std::cout << "killed run left " << complete << " of 24 outputs, all complete\n";
+  Result rerun = run_concord(cmd);
+  ASSERT_EQ(rerun.code, 0) << rerun.out;
+  EXPECT_NE(rerun.out.find(std::to_string(complete) + " already complete"), std::string::npos)
+      << rerun.out;
+  size_t files = 0;
+  for (const auto& e : fs::recursive_directory_iterator(out)) {
+    EXPECT_EQ(e.path().filename().string().find("tmp-"), std::string::npos) << e.path();
+    files += e.is_regular_file() && e.path().extension() == ".gz";
+  }
+  EXPECT_EQ(files, 24u);
+}
+
 // The acceptance check on real data: harmonization lowers the site shift of the six prostate
 // sites (histogram distance for histogram-match, spectrum distance for amplitude).
 TEST(Harmonize, RealProstateSitesShiftDecreases) {
