@@ -62,7 +62,7 @@ TEST(UNet, EncoderAndDecoderAreTheTwoTopLevelParts) {
   EXPECT_EQ(types.at(""), "UNet");
   EXPECT_EQ(types.at("encoder"), "Encoder");
   EXPECT_EQ(types.at("encoder.down2.bn1"), "BatchNorm2d");
-  EXPECT_EQ(types.at("decoder.up1.upconv"), "ConvTranspose2d");
+  EXPECT_EQ(types.at("decoder.up1.upconv"), "Conv2d");  // 2x2 up-convolution as 1x1 + shuffle
   EXPECT_EQ(types.at("decoder.head"), "Conv2d");
 
   const auto state = model->state();
