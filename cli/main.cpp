@@ -6,7 +6,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
 #include <iostream>
+
+#include <unistd.h>
 
 namespace concord::cli {
 
@@ -22,12 +25,21 @@ void load_all_plugins(const Globals& g) {
 
 int main(int argc, char** argv) {
   using namespace concord::cli;
+  // LibTorch's OpenMP threads spin while waiting by default; on a busy 2-core machine that
+  // made training 4-5x slower. libgomp reads the policy at load time, so set it and re-exec.
+  if (!std::getenv("OMP_WAIT_POLICY")) {
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    execv("/proc/self/exe", argv);  // on failure, carry on with the default policy
+  }
   CLI::App app{"Concord: federated learning on medical images, with harmonization"};
   app.set_version_flag("--version", std::string("concord ") + CONCORD_VERSION);
   app.require_subcommand(1);
   Globals g;
   app.add_option("--plugin-path", g.plugin_paths,
-                 "Extra plugin library or folder (repeatable; also CONCORD_PLUGIN_PATH)");
+                 "Extra plugin library or folder (repeatable; also CONCORD_PLUGIN_PATH)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  app.fallthrough();  // global options may follow the subcommand
   app.add_flag("-v,--verbose", g.verbose, "Debug logging");
   app.add_flag("-q,--quiet", g.quiet, "Warnings and errors only");
   app.parse_complete_callback([&] {

@@ -107,7 +107,9 @@ int overhead(int sites, int64_t params, int reps) {
     double t_train = seconds_since(t);
     c.broadcast(r, names);
     best_round = std::min(best_round, seconds_since(t));
-    if (getenv("BENCH_VERBOSE")) std::fprintf(stderr, "train_round %.1f ms, total %.1f ms\n", t_train * 1e3, seconds_since(t) * 1e3);
+    if (getenv("BENCH_VERBOSE"))
+      std::fprintf(stderr, "train_round %.1f ms, total %.1f ms\n", t_train * 1e3,
+                   seconds_since(t) * 1e3);
     if (!out.aggregated || out.updates.size() != size_t(sites)) {
       std::fprintf(stderr, "round %d failed\n", r);
       return 1;
@@ -116,10 +118,14 @@ int overhead(int sites, int64_t params, int reps) {
   double ratio = best_round / best_memcpy;
   std::printf("engine round: %d sites x %lld float32 params (%.0f MB per site)\n", sites,
               (long long)params, bytes / 1e6);
-  std::printf("  memcpy of %d x %.0f MB (baseline): %8.1f ms\n", sites, bytes / 1e6, best_memcpy * 1e3);
-  std::printf("  round (select, train request, %d uploads encoded/decoded, finite check, fedavg,\n"
-              "         broadcast encoded once to %d sites):   %8.1f ms\n", sites, sites, best_round * 1e3);
-  std::printf("  ratio round / memcpy: %.2fx (target <= 3x): %s\n", ratio, ratio <= 3 ? "met" : "MISSED");
+  std::printf("  memcpy of %d x %.0f MB (baseline): %8.1f ms\n", sites, bytes / 1e6,
+              best_memcpy * 1e3);
+  std::printf(
+      "  round (select, train request, %d uploads encoded/decoded, finite check, fedavg,\n"
+      "         broadcast encoded once to %d sites):   %8.1f ms\n",
+      sites, sites, best_round * 1e3);
+  std::printf("  ratio round / memcpy: %.2fx (target <= 3x): %s\n", ratio,
+              ratio <= 3 ? "met" : "MISSED");
   std::printf("  peak RSS: %ld MB\n", peak_rss_mb());
   return 0;
 }
@@ -148,9 +154,11 @@ int scale(int sites, int64_t params, double fraction, int rounds) {
     c.broadcast(r, names);
   }
   long rss = peak_rss_mb();
-  std::printf("scale: %d sites, %lld params (%.1f MB model), %.0f%% sampled, %d rounds: "
-              "%zu site updates, %.2f s\n", sites, (long long)params, params * 4 / 1e6,
-              fraction * 100, rounds, trained, seconds_since(t));
+  std::printf(
+      "scale: %d sites, %lld params (%.1f MB model), %.0f%% sampled, %d rounds: "
+      "%zu site updates, %.2f s\n",
+      sites, (long long)params, params * 4 / 1e6, fraction * 100, rounds, trained,
+      seconds_since(t));
   std::printf("  peak RSS: %ld MB (target < 2048 MB): %s\n", rss, rss < 2048 ? "met" : "MISSED");
   return 0;
 }
@@ -165,18 +173,26 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
-    if (a == "--scale") scale_mode = true;
-    else if (a == "--sites") sites = std::stoi(next());
-    else if (a == "--params") params = std::stoll(next());
-    else if (a == "--reps") reps = std::stoi(next());
-    else if (a == "--rounds") rounds = std::stoi(next());
-    else if (a == "--fraction") fraction = std::stod(next());
+    if (a == "--scale")
+      scale_mode = true;
+    else if (a == "--sites")
+      sites = std::stoi(next());
+    else if (a == "--params")
+      params = std::stoll(next());
+    else if (a == "--reps")
+      reps = std::stoi(next());
+    else if (a == "--rounds")
+      rounds = std::stoi(next());
+    else if (a == "--fraction")
+      fraction = std::stod(next());
     else {
-      std::fprintf(stderr, "usage: bench_engine [--scale] [--sites N] [--params N] [--reps N] "
-                           "[--rounds N] [--fraction F]\n");
+      std::fprintf(stderr,
+                   "usage: bench_engine [--scale] [--sites N] [--params N] [--reps N] "
+                   "[--rounds N] [--fraction F]\n");
       return 2;
     }
   }
-  if (scale_mode) return scale(sites < 0 ? 1000 : sites, params < 0 ? 1000000 : params, fraction, rounds);
+  if (scale_mode)
+    return scale(sites < 0 ? 1000 : sites, params < 0 ? 1000000 : params, fraction, rounds);
   return overhead(sites < 0 ? 8 : sites, params < 0 ? 10000000 : params, reps);
 }

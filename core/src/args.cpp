@@ -1,6 +1,7 @@
 #include <concord/args.h>
 
 #include <cmath>
+#include <filesystem>
 #include <sstream>
 
 namespace concord {
@@ -273,6 +274,24 @@ Args make_args(const std::string& plugin, const std::vector<ArgSpec>& specs,
       x.i = int64_t(x.f);
     }
     x.type = spec->type;
+    if (spec->type == ArgType::List) {
+      // Items given as text (make_value of strings) become numbers when the list is numeric.
+      for (auto& item : x.items) {
+        try {
+          if (spec->element == ArgType::Int && item.type != ArgType::Int) {
+            item.i = item.type == ArgType::Float ? int64_t(item.f) : std::stoll(item.s);
+            item.f = double(item.i);
+          } else if (spec->element == ArgType::Float && item.type != ArgType::Float) {
+            item.f = item.type == ArgType::Int ? double(item.i) : std::stod(item.s);
+          }
+        } catch (const std::exception&) {
+          problems += "\n  '" + k + "' item '" + item.s + "' is not a number";
+        }
+        item.type = spec->element;
+      }
+    }
+    if (spec->type == ArgType::Path && spec->must_exist && !std::filesystem::exists(x.s))
+      problems += "\n  '" + k + "': path '" + x.s + "' does not exist";
     double num = spec->type == ArgType::Int ? double(x.i) : x.f;
     if ((spec->type == ArgType::Int || spec->type == ArgType::Float) &&
         ((spec->min && num < *spec->min) || (spec->max && num > *spec->max)))

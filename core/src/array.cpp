@@ -49,7 +49,8 @@ std::shared_ptr<void> allocate(size_t bytes) {
   size_t rounded = bytes == 0 ? 64 : ((bytes + 63) / 64) * 64;
   void* p = pooled_alloc(rounded);
   if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
-  return std::shared_ptr<void>(p, [rounded](void* q) { pooled_free(static_cast<uint8_t*>(q), rounded); });
+  return std::shared_ptr<void>(
+      p, [rounded](void* q) { pooled_free(static_cast<uint8_t*>(q), rounded); });
 }
 }  // namespace
 

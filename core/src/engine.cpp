@@ -8,6 +8,7 @@
 #include <concord/metric.h>
 #include <concord/model.h>
 #include <concord/tensor_bridge.h>
+#include <concord/torch_model.h>
 
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
@@ -164,9 +165,32 @@ class Site : public LocalTrainer {
 
   void recalibrate_batchnorm() override {
     torch::NoGradGuard ng;
-    // Fresh running statistics estimated from this site's images alone (labels unused).
+    // Fresh running statistics estimated from this site's images alone (labels unused). With
+    // LibTorch modules the momentum is switched off during the passes (a cumulative average, as
+    // PyTorch does with momentum=None); other models get enough passes for the default
+    // momentum 0.1 to forget the reset values (0.9^50 < 1%).
+    std::vector<std::pair<torch::nn::BatchNormImplBase<1, torch::nn::BatchNorm1dImpl>*,
+                          c10::optional<double>>>
+        bn1;
+    std::vector<std::pair<torch::nn::BatchNormImplBase<2, torch::nn::BatchNorm2dImpl>*,
+                          c10::optional<double>>>
+        bn2;
+    std::vector<std::pair<torch::nn::BatchNormImplBase<3, torch::nn::BatchNorm3dImpl>*,
+                          c10::optional<double>>>
+        bn3;
+    if (auto* tm = dynamic_cast<TorchModuleModel*>(&model_)) {
+      for (const auto& m : tm->module().modules(/*include_self=*/true)) {
+        if (auto* b = m->as<torch::nn::BatchNorm1d>())
+          bn1.emplace_back(b, b->options.momentum()), b->options.momentum(c10::nullopt);
+        if (auto* b = m->as<torch::nn::BatchNorm2d>())
+          bn2.emplace_back(b, b->options.momentum()), b->options.momentum(c10::nullopt);
+        if (auto* b = m->as<torch::nn::BatchNorm3d>())
+          bn3.emplace_back(b, b->options.momentum()), b->options.momentum(c10::nullopt);
+      }
+    }
+    const bool cumulative = !bn1.empty() || !bn2.empty() || !bn3.empty();
     for (auto& e : model_.state()) {
-      if (e.module_type.rfind("BatchNorm", 0) != 0 || e.is_parameter) continue;
+      if (e.module_type.find("BatchNorm") == std::string::npos || e.is_parameter) continue;
       const std::string leaf = e.name.substr(e.name.rfind('.') + 1);
       if (leaf == "running_mean" || leaf == "num_batches_tracked") e.tensor.zero_();
       if (leaf == "running_var") e.tensor.fill_(1);
@@ -175,12 +199,20 @@ class Site : public LocalTrainer {
     std::vector<size_t> idx(data_.train.size());
     std::iota(idx.begin(), idx.end(), 0);
     const size_t bs = size_t(cfg_.config->training.batch_size);
-    for (size_t s = 0; s < idx.size(); s += bs) {
-      std::vector<size_t> part(idx.begin() + long(s),
-                               idx.begin() + long(std::min(idx.size(), s + bs)));
-      if (part.size() < 2) break;
-      model_.forward(batch(data_.train, part, nullptr).first);
+    int passes = 0;
+    for (int epoch = 0; epoch < 1000 && (epoch == 0 || (!cumulative && passes < 50)); ++epoch) {
+      for (size_t s = 0; s < idx.size(); s += bs) {
+        std::vector<size_t> part(idx.begin() + long(s),
+                                 idx.begin() + long(std::min(idx.size(), s + bs)));
+        if (part.size() < 2) break;
+        model_.forward(batch(data_.train, part, nullptr).first);
+        ++passes;
+      }
+      if (passes == 0) break;
     }
+    for (auto& [b, m] : bn1) b->options.momentum(m);
+    for (auto& [b, m] : bn2) b->options.momentum(m);
+    for (auto& [b, m] : bn3) b->options.momentum(m);
     model_.set_training(false);
   }
 
@@ -214,10 +246,12 @@ class Site : public LocalTrainer {
  private:
   Message train_round(Message& in) {
     settings_ = in.scalars;
+    calls_ = 0;  // per-round stream of shuffling seeds: a resumed run replays it exactly
     load_model_state();
     const int epochs = int(settings_.count("local_epochs") ? settings_["local_epochs"] : 1);
     torch::manual_seed(derive_seed(cfg_.config->seed, "torch/" + name_, round_));
     TrainResult r = adapter_.train_local(*this, epochs);
+    if (cfg_.config->training.precise_bn) recalibrate_batchnorm();
     trained_ = true;
     save_local_state();
     Message out;

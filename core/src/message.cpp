@@ -65,19 +65,27 @@ BufferPool& pool() {
 }
 }  // namespace
 
-uint8_t* pooled_alloc(size_t bytes) { return pool().take(bytes); }
-void pooled_free(uint8_t* p, size_t bytes) { pool().give(p, bytes); }
+uint8_t* pooled_alloc(size_t bytes) {
+  return pool().take(bytes);
+}
+void pooled_free(uint8_t* p, size_t bytes) {
+  pool().give(p, bytes);
+}
 
 namespace {
 
-size_t capacity_for(size_t size) { return size ? ((size + 63) / 64) * 64 : 64; }
+size_t capacity_for(size_t size) {
+  return size ? ((size + 63) / 64) * 64 : 64;
+}
 }  // namespace
 
 Buffer::Buffer(size_t size) : size_(size) {
   data_ = pool().take(capacity_for(size));
   if (!data_) throw Error("out of memory allocating a " + std::to_string(size) + "-byte message");
 }
-Buffer::~Buffer() { pool().give(data_, capacity_for(size_)); }
+Buffer::~Buffer() {
+  pool().give(data_, capacity_for(size_));
+}
 
 namespace {
 constexpr char kMagic[8] = {'C', 'O', 'N', 'C', 'O', 'R', 'D', 1};

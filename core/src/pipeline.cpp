@@ -33,7 +33,10 @@ std::vector<ArgSpec> training_specs() {
           ArgSpec::real("momentum", 0.9, "SGD momentum").range(0, 1),
           ArgSpec::real("weight_decay", 0, "L2 weight decay").range(0, 1),
           ArgSpec::integer("threads", 0, "LibTorch intra-op threads (0: library default)")
-              .range(0, 256)};
+              .range(0, 256),
+          ArgSpec::boolean("precise_bn", true,
+                           "Re-estimate BatchNorm statistics with the final local weights "
+                           "after local training (one forward pass, no labels)")};
 }
 std::vector<ArgSpec> federation_specs() {
   return {
@@ -159,14 +162,15 @@ struct Parser {
                                        const std::vector<ArgSpec>& specs, YAML::Node resolved,
                                        const std::set<std::string>& other_keys = {}) {
     std::map<std::string, Value> out;
-    if (n.IsDefined() && !n.IsNull() && !n.IsMap()) {
+    const bool present = n.IsDefined() && !n.IsNull();  // (IsMap() throws on a missing node)
+    if (present && !n.IsMap()) {
       error(n, path, "'" + path + "' must be a map of settings");
       return out;
     }
     std::vector<std::string> known;
     for (const auto& s : specs) known.push_back(s.name);
     for (const auto& k : other_keys) known.push_back(k);
-    if (n.IsMap()) {
+    if (present) {
       for (const auto& kv : n) {
         std::string key = kv.first.Scalar();
         if (other_keys.count(key)) continue;
@@ -190,7 +194,7 @@ struct Parser {
       }
     }
     for (const auto& s : specs) {
-      if (!out.count(s.name) && !(n.IsMap() && n[s.name])) {
+      if (!out.count(s.name) && !(present && n[s.name])) {
         if (s.default_value)
           out[s.name] = *s.default_value;
         else if (!s.optional)
@@ -226,7 +230,8 @@ struct Parser {
                                      YAML::Node& resolved) {
     Component c;
     c.where = loc(n, path);
-    YAML::Node args_node;
+    // Copy-constructed (never assigned): yaml-cpp's operator= writes through the handle.
+    const YAML::Node args_node = n.IsMap() ? YAML::Node(n["args"]) : YAML::Node();
     if (n.IsScalar()) {
       c.type = n.Scalar();
     } else if (n.IsMap()) {
@@ -245,7 +250,6 @@ struct Parser {
         return std::nullopt;
       }
       c.type = n["type"].Scalar();
-      args_node = n["args"];
     } else {
       error(n, path, "'" + path + "' must be {type: NAME, args: {...}}");
       return std::nullopt;
@@ -267,8 +271,10 @@ struct Parser {
     auto values = section(args_node, path + ".args", d->args, rargs);
     resolved["args"] = rargs;
     // Prefix plugin-argument errors with the plugin they belong to.
-    for (size_t i = before; i < diags.size(); ++i)
+    for (size_t i = before; i < diags.size(); ++i) {
+      if (diags[i].where.line == 0 && diags[i].where.file == file) diags[i].where = c.where;
       diags[i].message = std::string(kind_name(kind)) + " '" + c.type + "': " + diags[i].message;
+    }
     c.args = Args(c.type, values, c.where);
     return c;
   }
@@ -313,7 +319,7 @@ struct Parser {
 
   void unknown_keys(const YAML::Node& n, const std::string& path,
                     const std::vector<std::string>& known) {
-    if (!n.IsMap()) return;
+    if (!n.IsDefined() || !n.IsMap()) return;
     for (const auto& kv : n) {
       std::string key = kv.first.Scalar();
       if (std::find(known.begin(), known.end(), key) != known.end()) continue;
@@ -483,7 +489,7 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
   {
     YAML::Node r;
     YAML::Node agg = root["aggregator"];
-    if (!agg) agg = YAML::Node("fedavg");
+    if (!agg) agg.reset(YAML::Node("fedavg"));
     if (auto comp = p.component(agg, "aggregator", Kind::Aggregator, r)) c.aggregator = *comp;
     out["aggregator"] = r;
   }
@@ -501,6 +507,7 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
       c.training.momentum = v["momentum"].f;
       c.training.weight_decay = v["weight_decay"].f;
       c.training.threads = int(v["threads"].i);
+      c.training.precise_bn = v["precise_bn"].b;
     }
   }
 

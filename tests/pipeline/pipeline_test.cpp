@@ -76,7 +76,7 @@ evaluaton: {}
   EXPECT_TRUE(has(d, 4, 0, "out of range")) << dump(d);                   // sites: 0
   EXPECT_TRUE(has(d, 4, 0, "did you mean 'train_per_site'")) << dump(d);  // typo'd arg
   EXPECT_TRUE(has(d, 5, 0, "unknown model plugin 'cnnn' (did you mean 'cnn'?)")) << dump(d);
-  EXPECT_TRUE(has(d, 6, 27, "expects int")) << dump(d);  // two
+  EXPECT_TRUE(has(d, 6, 26, "expects int")) << dump(d);  // two
   EXPECT_TRUE(has(d, 6, 0, "did you mean 'lr'")) << dump(d);
   EXPECT_TRUE(has(d, 7, 35, "out of range")) << dump(d);  // fraction 1.5
   EXPECT_TRUE(has(d, 8, 0, "is not one of")) << dump(d);  // weighting

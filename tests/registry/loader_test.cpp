@@ -97,6 +97,7 @@ TEST(Args, DefaultsRangesChoicesAndRequired) {
                                 ArgSpec::path("file", "input")};
   EXPECT_THROW(make_args("p", specs), Error);  // file is required
   Args a = make_args("p", specs, {{"file", make_value("/tmp")}, {"n", make_value(int64_t(7))}});
+  EXPECT_THROW(make_args("p", specs, {{"file", make_value("/no/such/file")}}), Error);
   EXPECT_EQ(a.integer("n"), 7);
   EXPECT_DOUBLE_EQ(a.real("beta"), 0.1);
   EXPECT_EQ(a.str("mode"), "a");

@@ -55,6 +55,10 @@ struct PipelineConfig {
     double momentum = 0.9;
     double weight_decay = 0;
     int threads = 0;  // 0: LibTorch default
+    // Re-estimate BatchNorm running statistics with the final local weights after local
+    // training ("precise BN"): the running averages kept during training lag fast-moving
+    // weights, and eval-mode predictions collapse to one class without this.
+    bool precise_bn = true;
   } training;
   struct Federation {
     int rounds = 5;
