@@ -234,6 +234,16 @@ class Site : public LocalTrainer {
       e.tensor.copy_(to_tensor(*src));
     }
   }
+  bool has_local_buffers() {
+    for (auto& e : model_.state())
+      if (!e.is_parameter && !shared_.count(e.name)) return true;
+    return false;
+  }
+  void restore_shared() {
+    torch::NoGradGuard ng;
+    for (auto& e : model_.state())
+      if (shared_.count(e.name)) e.tensor.copy_(to_tensor(global_.at(e.name)));
+  }
   void save_local_state() {
     for (auto& e : model_.state())
       if (!shared_.count(e.name)) local_[e.name] = to_array(e.tensor.detach().clone());
@@ -273,6 +283,12 @@ class Site : public LocalTrainer {
 
   Message evaluate(const std::string& phase) {
     load_model_state();
+    if (cfg_.config->training.precise_bn && trained_ && has_local_buffers()) {
+      // Site-local statistics (FedBN, SiloBN) were estimated with the site's own weights before
+      // aggregation; re-estimate them for the weights just received. Shared entries stay global.
+      recalibrate_batchnorm();
+      restore_shared();
+    }
     if (!trained_) adapter_.prepare_unseen_site(*this);
     adapter_.before_evaluate(*this);
     Predictions p;
@@ -796,6 +812,12 @@ RunSummary Experiment::run(const RunOptions& options) {
                                               cfg.federation.min_sites);
     for (const auto& f : outcome.failures)
       summary.failures.push_back("round " + std::to_string(round) + ": " + f);
+    if (!outcome.updates.empty()) {
+      double loss = 0, n = 0;
+      for (const auto& u : outcome.updates) loss += u.train_loss * u.num_samples, n += u.num_samples;
+      spdlog::info("{}: {} sites trained, mean train loss {:.4f}{}", phase, outcome.updates.size(),
+                   n > 0 ? loss / n : 0.0, outcome.aggregated ? "" : " (not aggregated)");
+    }
     x.progress(options, phase, 1, 3);
     // 5. broadcast
     x.coordinator->broadcast(round, all_sites);
