@@ -1,0 +1,201 @@
+#!/usr/bin/python3
+"""Regenerate the evidence tables of docs/results-adapters.md and docs/results-harmonization.md.
+
+Runs the pipelines of pipelines/ once per method and seed with `concord run` (sequentially,
+one at a time), then aggregates every run's summary.json into Markdown tables of
+mean +- sample standard deviation over seeds, per site, site mean and worst site.
+
+  scripts/experiments/evidence.py adapters       [--seeds 1 2 3] [--runs DIR] [--out FILE]
+  scripts/experiments/evidence.py harmonization  [--seeds 1 2 3] [--runs DIR] [--out FILE]
+  ... --aggregate-only    rebuild the tables from existing runs without running anything
+
+A run whose summary.json already exists is not repeated (delete its folder to redo it), so an
+interrupted invocation resumes where it stopped. Python standard library only.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FEDREP = ["adapter.type=split", "adapter.args.mode=fedrep", "adapter.args.shared=[features]",
+          "adapter.args.local=[head]"]
+METHODS = [  # label, --set overrides on top of the pipeline file
+    ("FedAvg", []),
+    ("FedProx (mu 0.01)", ["aggregator.type=fedprox", "aggregator.args.mu=0.01"]),
+    ("FedBN (batchnorm local)", ["adapter.type=batchnorm", "adapter.args.policy=local"]),
+    ("SiloBN (batchnorm stats-local)", ["adapter.type=batchnorm",
+                                        "adapter.args.policy=stats-local"]),
+    ("FedRep (split fedrep)", FEDREP),
+    ("FedAvg + fine-tune (2 epochs)", ["adapter.type=finetune", "adapter.args.epochs=2"]),
+]
+EXPERIMENTS = {
+    "adapters": {
+        "title": "Personalization methods",
+        "datasets": [
+            ("brainsim (shift 2.0)", "pipelines/personalization-brainsim.yaml", METHODS),
+            ("PneumoniaMNIST (5 sites, Dirichlet 0.5, scanner shift 1.0)",
+             "pipelines/personalization-pneumoniamnist.yaml", METHODS),
+        ],
+        "out": "runs/evidence/adapters.md",
+    },
+    "harmonization": {
+        "title": "Harmonizers with FedAvg",
+        "datasets": [
+            ("brainsim (shift 1.5)", None, [
+                ("FedAvg", "pipelines/harmonization-brainsim-fedavg.yaml"),
+                ("FedAvg + amplitude normalize", "pipelines/harmonization-brainsim-amplitude.yaml"),
+                ("FedAvg + histogram-match",
+                 "pipelines/harmonization-brainsim-histogram-match.yaml"),
+            ]),
+        ],
+        "out": "runs/evidence/harmonization.md",
+    },
+}
+METRICS = ["balanced-accuracy", "roc-auc", "accuracy"]
+
+
+def slug(s):
+    return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")
+
+
+def run_one(concord, pipeline, sets, seed, run_dir, log):
+    summary = os.path.join(run_dir, "summary.json")
+    if os.path.exists(summary):
+        return
+    cmd = [concord, "run", os.path.join(ROOT, pipeline), "--set", "seed=%d" % seed]
+    for s in sets:
+        cmd += ["--set", s]
+    cmd += ["--run-dir", run_dir, "--no-progress"]
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "passive")
+    t0 = time.time()
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "evidence.log"), "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    line = "%s  rc=%d  %.1f s" % (" ".join(cmd), rc, time.time() - t0)
+    print(line, file=log, flush=True)
+    if rc != 0 or not os.path.exists(summary):
+        print("evidence: run failed (rc %d), see %s/evidence.log" % (rc, run_dir), file=sys.stderr)
+
+
+def mean_sd(values):
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return "n/a"
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    s = "%.3f ± %.3f" % (m, sd)
+    if len(v) < len(values):
+        s += " (n=%d)" % len(v)
+    return s
+
+
+def site_values(summary, metric, key):
+    """{site: value or None} for metrics (key 'metrics') or personalized metrics."""
+    out = {}
+    for s in summary["sites"]:
+        m = s.get(key)
+        if m is None:
+            return None
+        v = m.get(metric)
+        out[s["site"]] = None if v is None else float(v)
+    return out
+
+
+def reduce_sites(vals):
+    v = [x for x in vals.values() if x is not None and not math.isnan(x)]
+    if not v:
+        return None, None
+    return sum(v) / len(v), min(v)
+
+
+def table(rows, sites, metric):
+    head = "| method | " + " | ".join(sites) + " | site mean | worst site |"
+    lines = [head, "|" + "---|" * (len(sites) + 3)]
+    for label, per_seed in rows:  # per_seed: list of {site: value}
+        cells = [mean_sd([d.get(s) for d in per_seed]) for s in sites]
+        red = [reduce_sites(d) for d in per_seed]
+        cells.append(mean_sd([r[0] for r in red]))
+        cells.append(mean_sd([r[1] for r in red]))
+        lines.append("| " + label + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def aggregate(exp, seeds, runs):
+    out = ["<!-- generated by scripts/experiments/evidence.py %s --seeds %s -->" %
+           (exp, " ".join(map(str, seeds)))]
+    for title, base, methods in EXPERIMENTS[exp]["datasets"]:
+        rows = {m: [] for m in METRICS}
+        sites, seconds, missing = [], [], []
+        for label, spec in methods:
+            summaries = []
+            for seed in seeds:
+                p = os.path.join(runs, slug(title), slug(label), "seed%d" % seed, "summary.json")
+                if not os.path.exists(p):
+                    missing.append("%s seed %d" % (label, seed))
+                    continue
+                with open(p) as f:
+                    summaries.append(json.load(f))
+            if not summaries:
+                continue
+            for s in summaries:
+                seconds.append(float(s.get("seconds", 0)))
+                for e in s["sites"]:
+                    if e["site"] not in sites:
+                        sites.append(e["site"])
+            for metric in METRICS:
+                rows[metric].append((label, [site_values(s, metric, "metrics") for s in summaries]))
+                pers = [site_values(s, metric, "personalized") for s in summaries]
+                if all(p is not None for p in pers):
+                    rows[metric].append((label + ", personalized", pers))
+        out.append("\n### %s\n" % title)
+        if seconds:
+            out.append("%d runs, engine time per run %.1f-%.1f s (mean %.1f s).\n" %
+                       (len(seconds), min(seconds), max(seconds), sum(seconds) / len(seconds)))
+        if missing:
+            out.append("Missing runs: " + ", ".join(missing) + ".\n")
+        for metric in METRICS:
+            out.append("\n**%s** (mean ± sd over %d seeds)\n" % (metric, len(seeds)))
+            out.append(table(rows[metric], sites, metric))
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--runs", default=None, help="run folders (default runs/evidence/<exp>)")
+    ap.add_argument("--out", default=None, help="Markdown output (default runs/evidence/<exp>.md)")
+    ap.add_argument("--concord", default=os.path.join(ROOT, "build/bin/concord"))
+    ap.add_argument("--aggregate-only", action="store_true")
+    ap.add_argument("--only", default=None, help="run only datasets whose title contains this")
+    a = ap.parse_args()
+    exp = EXPERIMENTS[a.experiment]
+    runs = os.path.abspath(a.runs or os.path.join(ROOT, "runs/evidence", a.experiment))
+    out = a.out or os.path.join(ROOT, exp["out"])
+    if not a.aggregate_only:
+        for title, base, methods in exp["datasets"]:
+            if a.only and a.only.lower() not in title.lower():
+                continue
+            for seed in a.seeds:  # seed-major: a cut-short invocation still covers every method
+                for label, spec in methods:
+                    pipeline, sets = (base, spec) if base else (spec, [])
+                    run_dir = os.path.join(runs, slug(title), slug(label), "seed%d" % seed)
+                    run_one(a.concord, pipeline, sets, seed, run_dir, sys.stdout)
+    text = "## %s\n\n" % exp["title"] + aggregate(a.experiment, a.seeds, runs)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
