@@ -4,6 +4,7 @@
 
 #include <concord/engine.h>
 
+#include <spdlog/sinks/base_sink.h>
 #include <spdlog/spdlog.h>
 
 #include <unistd.h>
@@ -19,6 +20,26 @@ namespace concord::cli {
 
 PipelineConfig load_or_report(const Globals& g, const std::string& file,
                               const std::vector<std::string>& overrides);
+
+// Routes log lines through the progress bar so that, on a terminal, they print above it
+// instead of breaking the redrawn line.
+class BarSink : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  explicit BarSink(ProgressBar& bar) : bar_(bar) {}
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& msg) override {
+    spdlog::memory_buf_t out;
+    formatter_->format(msg, out);
+    std::string line(out.data(), out.size());
+    while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
+    bar_.print(line);
+  }
+  void flush_() override {}
+
+ private:
+  ProgressBar& bar_;
+};
 
 static std::string cell(const std::map<std::string, double>& m, const std::string& k) {
   auto it = m.find(k);
@@ -105,6 +126,18 @@ void add_run_command(CLI::App& app, Globals& g) {
     auto bar = std::make_unique<ProgressBar>("rounds", config.federation.rounds, !o->no_progress);
     opts.on_progress = [&bar](const std::string& phase, int, int) { bar->set_status(phase); };
     opts.on_round = [&bar](int) { bar->advance(1); };
+    auto previous = spdlog::default_logger();
+    if (!o->no_progress && isatty(STDERR_FILENO)) {
+      auto sink = std::make_shared<BarSink>(*bar);
+      sink->set_pattern("[%H:%M:%S] %^%l%$ %v");
+      auto logger = std::make_shared<spdlog::logger>("concord", sink);
+      logger->set_level(previous->level());
+      spdlog::set_default_logger(logger);
+    }
+    struct Restore {
+      std::shared_ptr<spdlog::logger> logger;
+      ~Restore() { spdlog::set_default_logger(logger); }
+    } restore{previous};
     RunSummary s = exp.run(opts);
     bar->finish();
     print_table(s);
