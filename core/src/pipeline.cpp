@@ -580,6 +580,7 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
     throw ValidationError(p.diags);
   }
   YAML::Emitter em;
+  em.SetDoublePrecision(15);  // 0.9, not 0.90000000000000002
   em << out;
   c.resolved_yaml = std::string(em.c_str()) + "\n";
   return c;
