@@ -44,6 +44,18 @@ struct NoopSite {
   }
 };
 
+std::vector<std::string> connect_sites(InProcessChannel& ch, int sites,
+                                       std::vector<std::unique_ptr<NoopSite>>& owned) {
+  std::vector<std::string> names;
+  for (int i = 0; i < sites; ++i) {
+    owned.push_back(std::make_unique<NoopSite>(NoopSite{"site-" + std::to_string(i), {}}));
+    NoopSite* s = owned.back().get();
+    ch.connect(s->name, [s](const Bytes& b) { return s->handle(b); });
+    names.push_back(s->name);
+  }
+  return names;
+}
+
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
@@ -80,13 +92,7 @@ int overhead(int sites, int64_t params, int reps) {
   auto agg = fedavg(reg);
   InProcessChannel ch;
   std::vector<std::unique_ptr<NoopSite>> ss;
-  std::vector<std::string> names;
-  for (int i = 0; i < sites; ++i) {
-    ss.push_back(std::make_unique<NoopSite>(NoopSite{"site-" + std::to_string(i), {}}));
-    NoopSite* s = ss.back().get();
-    ch.connect(s->name, [s](const Bytes& b) { return s->handle(b); });
-    names.push_back(s->name);
-  }
+  std::vector<std::string> names = connect_sites(ch, sites, ss);
   Coordinator c(ch, *agg, 1);
   c.set_global(model(params));
   const size_t bytes = size_t(params) * 4;
@@ -135,13 +141,7 @@ int scale(int sites, int64_t params, double fraction, int rounds) {
   auto agg = fedavg(reg);
   InProcessChannel ch;
   std::vector<std::unique_ptr<NoopSite>> ss;
-  std::vector<std::string> names;
-  for (int i = 0; i < sites; ++i) {
-    ss.push_back(std::make_unique<NoopSite>(NoopSite{"site-" + std::to_string(i), {}}));
-    NoopSite* s = ss.back().get();
-    ch.connect(s->name, [s](const Bytes& b) { return s->handle(b); });
-    names.push_back(s->name);
-  }
+  std::vector<std::string> names = connect_sites(ch, sites, ss);
   Coordinator c(ch, *agg, 1);
   c.set_global(model(params));
   auto t = Clock::now();
