@@ -40,6 +40,9 @@ EXPERIMENTS = {
             ("brainsim (shift 2.0)", "pipelines/personalization-brainsim.yaml", METHODS),
             ("PneumoniaMNIST (5 sites, Dirichlet 0.5, scanner shift 1.0)",
              "pipelines/personalization-pneumoniamnist.yaml", METHODS),
+            # Control: the same brainsim budget without scanner shift, FedAvg and FedBN only.
+            ("brainsim control (shift 0)", "pipelines/personalization-brainsim.yaml",
+             [(label, ["data.dataset.args.shift=0"] + sets) for label, sets in METHODS[:3:2]]),
         ],
         "out": "runs/evidence/adapters.md",
     },
