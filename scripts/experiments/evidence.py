@@ -86,13 +86,13 @@ def run_one(concord, pipeline, sets, seed, run_dir, log):
         print("evidence: run failed (rc %d), see %s/evidence.log" % (rc, run_dir), file=sys.stderr)
 
 
-def mean_sd(values):
+def mean_sd(values, signed=False):
     v = [x for x in values if x is not None and not math.isnan(x)]
     if not v:
         return "n/a"
     m = sum(v) / len(v)
     sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    s = "%.3f ± %.3f" % (m, sd)
+    s = ("%+.3f ± %.3f" if signed else "%.3f ± %.3f") % (m, sd)
     if len(v) < len(values):
         s += " (n=%d)" % len(v)
     return s
@@ -126,6 +126,27 @@ def table(rows, sites, metric):
         cells.append(mean_sd([r[0] for r in red]))
         cells.append(mean_sd([r[1] for r in red]))
         lines.append("| " + label + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(rows, base_label):
+    """Site-mean and worst-site differences to the base row, paired by seed (same seed = same
+    data, scanners and initialisation), mean +- sd over the seeds both have."""
+    base = dict(rows).get(base_label)
+    if base is None:
+        return ""
+    bred = [reduce_sites(d) for d in base]
+    lines = ["| method | Δ site mean vs %s | Δ worst site vs %s | seeds with Δ site mean > 0 |" %
+             (base_label, base_label), "|---|---|---|---|"]
+    for label, per_seed in rows:
+        if label == base_label or len(per_seed) != len(base):
+            continue
+        red = [reduce_sites(d) for d in per_seed]
+        dm = [None if a[0] is None or b[0] is None else a[0] - b[0] for a, b in zip(red, bred)]
+        dw = [None if a[1] is None or b[1] is None else a[1] - b[1] for a, b in zip(red, bred)]
+        pos = sum(1 for x in dm if x is not None and x > 0)
+        lines.append("| %s | %s | %s | %d of %d |" %
+                     (label, mean_sd(dm, True), mean_sd(dw, True), pos, len(dm)))
     return "\n".join(lines)
 
 
@@ -165,6 +186,9 @@ def aggregate(exp, seeds, runs):
         for metric in METRICS:
             out.append("\n**%s** (mean ± sd over %d seeds)\n" % (metric, len(seeds)))
             out.append(table(rows[metric], sites, metric))
+            if rows[metric]:
+                out.append("\nPaired by seed, %s:\n" % metric)
+                out.append(paired(rows[metric], rows[metric][0][0]))
     return "\n".join(out) + "\n"
 
 
