@@ -6,7 +6,7 @@ one at a time), then aggregates every run's summary.json into Markdown tables of
 mean +- sample standard deviation over seeds, per site, site mean and worst site.
 
   scripts/experiments/evidence.py adapters       [--seeds 1 2 3] [--runs DIR] [--out FILE]
-  scripts/experiments/evidence.py harmonization  [--seeds 1 2 3] [--runs DIR] [--out FILE]
+  scripts/experiments/evidence.py harmonization  [--seeds 1 2 3 4 5] [--runs DIR] [--out FILE]
   ... --aggregate-only    rebuild the tables from existing runs without running anything
 
 A run whose summary.json already exists is not repeated (delete its folder to redo it), so an
@@ -45,6 +45,7 @@ EXPERIMENTS = {
              [(label, ["data.dataset.args.shift=0"] + sets) for label, sets in METHODS[:3:2]]),
         ],
         "out": "runs/evidence/adapters.md",
+        "seeds": [1, 2, 3],
     },
     "harmonization": {
         "title": "Harmonizers with FedAvg",
@@ -57,6 +58,7 @@ EXPERIMENTS = {
             ]),
         ],
         "out": "runs/evidence/harmonization.md",
+        "seeds": [1, 2, 3, 4, 5],
     },
 }
 METRICS = ["balanced-accuracy", "roc-auc", "accuracy"]
@@ -196,7 +198,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="default: 1 2 3 (adapters), 1 2 3 4 5 (harmonization)")
     ap.add_argument("--runs", default=None, help="run folders (default runs/evidence/<exp>)")
     ap.add_argument("--out", default=None, help="Markdown output (default runs/evidence/<exp>.md)")
     ap.add_argument("--concord", default=os.path.join(ROOT, "build/bin/concord"))
@@ -204,6 +207,7 @@ def main():
     ap.add_argument("--only", default=None, help="run only datasets whose title contains this")
     a = ap.parse_args()
     exp = EXPERIMENTS[a.experiment]
+    a.seeds = a.seeds or exp["seeds"]
     runs = os.path.abspath(a.runs or os.path.join(ROOT, "runs/evidence", a.experiment))
     out = a.out or os.path.join(ROOT, exp["out"])
     if not a.aggregate_only:
