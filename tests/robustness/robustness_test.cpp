@@ -32,7 +32,8 @@ constexpr double kChanceAtMost = 0.56;
 constexpr double kRobustAtMost = 1.4;
 constexpr double kAccuracyDropAtMost = 0.12;
 
-std::string pipeline(const std::string& aggregator, const std::string& attack_mode) {
+std::string pipeline(const std::string& aggregator, const std::string& attack_mode,
+                     const std::string& filters = "") {
   std::string p =
       "name: robustness-test\nseed: 7\n"
       "data:\n  dataset: {type: brainsim, args: {sites: 5, train_per_site: 96, test_per_site: 32, "
@@ -45,7 +46,9 @@ std::string pipeline(const std::string& aggregator, const std::string& attack_mo
       aggregator +
       "\n"
       "evaluation: {metrics: [accuracy], every: 6}\n";
-  if (!attack_mode.empty())
+  if (!filters.empty())
+    p += "filters:\n  - " + filters + "\n";
+  else if (!attack_mode.empty())
     p += "filters:\n  - {type: attack, args: {sites: [" + std::string(kAttacker) +
          "], mode: " + attack_mode + ", factor: " + (attack_mode == "noise" ? "1.0" : "-10") +
          "}}\n";
@@ -58,9 +61,9 @@ struct Outcome {
 };
 
 Outcome run(const std::string& aggregator, const std::string& attack_mode,
-            bool everyone_fails = false) {
-  PipelineConfig c = parse_pipeline(pipeline(aggregator, attack_mode), "robustness-test.yaml", {},
-                                    testkit::builtin_registry());
+            bool everyone_fails = false, const std::string& filters = "") {
+  PipelineConfig c = parse_pipeline(pipeline(aggregator, attack_mode, filters),
+                                    "robustness-test.yaml", {}, testkit::builtin_registry());
   Experiment exp(std::move(c), testkit::builtin_registry());
   if (everyone_fails) {  // no round aggregates: the global state stays the initialisation
     FaultPlan plan;
@@ -149,6 +152,21 @@ TEST_F(Robustness, RobustAggregatorsStayNearTheCleanRun) {
       EXPECT_LT(relative(o), kRobustAtMost);
       EXPECT_GT(o.accuracy, clean_->accuracy - kAccuracyDropAtMost);
     }
+}
+
+// gaussian-dp inside the engine: with no noise and a bound no update reaches it is the identity
+// (bit for bit the clean run); with clipping and noise the global model moves elsewhere.
+TEST_F(Robustness, GaussianDpInTheEngine) {
+  Outcome identity =
+      run("fedavg", "", false, "{type: gaussian-dp, args: {clip: 1.0e6, noise_multiplier: 0}}");
+  EXPECT_EQ(distance(identity.global, clean_->global), 0.0);
+  Outcome noisy =
+      run("fedavg", "", false, "{type: gaussian-dp, args: {clip: 0.5, noise_multiplier: 0.1}}");
+  const double d = distance(noisy.global, clean_->global);
+  std::printf("gaussian-dp clip 0.5, z 0.1: relative distance %.4f, accuracy %.3f\n", d / scale_,
+              noisy.accuracy);
+  EXPECT_TRUE(std::isfinite(d));
+  EXPECT_GT(d, 0.0);
 }
 
 // Measurement only (--gtest_also_run_disabled_tests): the robust rules without any attack.
