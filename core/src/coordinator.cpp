@@ -64,17 +64,19 @@ static bool all_finite(const NamedArrays& state, std::string* bad) {
   return true;
 }
 
-Coordinator::RoundOutcome Coordinator::train_round(int round, int rounds,
-                                                   const std::vector<std::string>& selected,
-                                                   const std::map<std::string, double>& settings,
-                                                   int min_sites) {
+Coordinator::RoundOutcome Coordinator::train_round(
+    int round, int rounds, const std::vector<std::string>& selected,
+    const std::map<std::string, double>& settings, int min_sites,
+    const std::function<void(const std::string&, size_t, size_t)>& on_site) {
   RoundOutcome out;
   Message req;
   req.type = "train";
   req.round = round;
   req.scalars = settings;
   Bytes request = encode(req);
-  for (const auto& site : selected) {
+  for (size_t k = 0; k < selected.size(); ++k) {
+    const std::string& site = selected[k];
+    if (on_site) on_site(site, k, selected.size());
     // Step 2 (local training) runs at the site; step 3 (upload) is its reply.
     try {
       Message reply = decode(channel_.call(site, request));

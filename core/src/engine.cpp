@@ -579,6 +579,8 @@ struct Experiment::Impl {
     federation_info.num_classes = fed.num_classes;
     federation_info.channels = fed.channels;
     federation_info.notes = fed.notes;
+    for (const auto& [k, v] : fed.notes)
+      if (k.rfind("scanner.", 0) == 0) spdlog::info("{} scanner: {}", k.substr(8), v);
     LocalConfig lc{&config, fed.task, fed.num_classes};
     std::set<std::string> held(config.evaluation.held_out.begin(),
                                config.evaluation.held_out.end());
@@ -808,13 +810,20 @@ RunSummary Experiment::run(const RunOptions& options) {
                               cfg.federation.availability, cfg.federation.site_availability);
     spdlog::debug("{}: selected {} of {} sites", phase, selected.size(), train_sites.size());
     // 2-4. local training, upload, aggregation
-    auto outcome = x.coordinator->train_round(round, cfg.federation.rounds, selected, settings,
-                                              cfg.federation.min_sites);
+    auto outcome = x.coordinator->train_round(
+        round, cfg.federation.rounds, selected, settings, cfg.federation.min_sites,
+        [&](const std::string& site, size_t k, size_t n) {
+          x.progress(options,
+                     phase + ": " + site + " training (" + std::to_string(k + 1) + "/" +
+                         std::to_string(n) + ")",
+                     int(k), int(n));
+        });
     for (const auto& f : outcome.failures)
       summary.failures.push_back("round " + std::to_string(round) + ": " + f);
     if (!outcome.updates.empty()) {
       double loss = 0, n = 0;
-      for (const auto& u : outcome.updates) loss += u.train_loss * u.num_samples, n += u.num_samples;
+      for (const auto& u : outcome.updates)
+        loss += u.train_loss * u.num_samples, n += u.num_samples;
       spdlog::info("{}: {} sites trained, mean train loss {:.4f}{}", phase, outcome.updates.size(),
                    n > 0 ? loss / n : 0.0, outcome.aggregated ? "" : " (not aggregated)");
     }

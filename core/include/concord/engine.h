@@ -33,8 +33,11 @@ class Coordinator {
   };
   // Steps 2-4: ask each selected site to train (the request carries `settings`), collect the
   // uploads (rejecting non-finite ones), aggregate when at least `min_sites` replied.
-  RoundOutcome train_round(int round, int rounds, const std::vector<std::string>& selected,
-                           const std::map<std::string, double>& settings, int min_sites);
+  // `on_site(site, i, n)` is called before each site's exchange (for progress display).
+  RoundOutcome train_round(
+      int round, int rounds, const std::vector<std::string>& selected,
+      const std::map<std::string, double>& settings, int min_sites,
+      const std::function<void(const std::string&, size_t, size_t)>& on_site = nullptr);
   // Step 5: send the global state to `sites` (encoded once; one call per site).
   void broadcast(int round, const std::vector<std::string>& sites);
 
