@@ -10,6 +10,12 @@
 // never harmonized: apply copies them unchanged (--masks skip leaves them out). --exclude globs
 // are skipped entirely. See docs/harmonize.md.
 #include "commands.h"
+
+#include <sstream>
+
+#include <iomanip>
+
+#include <concord/pipeline.h>
 #include "harmonize_inputs.h"
 #include "harmonize_report.h"
 #include "progress.h"
@@ -37,6 +43,9 @@
 #include <thread>
 
 namespace concord::cli {
+
+PipelineConfig load_or_report(const Globals& g, const std::string& file,
+                              const std::vector<std::string>& overrides);
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
@@ -44,6 +53,9 @@ namespace {
 
 struct Options {
   std::string method;
+  std::string pipeline;      // take method and arguments from a pipeline file
+  int harmonizer_index = 0;  // ... its harmonizers[N]
+  std::vector<std::string> pipeline_sets;
   std::vector<std::string> arg_pairs;  // "key=value"
   std::vector<std::string> inputs;
   std::string stats;       // fit: output; apply: input
@@ -552,6 +564,12 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
 // ---------------------------------------------------------------------------------------------
 
 void add_common(CLI::App* sub, Options& o) {
+  sub->add_option("--pipeline", o.pipeline,
+                  "Take the method and its arguments from this pipeline file's harmonizers");
+  sub->add_option("--harmonizer", o.harmonizer_index,
+                  "With --pipeline: which harmonizers[N] (default 0)");
+  sub->add_option("--set", o.pipeline_sets, "With --pipeline: override a pipeline key (repeatable)")
+      ->allow_extra_args(false);
   sub->add_option("inputs", o.inputs, "Input folders, image files or manifests (.txt/.csv)")
       ->required();
   sub->add_option("-j,--jobs", o.jobs, "Worker threads (default: all cores)")
@@ -588,7 +606,43 @@ Discovery discover(const Options& o) {
   return found;
 }
 
-void run_fit(const Globals& g, const Options& o) {
+// `--pipeline FILE [--harmonizer N]`: the method and arguments of the pipeline's harmonizers[N]
+// (validated like `concord validate`); --arg pairs given on the command line still override.
+void use_pipeline(const Globals& g, Options& o) {
+  if (o.pipeline.empty()) return;
+  if (!o.method.empty())
+    throw Error("give --method or --pipeline, not both (the pipeline names the method)");
+  PipelineConfig c = load_or_report(g, o.pipeline, o.pipeline_sets);
+  if (c.harmonizers.empty()) throw Error(o.pipeline + ": the pipeline has no harmonizers");
+  if (o.harmonizer_index < 0 || o.harmonizer_index >= int(c.harmonizers.size()))
+    throw Error(o.pipeline + ": --harmonizer " + std::to_string(o.harmonizer_index) +
+                " is out of range: the pipeline has " + std::to_string(c.harmonizers.size()) +
+                " harmonizer(s), numbered from 0");
+  const Component& h = c.harmonizers[size_t(o.harmonizer_index)];
+  o.method = h.type;
+  std::vector<std::string> pairs;
+  auto text = [](const Value& v) {
+    if (v.type != ArgType::Float) return v.str();
+    std::ostringstream os;
+    os << std::setprecision(17) << v.f;
+    return os.str();
+  };
+  for (const auto& [k, v] : h.args.values()) {
+    std::string t;
+    if (v.type == ArgType::List)
+      for (size_t i = 0; i < v.items.size(); ++i) t += (i ? "," : "") + text(v.items[i]);
+    else
+      t = text(v);
+    pairs.push_back(k + "=" + t);
+  }
+  pairs.insert(pairs.end(), o.arg_pairs.begin(), o.arg_pairs.end());
+  o.arg_pairs = pairs;
+  spdlog::info("{}: harmonizers[{}] = {}", o.pipeline, o.harmonizer_index, o.method);
+}
+
+void run_fit(const Globals& g, Options o) {
+  use_pipeline(g, o);
+  if (o.method.empty()) throw Error("fit needs --method M or --pipeline FILE");
   const PluginDesc& desc = harmonizer_desc(g, o.method);
   Args args = build_args(desc, o.arg_pairs);
   if (!make_harmonizer(o.method, args, o.seed)->needs_fit())
@@ -609,6 +663,7 @@ void run_fit(const Globals& g, const Options& o) {
 }
 
 void run_apply(const Globals& g, Options o) {
+  use_pipeline(g, o);
   if (o.stats.empty() && o.method.empty())
     throw Error("apply needs --stats FILE (from `harmonize fit`) or --method M (fit, then apply)");
   if (o.pixel_type != "keep" && o.pixel_type != "float32")
@@ -687,10 +742,8 @@ void add_harmonize_command(CLI::App& app, Globals& g) {
   sub->require_subcommand(1);
   auto fit_opts = std::make_shared<Options>();
   auto* fit_cmd = sub->add_subcommand("fit", "Compute a method's statistics from the inputs");
-  fit_cmd
-      ->add_option("--method", fit_opts->method,
-                   "Harmonizer plugin (concord plugins --kind harmonizer)")
-      ->required();
+  fit_cmd->add_option("--method", fit_opts->method,
+                      "Harmonizer plugin (concord plugins --kind harmonizer)");
   fit_cmd->add_option("--arg", fit_opts->arg_pairs, "Plugin argument key=value (repeatable)")
       ->allow_extra_args(false);
   fit_cmd->add_option("--stats", fit_opts->stats, "Statistics file to write")->required();

@@ -104,3 +104,28 @@ TEST(Cli, RunPrintsTheResultsTableAndWritesTheRunFolder) {
             0);
   EXPECT_NE(out.find("--resume"), std::string::npos) << out;
 }
+
+TEST(Cli, HarmonizeTakesMethodAndArgumentsFromAPipeline) {
+  CONCORD_REQUIRE_SHARED_DATA("multisite-prostate");
+  testkit::TempDir dir;
+  std::string pipe = dir.str() + "/p.yaml";
+  std::ofstream(pipe) << "data: {dataset: {type: brainsim}}\nmodel: {type: cnn}\n"
+                         "harmonizers:\n  - {type: zscore}\n"
+                         "  - {type: amplitude, args: {mode: normalize, beta: 0.05}}\n";
+  std::string out;
+  std::string data = testkit::shared_data() + "/multisite-prostate";
+  ASSERT_EQ(run("harmonize fit --no-progress --pipeline " + pipe + " --harmonizer 1 " + data +
+                    " --stats " + dir.str() + "/a.stats",
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("fitted 'amplitude'"), std::string::npos) << out;
+  std::ifstream side(dir.str() + "/a.stats.json");
+  std::string sidecar((std::istreambuf_iterator<char>(side)), std::istreambuf_iterator<char>());
+  EXPECT_NE(sidecar.find("beta=0.05"), std::string::npos) << sidecar;
+  EXPECT_NE(run("harmonize fit --no-progress --pipeline " + pipe + " --harmonizer 2 " + data +
+                    " --stats " + dir.str() + "/b.stats",
+                &out),
+            0);
+  EXPECT_NE(out.find("out of range"), std::string::npos) << out;
+}
