@@ -42,7 +42,8 @@ class SplitAdapter : public Adapter {
     std::vector<std::string> uncovered;
     const StateEntry* first_param = nullptr;
     int n_shared = 0, n_local = 0;
-    for (const StateEntry& e : model.state()) {
+    const std::vector<StateEntry> entries = model.state();  // first_param points into it
+    for (const StateEntry& e : entries) {
       const Side side = side_of(e.module_path);
       if (side == Side::None) {
         const std::string shown = e.module_path.empty() ? "<root>" : e.module_path;
