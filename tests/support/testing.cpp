@@ -42,6 +42,15 @@ const Registry& builtin_registry() {
   return *registry;
 }
 
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
 TempDir::TempDir() {
   std::random_device rd;
   path_ =

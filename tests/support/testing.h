@@ -6,6 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
 #include <string>
 
 namespace concord::testkit {
@@ -28,6 +31,17 @@ std::string concord_exe();
 // A registry holding every built-in plugin of this build (loaded once per process, through the
 // same loader the CLI uses). Fails the test if any built-in library refuses to load.
 const Registry& builtin_registry();
+
+// Builds a plugin from the built-in registry with the given arguments (defaults for the rest).
+template <class T>
+std::unique_ptr<T> make_plugin(Kind kind, const std::string& name,
+                               const std::map<std::string, Value>& given = {}) {
+  const Registry& reg = builtin_registry();
+  return reg.create<T>(kind, name, make_args(name, reg.get(kind, name).args, given));
+}
+
+// The message of the concord::Error that `f` throws, or "(no error)".
+std::string error_of(const std::function<void()>& f);
 
 // A fresh temporary folder, removed at destruction.
 class TempDir {

@@ -12,20 +12,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::unique_ptr<Dataset> make(std::map<std::string, Value> given) {
-  const auto& reg = testkit::builtin_registry();
-  const auto& desc = reg.get(Kind::Dataset, "csv");
-  return reg.create<Dataset>(Kind::Dataset, "csv", make_args("csv", desc.args, given));
+std::unique_ptr<Dataset> make(const std::map<std::string, Value>& given) {
+  return testkit::make_plugin<Dataset>(Kind::Dataset, "csv", given);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testkit::error_of;
 
 void write_png(const fs::path& p, int base, bool mask = false) {
   fs::create_directories(p.parent_path());

@@ -11,20 +11,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::unique_ptr<Dataset> make(std::map<std::string, Value> given) {
-  const auto& reg = testkit::builtin_registry();
-  const auto& desc = reg.get(Kind::Dataset, "folder");
-  return reg.create<Dataset>(Kind::Dataset, "folder", make_args("folder", desc.args, given));
+std::unique_ptr<Dataset> make(const std::map<std::string, Value>& given) {
+  return testkit::make_plugin<Dataset>(Kind::Dataset, "folder", given);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testkit::error_of;
 
 // An 8-bit grey image w x h: value = base + x; or a mask with 255 in the left half.
 void write_png(const fs::path& p, int w, int h, int base, bool mask = false) {

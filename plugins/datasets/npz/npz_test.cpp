@@ -137,20 +137,11 @@ std::string tiny_npz(const testkit::TempDir& dir) {
   return file;
 }
 
-std::unique_ptr<Dataset> make(std::map<std::string, Value> given) {
-  const auto& reg = testkit::builtin_registry();
-  const auto& desc = reg.get(Kind::Dataset, "npz");
-  return reg.create<Dataset>(Kind::Dataset, "npz", make_args("npz", desc.args, given));
+std::unique_ptr<Dataset> make(const std::map<std::string, Value>& given) {
+  return testkit::make_plugin<Dataset>(Kind::Dataset, "npz", given);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testkit::error_of;
 
 }  // namespace
 
