@@ -40,6 +40,8 @@ class SgdTrainer : public LocalTrainer {
 
   const std::string& site() const override { return site_; }
   int round() const override { return round_; }
+  int rounds() const override { return rounds_; }
+  void set_rounds(int n) { rounds_ = n; }
   Model& model() override { return model_; }
   const std::map<std::string, at::Tensor>& received() const override { return received_; }
   // Mini-batches of 4 in a fixed order; plain SGD on the selected parameters.
@@ -70,6 +72,7 @@ class SgdTrainer : public LocalTrainer {
   NamedArrays store_;
   bool trained_ = false;
   int round_ = 0;
+  int rounds_ = 0;  // planned rounds (0: unknown, like a trainer outside the engine)
   int recalibrations_ = 0;
   std::vector<TrainCall> calls_;
 };

@@ -37,14 +37,14 @@ class FourierAdapter : public Adapter {
     schedule_.linear = args.str("schedule") == "linear";
     schedule_.ramp_rounds = args.integer("ramp_rounds");
     schedule_.planned_rounds = args.integer("planned_rounds");
-    if (schedule_.linear && schedule_.ramp_rounds == 0 && schedule_.planned_rounds == 0)
-      throw Error(who_ +
-                  ": schedule linear with ramp_rounds 0 ramps over the planned rounds, which a "
-                  "site cannot see: set ramp_rounds (the same in the fourier aggregator) or "
-                  "planned_rounds: <federation.rounds> here");
+    // A linear ramp over the planned rounds takes them from the engine (LocalTrainer::rounds())
+    // unless planned_rounds is given.
+    rounds_from_trainer_ =
+        schedule_.linear && schedule_.ramp_rounds == 0 && schedule_.planned_rounds == 0;
   }
 
   TrainResult train_local(LocalTrainer& trainer, int epochs) override {
+    plan_rounds(trainer);
     // The received state comes from the aggregation of the previous round.
     merge_into_model(trainer, schedule_.fraction(trainer.round() - 1));
     const TrainResult result = trainer.train(epochs);
@@ -56,11 +56,22 @@ class FourierAdapter : public Adapter {
   }
 
   void before_evaluate(LocalTrainer& trainer) override {
+    plan_rounds(trainer);
     // Evaluations follow the aggregation of the current round.
     merge_into_model(trainer, schedule_.fraction(trainer.round()));
   }
 
  private:
+  void plan_rounds(const LocalTrainer& trainer) {
+    if (!rounds_from_trainer_) return;
+    if (trainer.rounds() <= 0)
+      throw Error(who_ + ": site '" + trainer.site() +
+                  "': schedule linear with ramp_rounds 0 ramps over the planned rounds, which "
+                  "this trainer does not report: set ramp_rounds (the same in the fourier "
+                  "aggregator) or planned_rounds");
+    schedule_.planned_rounds = trainer.rounds();
+  }
+
   // The aggregator's rule: float32 entries of the shared state with ndim >= 3 (conv) or >= 2.
   bool selected(const LocalTrainer& trainer, const StateEntry& e) const {
     return trainer.received().count(e.name) && e.tensor.scalar_type() == at::kFloat &&
@@ -93,6 +104,7 @@ class FourierAdapter : public Adapter {
   }
 
   fourier::Schedule schedule_;
+  bool rounds_from_trainer_ = false;
   int min_ndim_;
   std::string who_;
 };
@@ -129,7 +141,7 @@ CONCORD_PLUGIN("concord-adapter-fourier", "0.1.0") {
                         "adapter; no effect at the site"),
         ArgSpec::integer("planned_rounds", 0,
                          "federation.rounds, needed only with schedule linear and "
-                         "ramp_rounds 0 (a site cannot see the planned rounds)")
+                         "ramp_rounds 0 (default: federation.rounds, from the engine)")
             .range(0, 1000000)},
        factory_of<FourierAdapter>()});
 }

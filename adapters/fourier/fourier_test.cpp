@@ -282,15 +282,22 @@ TEST(FourierAdapter, AppliesToMatricesWhenAsked) {
   EXPECT_FALSE(trainer.site_store().count("fourier/classifier.bias"));
 }
 
-TEST(FourierAdapter, LinearRampOverThePlannedRoundsNeedsThemAtTheSite) {
+TEST(FourierAdapter, LinearRampOverThePlannedRoundsTakesThemFromTheEngine) {
+  auto model = make_tiny_net(1, 2, 3);
+  SgdTrainer trainer("site-A", *model, 16, 1, 0.5f, 7);
+  trainer.receive(adapters::snapshot(*model), 1);
+  auto adapter = make_adapter({});  // linear over the planned rounds
   try {
-    make_adapter({});
+    adapter->train_local(trainer, 1);  // this trainer does not know the planned rounds
     FAIL() << "expected an error";
   } catch (const Error& e) {
     const std::string msg = e.what();
     EXPECT_NE(msg.find("fourier (adapter)"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("site-A"), std::string::npos) << msg;
     EXPECT_NE(msg.find("planned_rounds"), std::string::npos) << msg;
   }
+  trainer.set_rounds(4);
+  EXPECT_NO_THROW(adapter->train_local(trainer, 1));
   EXPECT_NO_THROW(make_adapter({{"planned_rounds", make_value(int64_t(5))}}));
   EXPECT_NO_THROW(make_adapter({{"ramp_rounds", make_value(int64_t(5))}}));
 }

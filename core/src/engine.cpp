@@ -94,6 +94,7 @@ class Site : public LocalTrainer {
   // --- LocalTrainer ---
   const std::string& site() const override { return name_; }
   int round() const override { return round_; }
+  int rounds() const override { return cfg_.config->federation.rounds; }
   Model& model() override { return model_; }
   const std::map<std::string, at::Tensor>& received() const override { return received_; }
   NamedArrays& site_store() override { return store_; }

@@ -28,6 +28,8 @@ class LocalTrainer {
   virtual ~LocalTrainer() = default;
   virtual const std::string& site() const = 0;
   virtual int round() const = 0;
+  // Rounds the federation plans (federation.rounds); 0 when unknown.
+  virtual int rounds() const { return 0; }
   virtual Model& model() = 0;
   // Shared state received from the coordinator this round (detached copies).
   virtual const std::map<std::string, at::Tensor>& received() const = 0;
