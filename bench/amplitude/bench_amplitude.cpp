@@ -51,11 +51,13 @@ double best_rate(F&& once, double seconds, int repeats) {
 }
 
 void run(const Registry& reg, const std::string& label, int dim, int64_t n, double seconds,
-         double beta) {
+         double beta, const std::string& planner) {
   const auto& desc = reg.get(Kind::Harmonizer, "amplitude");
-  auto h = reg.create<Harmonizer>(Kind::Harmonizer, "amplitude",
-                                  make_args("amplitude", desc.args, {{"beta", make_value(beta)}}),
-                                  {1, "bench"});
+  auto h = reg.create<Harmonizer>(
+      Kind::Harmonizer, "amplitude",
+      make_args("amplitude", desc.args,
+                {{"beta", make_value(beta)}, {"fftw_planner", make_value(planner)}}),
+      {1, "bench"});
   // Two sites of different style; only their spectra are combined.
   std::vector<Stats> parts;
   for (int s = 0; s < 2; ++s) {
@@ -79,8 +81,9 @@ void run(const Registry& reg, const std::string& label, int dim, int64_t n, doub
   float* out = fftwf_alloc_real(size_t(voxels));
   fftwf_complex* spec = fftwf_alloc_complex(size_t(half));
   const int dims[3] = {int(n), int(n), int(n)};
-  fftwf_plan r2c = fftwf_plan_dft_r2c(dim, dims, in, spec, FFTW_MEASURE);
-  fftwf_plan c2r = fftwf_plan_dft_c2r(dim, dims, spec, out, FFTW_MEASURE);
+  const unsigned flags = planner == "patient" ? FFTW_PATIENT : FFTW_MEASURE;
+  fftwf_plan r2c = fftwf_plan_dft_r2c(dim, dims, in, spec, flags);
+  fftwf_plan c2r = fftwf_plan_dft_c2r(dim, dims, spec, out, flags);
   std::copy(image.data.begin(), image.data.end(), in);
   const double floor = best_rate(
       [&] {
@@ -103,6 +106,7 @@ int main(int argc, char** argv) {
   const double seconds = argc > 1 ? std::atof(argv[1]) : 0.5;
   const double beta = argc > 2 ? std::atof(argv[2]) : 1.0;
   const std::string which = argc > 3 ? argv[3] : "all";
+  const std::string planner = argc > 4 ? argv[4] : "measure";  // measure | patient
   try {
     // The plugin built next to this executable: <build>/bin/.. /lib/concord/plugins.
     const auto exe = std::filesystem::canonical("/proc/self/exe");
@@ -110,8 +114,8 @@ int main(int argc, char** argv) {
                      "libconcord-harmonizer-amplitude.so";
     Registry reg;
     PluginLoader(reg).load_file(lib.string());
-    if (which != "3d") run(reg, "2d_256", 2, 256, seconds, beta);
-    if (which != "2d") run(reg, "3d_128", 3, 128, seconds * 4, beta);
+    if (which != "3d") run(reg, "2d_256", 2, 256, seconds, beta, planner);
+    if (which != "2d") run(reg, "3d_128", 3, 128, seconds * 4, beta, planner);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_amplitude: %s\n", e.what());
     return 1;
