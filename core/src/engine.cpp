@@ -76,9 +76,9 @@ class Site : public LocalTrainer {
     } else if (in.type == "evaluate") {
       out = evaluate(in.text["phase"]);
     } else if (in.type == "fit") {
-      out = fit_harmonizer(int(in.scalars["index"]));
+      out = fit_harmonizer(std::stoi(in.text["harmonizer"]));
     } else if (in.type == "harmonizer-stats") {
-      set_harmonizer(int(in.scalars["index"]), in);
+      set_harmonizer(std::stoi(in.text["harmonizer"]), in);
       out.type = "ack";
     } else if (in.type == "personalize") {
       load_model_state();
@@ -170,26 +170,19 @@ class Site : public LocalTrainer {
     // LibTorch modules the momentum is switched off during the passes (a cumulative average, as
     // PyTorch does with momentum=None); other models get enough passes for the default
     // momentum 0.1 to forget the reset values (0.9^50 < 1%).
-    std::vector<std::pair<torch::nn::BatchNormImplBase<1, torch::nn::BatchNorm1dImpl>*,
-                          c10::optional<double>>>
-        bn1;
-    std::vector<std::pair<torch::nn::BatchNormImplBase<2, torch::nn::BatchNorm2dImpl>*,
-                          c10::optional<double>>>
-        bn2;
-    std::vector<std::pair<torch::nn::BatchNormImplBase<3, torch::nn::BatchNorm3dImpl>*,
-                          c10::optional<double>>>
-        bn3;
+    std::vector<std::pair<torch::nn::BatchNormOptions*, c10::optional<double>>> saved_momentum;
     if (auto* tm = dynamic_cast<TorchModuleModel*>(&model_)) {
       for (const auto& m : tm->module().modules(/*include_self=*/true)) {
-        if (auto* b = m->as<torch::nn::BatchNorm1d>())
-          bn1.emplace_back(b, b->options.momentum()), b->options.momentum(c10::nullopt);
-        if (auto* b = m->as<torch::nn::BatchNorm2d>())
-          bn2.emplace_back(b, b->options.momentum()), b->options.momentum(c10::nullopt);
-        if (auto* b = m->as<torch::nn::BatchNorm3d>())
-          bn3.emplace_back(b, b->options.momentum()), b->options.momentum(c10::nullopt);
+        torch::nn::BatchNormOptions* o = nullptr;
+        if (auto* b = m->as<torch::nn::BatchNorm1d>()) o = &b->options;
+        if (auto* b = m->as<torch::nn::BatchNorm2d>()) o = &b->options;
+        if (auto* b = m->as<torch::nn::BatchNorm3d>()) o = &b->options;
+        if (!o) continue;
+        saved_momentum.emplace_back(o, o->momentum());
+        o->momentum(c10::nullopt);
       }
     }
-    const bool cumulative = !bn1.empty() || !bn2.empty() || !bn3.empty();
+    const bool cumulative = !saved_momentum.empty();
     for (auto& e : model_.state()) {
       if (e.module_type.find("BatchNorm") == std::string::npos || e.is_parameter) continue;
       const std::string leaf = e.name.substr(e.name.rfind('.') + 1);
@@ -211,9 +204,7 @@ class Site : public LocalTrainer {
       }
       if (passes == 0) break;
     }
-    for (auto& [b, m] : bn1) b->options.momentum(m);
-    for (auto& [b, m] : bn2) b->options.momentum(m);
-    for (auto& [b, m] : bn3) b->options.momentum(m);
+    for (auto& [o, m] : saved_momentum) o->momentum(m);
     model_.set_training(false);
   }
 
@@ -339,24 +330,14 @@ class Site : public LocalTrainer {
     Stats s = h.fit_site([&](const ImageVisitor& visit) {
       for (const auto& sample : data_.train) visit(sample.image);
     });
-    Message out;
-    out.type = "stats";
+    Message out = stats_message(std::move(s), "stats");
     out.site = name_;
-    out.arrays = std::move(s.arrays);
-    out.scalars = std::move(s.scalars);
-    out.scalars["__weight"] = s.weight;
     return out;
   }
 
   void set_harmonizer(int index, Message& in) {
     Harmonizer& h = *harmonizers_.at(size_t(index));
-    Stats s;
-    s.arrays = std::move(in.arrays);
-    s.scalars = std::move(in.scalars);
-    s.weight = s.scalars["__weight"];
-    s.scalars.erase("__weight");
-    s.scalars.erase("index");
-    h.set_statistics(s, name_);
+    h.set_statistics(stats_from_message(std::move(in)), name_);
     if (h.augments()) {
       augmenters_.push_back(&h);
       return;
@@ -429,6 +410,15 @@ class Site : public LocalTrainer {
 
 std::string jsonl_line(const json& j) {
   return j.dump() + "\n";
+}
+
+// Metric values as JSON: NaN (undefined, e.g. AUC with one class) as null; the test-set size
+// that sites report beside their metrics is left out.
+json metrics_json(const std::map<std::string, double>& m) {
+  json o = json::object();
+  for (const auto& [k, v] : m)
+    if (k != "num_test") o[k] = std::isnan(v) ? json(nullptr) : json(v);
+  return o;
 }
 
 }  // namespace
@@ -617,34 +607,23 @@ struct Experiment::Impl {
     for (size_t i = 0; i < config.harmonizers.size(); ++i) {
       const auto& hc = config.harmonizers[i];
       progress(o, "harmonizer " + hc.type, int(i), int(config.harmonizers.size()));
-      Harmonizer& combiner =
-          *registry.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, ctx("coordinator"))
-               .release();
-      std::unique_ptr<Harmonizer> own(&combiner);
+      auto combiner =
+          registry.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, ctx("coordinator"));
       Stats global;
-      if (combiner.needs_fit()) {
+      if (combiner->needs_fit()) {
         std::vector<Stats> parts;
         for (const auto& name : site_names(false)) {  // held-out sites do not contribute
           Message req;
           req.type = "fit";
-          req.scalars["index"] = double(i);
-          Message rep = coordinator->call(name, req);
-          Stats s;
+          req.text["harmonizer"] = std::to_string(i);
+          Stats s = stats_from_message(coordinator->call(name, req));
           s.site = name;
-          s.arrays = std::move(rep.arrays);
-          s.weight = rep.scalars["__weight"];
-          rep.scalars.erase("__weight");
-          s.scalars = std::move(rep.scalars);
           parts.push_back(std::move(s));
         }
-        global = combiner.combine(parts);
+        global = combiner->combine(parts);
       }
-      Message set;
-      set.type = "harmonizer-stats";
-      set.arrays = global.arrays;
-      set.scalars = global.scalars;
-      set.scalars["__weight"] = global.weight;
-      set.scalars["index"] = double(i);
+      Message set = stats_message(std::move(global), "harmonizer-stats");
+      set.text["harmonizer"] = std::to_string(i);
       Bytes bytes = encode(set);
       for (const auto& name : site_names(true)) decode(channel.call(name, bytes));
       spdlog::info("harmonizer {} ({}): fitted on {} sites, applied at {}", i, hc.type,
@@ -850,10 +829,7 @@ RunSummary Experiment::run(const RunOptions& options) {
         j["num_samples"] = by_site[name]->num_samples;
       }
       if (eval_now && last_eval.count(name)) {
-        json m = json::object();
-        for (const auto& [k, v] : last_eval[name])
-          if (k != "num_test") m[k] = std::isnan(v) ? json(nullptr) : json(v);
-        j["metrics"] = m;
+        j["metrics"] = metrics_json(last_eval[name]);
       }
       lines += jsonl_line(j);
     }
@@ -862,11 +838,13 @@ RunSummary Experiment::run(const RunOptions& options) {
     x.save_checkpoint(ckpt_dir, round);
     x.progress(options, phase, 3, 3);
     if (eval_now) {
-      std::string msg;
+      std::string msg;  // the first metric of each site keeps the line short
       for (const auto& [site, m] : last_eval)
         for (const auto& [k, v] : m)
-          if (k != "num_test" && msg.find(site) == std::string::npos)
+          if (k != "num_test") {
             msg += " " + site + " " + k + "=" + fmt::format("{:.3f}", v);
+            break;
+          }
       spdlog::info("{}:{}", phase, msg);
     }
     summary.rounds_completed = round;
@@ -891,13 +869,10 @@ RunSummary Experiment::run(const RunOptions& options) {
     personalized = x.evaluate(cfg.federation.rounds, "personalized");
     std::string lines;
     for (const auto& [name, m] : personalized) {
-      json jm = json::object();
-      for (const auto& [k, v] : m)
-        if (k != "num_test") jm[k] = std::isnan(v) ? json(nullptr) : json(v);
       lines += jsonl_line({{"round", cfg.federation.rounds},
                            {"site", name},
                            {"phase", "personalized"},
-                           {"metrics", jm}});
+                           {"metrics", metrics_json(m)}});
     }
     metrics_out << lines;
   }
@@ -939,20 +914,15 @@ RunSummary Experiment::run(const RunOptions& options) {
   js["rounds"] = summary.rounds_completed;
   js["task"] = task_name(x.federation_info.task);
   js["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  auto clean = [](const std::map<std::string, double>& m) {
-    json o = json::object();
-    for (const auto& [k, v] : m) o[k] = std::isnan(v) ? json(nullptr) : json(v);
-    return o;
-  };
   json jsites = json::array();
   for (const auto& s : summary.sites) {
-    json o{{"site", s.site}, {"held_out", s.held_out}, {"metrics", clean(s.metrics)}};
-    if (!s.personalized.empty()) o["personalized"] = clean(s.personalized);
+    json o{{"site", s.site}, {"held_out", s.held_out}, {"metrics", metrics_json(s.metrics)}};
+    if (!s.personalized.empty()) o["personalized"] = metrics_json(s.personalized);
     jsites.push_back(o);
   }
   js["sites"] = jsites;
-  js["mean"] = clean(summary.mean);
-  js["worst"] = clean(summary.worst);
+  js["mean"] = metrics_json(summary.mean);
+  js["worst"] = metrics_json(summary.worst);
   js["failures"] = summary.failures;
   json notes = json::object();
   for (const auto& [k, v] : x.federation_info.notes) {

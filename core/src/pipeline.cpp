@@ -12,8 +12,6 @@
 
 namespace concord {
 
-std::string closest_name(const std::string& name, const std::vector<std::string>& candidates);
-
 ValidationError::ValidationError(std::vector<Diagnostic> diags)
     : Error([&] {
         std::string s;
@@ -410,10 +408,7 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
         ArgSpec::string("name", "", "Experiment name (names the run folder)"),
         ArgSpec::integer("seed", 0, "Seed every random choice derives from").range(0, 9.2e18),
         ArgSpec::string("output", "runs", "Folder under which run folders are made")};
-    YAML::Node only(YAML::NodeType::Map);
-    for (const char* k : {"name", "seed", "output"})
-      if (root[k]) only[k] = root[k];
-    // Keep marks: validate each node directly.
+    // Validate each node directly, so errors keep their line and column.
     for (const auto& spec : top) {
       Value v = *spec.default_value;
       if (root[spec.name]) p.convert(root[spec.name], spec.name, spec, spec.type, v);

@@ -4,12 +4,28 @@
 
 namespace concord {
 
-void save_stats(const Stats& stats, const std::string& file, const std::string& method) {
+static const char* const kWeight = "__weight";
+
+Message stats_message(Stats stats, const std::string& type) {
   Message m;
-  m.type = "harmonizer-stats";
-  m.arrays = stats.arrays;
-  m.scalars = stats.scalars;
-  m.scalars["__weight"] = stats.weight;
+  m.type = type;
+  m.arrays = std::move(stats.arrays);
+  m.scalars = std::move(stats.scalars);
+  m.scalars[kWeight] = stats.weight;
+  return m;
+}
+
+Stats stats_from_message(Message&& m) {
+  Stats s;
+  s.arrays = std::move(m.arrays);
+  s.scalars = std::move(m.scalars);
+  s.weight = s.scalars[kWeight];
+  s.scalars.erase(kWeight);
+  return s;
+}
+
+void save_stats(const Stats& stats, const std::string& file, const std::string& method) {
+  Message m = stats_message(stats, "harmonizer-stats");
   m.text["method"] = method;
   Bytes b = encode(m);
   write_file_atomic(file, b->data(), b->size());
@@ -23,13 +39,8 @@ Stats load_stats(const std::string& file, std::string* method) {
     throw Error(file + ": " + e.what());
   }
   if (m.type != "harmonizer-stats") throw Error(file + ": not a harmonizer statistics file");
-  Stats s;
-  s.arrays = m.arrays;
-  s.scalars = m.scalars;
-  s.weight = s.scalars["__weight"];
-  s.scalars.erase("__weight");
   if (method) *method = m.text["method"];
-  return s;
+  return stats_from_message(std::move(m));
 }
 
 }  // namespace concord

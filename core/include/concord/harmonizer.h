@@ -10,6 +10,7 @@
 
 #include <concord/array.h>
 #include <concord/image.h>
+#include <concord/message.h>
 #include <concord/registry.h>
 
 #include <functional>
@@ -47,6 +48,11 @@ class Harmonizer : public Plugin {
   virtual bool augments() const { return false; }
   virtual void augment(Image& /*image*/, std::mt19937_64& /*rng*/) const {}
 };
+
+// Stats as a Message (the Channel and the statistics file use the same form): arrays and
+// scalars as they are, the weight as the reserved scalar "__weight". `site` does not travel.
+Message stats_message(Stats stats, const std::string& type);
+Stats stats_from_message(Message&& message);
 
 // Serialises Stats to a file (the same wire format as Channel messages), atomically.
 void save_stats(const Stats& stats, const std::string& file, const std::string& method);

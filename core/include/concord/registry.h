@@ -93,6 +93,9 @@ class Registry {
   std::string current_version_;
 };
 
+// The candidate closest to `name` by edit distance, or "" when none is close (did-you-mean).
+std::string closest_name(const std::string& name, const std::vector<std::string>& candidates);
+
 // One library that could not be loaded, and why.
 struct LoadFailure {
   std::string file;
