@@ -9,6 +9,7 @@
 #include <concord/message.h>
 
 #include <fftw3.h>
+#include <immintrin.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -360,12 +361,11 @@ double uniform01(std::mt19937_64& rng) {
   return double(rng() >> 11) * 0x1.0p-53;
 }
 
-// One row of the band, written branch-free so that it vectorizes (AVX2 clone where the CPU has
-// it). Amplitudes below FLT_MIN (~1e-19, far under float32 FFT rounding) count as zero.
-__attribute__((target_clones("avx2", "default"))) void mix_row(float* __restrict v,
-                                                               const float* __restrict ref,
-                                                               int64_t count, float keep,
-                                                               float lam) {
+// One row of the band: X' = X * (keep + t / |X|) with t = lam * ref, and X' = t where X = 0.
+// The caller folds the inverse transform's 1/N into keep and lam when the band is the whole
+// spectrum. Amplitudes below FLT_MIN (~1e-19, far under float32 FFT rounding) count as zero.
+void mix_row_scalar(float* __restrict v, const float* __restrict ref, int64_t count, float keep,
+                    float lam) {
   for (int64_t i = 0; i < count; ++i) {
     const float re = v[2 * i], im = v[2 * i + 1];
     const float a2 = re * re + im * im;
@@ -376,6 +376,47 @@ __attribute__((target_clones("avx2", "default"))) void mix_row(float* __restrict
     v[2 * i + 1] = im * f;
   }
 }
+
+// The same with AVX2 + FMA, eight bins per step. 1/|X| comes from the hardware reciprocal square
+// root refined by one Newton step (relative error ~3e-7, the order of float32 FFT rounding)
+// instead of a square root and a division, which cost as much as a third of the FFT round trip.
+__attribute__((target("avx2,fma"))) void mix_row_avx2(float* __restrict v,
+                                                      const float* __restrict ref, int64_t count,
+                                                      float keep, float lam) {
+  const __m256 vkeep = _mm256_set1_ps(keep), vlam = _mm256_set1_ps(lam);
+  const __m256 tiny = _mm256_set1_ps(std::numeric_limits<float>::min());
+  const __m256 half = _mm256_set1_ps(0.5f), three_halves = _mm256_set1_ps(1.5f);
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 lo = _mm256_loadu_ps(v + 2 * i), hi = _mm256_loadu_ps(v + 2 * i + 8);
+    // Split interleaved (re, im): per 128-bit lane, bins in the order 0 1 4 5 | 2 3 6 7.
+    const __m256 re = _mm256_shuffle_ps(lo, hi, 0x88), im = _mm256_shuffle_ps(lo, hi, 0xdd);
+    const __m256 a2 = _mm256_fmadd_ps(re, re, _mm256_mul_ps(im, im));
+    const __m256 m = _mm256_max_ps(a2, tiny);
+    __m256 r = _mm256_rsqrt_ps(m);
+    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(_mm256_mul_ps(half, m), _mm256_mul_ps(r, r),
+                                          three_halves));  // Newton: r (1.5 - m r^2 / 2)
+    // The reference in the same 0 1 4 5 | 2 3 6 7 order.
+    const __m256 rf =
+        _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_loadu_ps(ref + i)), 0xd8));
+    const __m256 t = _mm256_mul_ps(vlam, rf);
+    const __m256 f = _mm256_fmadd_ps(t, r, vkeep);
+    const __m256 at_zero = _mm256_and_ps(_mm256_cmp_ps(a2, zero, _CMP_EQ_OQ), t);
+    const __m256 nre = _mm256_fmadd_ps(re, f, at_zero), nim = _mm256_mul_ps(im, f);
+    _mm256_storeu_ps(v + 2 * i, _mm256_unpacklo_ps(nre, nim));
+    _mm256_storeu_ps(v + 2 * i + 8, _mm256_unpackhi_ps(nre, nim));
+  }
+  mix_row_scalar(v + 2 * i, ref + i, count - i, keep, lam);
+}
+
+using MixRow = void (*)(float*, const float*, int64_t, float, float);
+MixRow pick_mix_row() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? mix_row_avx2
+                                                                         : mix_row_scalar;
+}
+const MixRow mix_row = pick_mix_row();
 
 enum class Mode { Normalize, Interpolate, Swap };
 enum class Clip { None, Nonnegative, Input };
@@ -699,10 +740,15 @@ class Amplitude : public Harmonizer {
         in = s.real;
       }
       fftwf_execute_dft_r2c(plans.r2c, in, s.spec);
-      mix_band(s.spec, r, g, b, keep, lam);
+      // The inverse transform's 1/N: folded into the mix when it visits every bin (saves a pass
+      // over the image), else applied while writing the result.
+      const float inv_n = 1.0f / float(n);
+      const bool whole = b >= std::max({g.nx / 2, g.ny / 2, g.nz / 2});
+      const float fold = whole ? inv_n : 1.0f;
+      mix_band(s.spec, r, g, b, keep * fold, lam * fold);
       float* out = direct ? x : s.real;
       fftwf_execute_dft_c2r(plans.c2r, s.spec, out);
-      finish(out, x, n, 1.0f / float(n), lo, hi);
+      finish(out, x, n, whole ? 1.0f : inv_n, lo, hi);
     }
   }
 
