@@ -16,8 +16,10 @@
 #include <iomanip>
 
 #include <concord/pipeline.h>
+#include "harmonize_common.h"
 #include "harmonize_inputs.h"
 #include "harmonize_report.h"
+#include "harmonize_sites.h"
 #include "progress.h"
 
 #include <concord/error.h>
@@ -56,6 +58,7 @@ struct Options {
   std::string pipeline;      // take method and arguments from a pipeline file
   int harmonizer_index = 0;  // ... its harmonizers[N]
   std::vector<std::string> pipeline_sets;
+  bool sites = false;                  // the pipeline's sites are the inputs
   std::vector<std::string> arg_pairs;  // "key=value"
   std::vector<std::string> inputs;
   std::string stats;       // fit: output; apply: input
@@ -74,87 +77,6 @@ struct Options {
   bool no_progress = false;
 };
 
-int worker_count(const Options& o) {
-  if (o.jobs > 0) return o.jobs;
-  return int(std::max(1u, std::thread::hardware_concurrency()));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Plugin arguments from --arg key=value, typed and checked against the declared ArgSpecs.
-
-bool parse_bool(const std::string& s, bool& out) {
-  std::string l = s;
-  std::transform(l.begin(), l.end(), l.begin(), [](unsigned char c) { return std::tolower(c); });
-  if (l == "true" || l == "1" || l == "yes" || l == "on") return out = true, true;
-  if (l == "false" || l == "0" || l == "no" || l == "off") return out = false, true;
-  return false;
-}
-
-Value parse_scalar(ArgType type, const std::string& text, const std::string& where) {
-  Value v;
-  v.type = type;
-  try {
-    size_t used = 0;
-    switch (type) {
-      case ArgType::Int:
-        v.i = std::stoll(text, &used);
-        if (used != text.size()) throw std::invalid_argument("trailing text");
-        return v;
-      case ArgType::Float:
-        v.f = std::stod(text, &used);
-        if (used != text.size()) throw std::invalid_argument("trailing text");
-        return v;
-      case ArgType::Bool:
-        if (!parse_bool(text, v.b)) throw std::invalid_argument("not a boolean");
-        return v;
-      default:
-        v.s = text;
-        return v;
-    }
-  } catch (const std::exception&) {
-    throw Error(where + ": '" + text + "' is not a valid " + arg_type_name(type));
-  }
-}
-
-Args build_args(const PluginDesc& desc, const std::vector<std::string>& pairs) {
-  std::map<std::string, Value> given;
-  for (const auto& p : pairs) {
-    auto eq = p.find('=');
-    if (eq == std::string::npos || eq == 0)
-      throw Error("harmonizer '" + desc.name + "': --arg '" + p + "' is not of the form key=value");
-    const std::string key = p.substr(0, eq), text = p.substr(eq + 1);
-    auto spec = std::find_if(desc.args.begin(), desc.args.end(),
-                             [&](const ArgSpec& a) { return a.name == key; });
-    const std::string where = "harmonizer '" + desc.name + "', argument '" + key + "'";
-    if (spec == desc.args.end()) {
-      std::string known;
-      for (const auto& a : desc.args) known += (known.empty() ? "" : ", ") + a.name;
-      throw Error("harmonizer '" + desc.name + "' has no argument '" + key +
-                  "' (arguments: " + (known.empty() ? "none" : known) + ")");
-    }
-    if (spec->type == ArgType::List) {
-      Value list;
-      list.type = ArgType::List;
-      size_t start = 0;
-      while (start <= text.size() && !text.empty()) {
-        size_t comma = text.find(',', start);
-        std::string item = text.substr(start, comma == std::string::npos ? comma : comma - start);
-        list.items.push_back(parse_scalar(spec->element, item, where));
-        if (comma == std::string::npos) break;
-        start = comma + 1;
-      }
-      given[key] = list;
-    } else {
-      given[key] = parse_scalar(spec->type, text, where);
-    }
-  }
-  try {
-    return make_args(desc.name, desc.args, given);
-  } catch (const Error& e) {
-    throw Error("harmonizer '" + desc.name + "': " + e.what());
-  }
-}
-
 const PluginDesc& harmonizer_desc(const Globals& g, const std::string& method) {
   load_all_plugins(g);
   if (method.empty()) throw Error("no harmonization method given (--method)");
@@ -169,57 +91,9 @@ std::unique_ptr<Harmonizer> make_harmonizer(const std::string& method, const Arg
   return global_registry().create<Harmonizer>(Kind::Harmonizer, method, args, ctx);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Failures: every unreadable or failing input, reported together at the end.
-
-class Failures {
- public:
-  void add(const std::string& what, const std::string& reason, ProgressBar* bar) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    list_.push_back({what, reason});
-    const std::string line = "error: " + reason;
-    if (bar)
-      bar->print(line);
-    else
-      spdlog::error("{}", reason);
-  }
-  size_t size() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return list_.size();
-  }
-  std::vector<std::pair<std::string, std::string>> list() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return list_;
-  }
-
- private:
-  mutable std::mutex mutex_;
-  std::vector<std::pair<std::string, std::string>> list_;
-};
-
 // Error messages from read_image already name the file; others get it prepended.
 std::string with_path(const std::string& path, const std::string& reason) {
   return reason.find(path) != std::string::npos ? reason : path + ": " + reason;
-}
-
-void print_failures(const Failures& f, size_t total, const char* verb) {
-  auto list = f.list();
-  std::sort(list.begin(), list.end());
-  std::cerr << list.size() << " of " << total << " inputs failed to " << verb << ":\n";
-  for (const auto& [what, reason] : list) std::cerr << "  " << reason << "\n";
-}
-
-// Runs fn(i) for i in [0, n) on `jobs` threads (work stealing by an atomic counter).
-template <class F>
-void parallel_for(size_t n, int jobs, F fn) {
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t i; (i = next++) < n;) fn(i);
-  };
-  std::vector<std::thread> threads;
-  for (int t = 1; t < std::min<int>(jobs, int(n)); ++t) threads.emplace_back(work);
-  work();
-  for (auto& t : threads) t.join();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -249,7 +123,7 @@ FitResult fit(const std::string& method, const Args& args, const Options& o,
   ProgressBar bar("fit " + method, int64_t(total), !o.no_progress);
   std::vector<std::optional<Stats>> parts(sites.size());
   std::atomic<size_t> read_ok{0};
-  parallel_for(sites.size(), worker_count(o), [&](size_t k) {
+  parallel_for(sites.size(), worker_count(o.jobs), [&](size_t k) {
     const auto& [site, list] = sites[k];
     auto load = [&](size_t i) -> std::optional<Image> {
       try {
@@ -306,27 +180,14 @@ FitResult fit(const std::string& method, const Args& args, const Options& o,
   return result;
 }
 
-// The stats file and a JSON sidecar (FILE.json) recording the arguments it was fitted with.
+// The stats file and its sidecar recording the arguments it was fitted with.
 void save_fit(const FitResult& r, const std::string& file, const std::string& method,
               const Options& o, size_t failed) {
-  save_stats(r.stats, file, method);
-  json side;
-  side["method"] = method;
-  side["args"] = o.arg_pairs;
-  side["images"] = r.images;
-  side["failed"] = failed;
-  side["sites"] = r.sites;
-  write_file_atomic(file + ".json", side.dump(2) + "\n");
+  save_stats_with_sidecar(r.stats, file, method, o.arg_pairs, r.images, failed, r.sites);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Apply
-
-uint64_t fnv1a(const void* data, size_t n, uint64_t h = 1469598103934665603ull) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
 
 // Integer pixel types whose range the harmonized values left (they will be clamped).
 bool clamps(const Image& im) {
@@ -377,75 +238,25 @@ bool is_integer_only_format(const std::string& path) {
   return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
 }
 
-// A run killed mid-write leaves its temporaries (never a partial output): remove them.
-void remove_leftover_temporaries(const std::string& out) {
-  std::vector<fs::path> stale;
-  std::error_code ec;
-  for (fs::recursive_directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    const auto tmp = name.rfind(".tmp-");
-    if (name.find(".concord-tmp-") != std::string::npos ||
-        (tmp != std::string::npos &&
-         name.find_first_not_of("0123456789-", tmp + 5) == std::string::npos)) {
-      stale.push_back(it->path());
-      if (it->is_directory()) it.disable_recursion_pending();
-    }
-  }
-  for (const auto& p : stale) fs::remove_all(p, ec);
-  if (!stale.empty())
-    spdlog::info("removed {} temporaries left by an interrupted run", stale.size());
-}
-
 struct ApplyCounts {
   std::atomic<size_t> written{0}, skipped{0}, copied{0}, clamped{0}, rounded{0};
 };
-
-// Which images feed the site-shift measure and preview: up to `per_site` per site, chosen by a
-// seeded shuffle so that the choice does not depend on thread timing or on resumption.
-std::vector<bool> pick_report_items(const std::vector<InputItem>& items, int per_site,
-                                    uint64_t seed) {
-  std::vector<bool> pick(items.size(), false);
-  std::map<std::string, std::vector<size_t>> by_site;
-  for (size_t i = 0; i < items.size(); ++i)
-    if (items[i].role == InputItem::Role::Image) by_site[items[i].site].push_back(i);
-  std::mt19937_64 rng(seed ^ 0x5eed5eedull);
-  for (auto& [site, idx] : by_site) {
-    std::shuffle(idx.begin(), idx.end(), rng);
-    for (size_t k = 0; k < idx.size() && int(k) < per_site; ++k) pick[idx[k]] = true;
-  }
-  return pick;
-}
 
 void apply(const std::string& method, const Args& args, const std::vector<std::string>& arg_pairs,
            const Stats& stats, const std::string& stats_id, const Options& o,
            const std::vector<InputItem>& items, Failures& failures, size_t* processed) {
   const bool keep = o.pixel_type == "keep";
-  fs::create_directories(o.out);
-  // Refuse to mix outputs of different harmonizations in one folder (resume must be safe).
-  const fs::path marker = fs::path(o.out) / ".concord-harmonize.json";
   json mine;
   mine["method"] = method;
   mine["args"] = arg_pairs;
   mine["stats"] = stats_id;
   mine["pixel_type"] = o.pixel_type;
-  if (fs::exists(marker) && !o.overwrite) {
-    json theirs;
-    try {
-      Bytes b = read_file(marker.string());
-      theirs = json::parse(b->data(), b->data() + b->size());
-    } catch (const std::exception&) {
-    }
-    if (theirs != mine)
-      throw Error(o.out + " holds outputs of a different harmonization (" +
-                  theirs.value("method", std::string("?")) + ", " +
-                  theirs.value("stats", std::string("?")) +
-                  "); use another --out, or --overwrite to redo every output");
-  }
-  write_file_atomic(marker.string(), mine.dump(2) + "\n");
-  remove_leftover_temporaries(o.out);
+  claim_output_folder(o.out, mine, o.overwrite);
 
-  const int jobs = worker_count(o);
-  const std::vector<bool> report_pick = pick_report_items(items, 16, o.seed);
+  const int jobs = worker_count(o.jobs);
+  std::vector<std::string> site_of;
+  for (const auto& it : items) site_of.push_back(it.role == InputItem::Role::Image ? it.site : "");
+  const std::vector<bool> report_pick = pick_report_items(site_of, 16, o.seed);
   SiteShiftReport report;
   ApplyCounts counts;
   ProgressBar bar("apply " + method, int64_t(items.size()), !o.no_progress);
@@ -535,29 +346,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   rep["masks_copied"] = size_t(counts.copied);
   rep["failed"] = json::array();
   for (const auto& [what, reason] : failures.list()) rep["failed"].push_back(reason);
-  if (!report.empty()) {
-    ShiftMeasure m = report.measure();
-    auto pct = [](double a, double b) { return a > 0 ? 100.0 * (b - a) / a : 0.0; };
-    std::printf(
-        "site shift over %d sites (%d images): histogram W1 %.4f -> %.4f (%+.1f%%), amplitude "
-        "spectrum %.4f -> %.4f (%+.1f%%)\n",
-        m.sites, m.images, m.histogram_before, m.histogram_after,
-        pct(m.histogram_before, m.histogram_after), m.spectrum_before, m.spectrum_after,
-        pct(m.spectrum_before, m.spectrum_after));
-    std::fflush(stdout);
-    rep["site_shift"] = {{"sites", m.sites},
-                         {"images", m.images},
-                         {"histogram_before", m.histogram_before},
-                         {"histogram_after", m.histogram_after},
-                         {"spectrum_before", m.spectrum_before},
-                         {"spectrum_after", m.spectrum_after}};
-    if (!o.preview.empty()) {
-      report.write_preview(o.preview, o.preview_per_site);
-      std::cout << "preview: " << o.preview << "\n";
-    }
-  } else if (!o.preview.empty()) {
-    spdlog::warn("no image was harmonized: preview {} not written", o.preview);
-  }
+  print_site_shift(report, rep, o.preview, o.preview_per_site);
   if (!o.report.empty()) write_file_atomic(o.report, rep.dump(2) + "\n");
 }
 
@@ -570,8 +359,11 @@ void add_common(CLI::App* sub, Options& o) {
                   "With --pipeline: which harmonizers[N] (default 0)");
   sub->add_option("--set", o.pipeline_sets, "With --pipeline: override a pipeline key (repeatable)")
       ->allow_extra_args(false);
-  sub->add_option("inputs", o.inputs, "Input folders, image files or manifests (.txt/.csv)")
-      ->required();
+  sub->add_flag("--sites", o.sites,
+                "With --pipeline: the inputs are the pipeline's sites, built as `concord run` "
+                "builds them (no INPUTS)");
+  sub->add_option("inputs", o.inputs,
+                  "Input folders, image files or manifests (.txt/.csv); none with --sites");
   sub->add_option("-j,--jobs", o.jobs, "Worker threads (default: all cores)")
       ->check(CLI::NonNegativeNumber);
   sub->add_option("--site-depth", o.site_depth,
@@ -613,34 +405,56 @@ void use_pipeline(const Globals& g, Options& o) {
   if (!o.method.empty())
     throw Error("give --method or --pipeline, not both (the pipeline names the method)");
   PipelineConfig c = load_or_report(g, o.pipeline, o.pipeline_sets);
-  if (c.harmonizers.empty()) throw Error(o.pipeline + ": the pipeline has no harmonizers");
-  if (o.harmonizer_index < 0 || o.harmonizer_index >= int(c.harmonizers.size()))
-    throw Error(o.pipeline + ": --harmonizer " + std::to_string(o.harmonizer_index) +
-                " is out of range: the pipeline has " + std::to_string(c.harmonizers.size()) +
-                " harmonizer(s), numbered from 0");
-  const Component& h = c.harmonizers[size_t(o.harmonizer_index)];
+  const Component& h = pipeline_harmonizer(c, o.harmonizer_index);
   o.method = h.type;
-  std::vector<std::string> pairs;
-  auto text = [](const Value& v) {
-    if (v.type != ArgType::Float) return v.str();
-    std::ostringstream os;
-    os << std::setprecision(17) << v.f;
-    return os.str();
-  };
-  for (const auto& [k, v] : h.args.values()) {
-    std::string t;
-    if (v.type == ArgType::List)
-      for (size_t i = 0; i < v.items.size(); ++i) t += (i ? "," : "") + text(v.items[i]);
-    else
-      t = text(v);
-    pairs.push_back(k + "=" + t);
-  }
+  std::vector<std::string> pairs = arg_pairs_of(h.args);
   pairs.insert(pairs.end(), o.arg_pairs.begin(), o.arg_pairs.end());
   o.arg_pairs = pairs;
   spdlog::info("{}: harmonizers[{}] = {}", o.pipeline, o.harmonizer_index, o.method);
 }
 
+// --sites: checks the combination, and the options of the sites form.
+SitesOptions sites_options(const Options& o) {
+  if (o.pipeline.empty())
+    throw Error("--sites harmonizes the sites of a pipeline: give --pipeline FILE");
+  if (!o.inputs.empty())
+    throw Error("--sites takes the pipeline's sites as the inputs: give no INPUTS (" +
+                o.inputs.front() + (o.inputs.size() > 1 ? ", ..." : "") +
+                "), or leave out --sites to harmonize files");
+  if (!o.method.empty())
+    throw Error("give --method or --pipeline, not both (the pipeline names the method)");
+  if (o.site_depth >= 0 || !o.exclude.empty() || !o.mask_globs.empty())
+    throw Error(
+        "--site-depth, --exclude and --mask-glob select files; with --sites the "
+        "pipeline's dataset names the sites and samples");
+  if (o.seed != 0)
+    throw Error("with --sites the pipeline's seed is used: change it with --set seed=N");
+  SitesOptions s;
+  s.pipeline = o.pipeline;
+  s.sets = o.pipeline_sets;
+  s.harmonizer = o.harmonizer_index;
+  s.arg_pairs = o.arg_pairs;
+  s.stats = o.stats;
+  s.save_stats = o.save_stats;
+  s.out = o.out;
+  s.masks = o.masks;
+  s.overwrite = o.overwrite;
+  s.preview = o.preview;
+  s.preview_per_site = o.preview_per_site;
+  s.report = o.report;
+  s.jobs = o.jobs;
+  s.no_progress = o.no_progress;
+  return s;
+}
+
+void check_inputs(const Options& o) {
+  if (o.inputs.empty())
+    throw Error("no inputs: give folders, image files or manifests, or --pipeline FILE --sites");
+}
+
 void run_fit(const Globals& g, Options o) {
+  if (o.sites) return run_sites_fit(g, sites_options(o));
+  check_inputs(o);
   use_pipeline(g, o);
   if (o.method.empty()) throw Error("fit needs --method M or --pipeline FILE");
   const PluginDesc& desc = harmonizer_desc(g, o.method);
@@ -663,6 +477,8 @@ void run_fit(const Globals& g, Options o) {
 }
 
 void run_apply(const Globals& g, Options o) {
+  if (o.sites) return run_sites_apply(g, sites_options(o));
+  check_inputs(o);
   use_pipeline(g, o);
   if (o.stats.empty() && o.method.empty())
     throw Error("apply needs --stats FILE (from `harmonize fit`) or --method M (fit, then apply)");
@@ -688,10 +504,7 @@ void run_apply(const Globals& g, Options o) {
       fitted.insert(fitted.end(), arg_pairs.begin(), arg_pairs.end());
       arg_pairs = fitted;
     }
-    Bytes raw = read_file(o.stats);
-    char hex[17];
-    std::snprintf(hex, sizeof hex, "%016llx", (unsigned long long)fnv1a(raw->data(), raw->size()));
-    stats_id = hex;
+    stats_id = file_checksum(o.stats);
   }
   // Later pairs override earlier ones with the same key.
   std::map<std::string, std::string> last;

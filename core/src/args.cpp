@@ -1,5 +1,7 @@
 #include <concord/args.h>
+#include <concord/registry.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <sstream>
@@ -253,6 +255,96 @@ std::vector<double> Args::reals(const std::string& name) const {
   std::vector<double> out;
   for (const auto& v : value(name).items) out.push_back(v.type == ArgType::Int ? double(v.i) : v.f);
   return out;
+}
+
+namespace {
+
+std::string trimmed(const std::string& s) {
+  const size_t b = s.find_first_not_of(" \t");
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(" \t") - b + 1);
+}
+
+bool parse_bool(const std::string& text, bool& out) {
+  std::string l = text;
+  std::transform(l.begin(), l.end(), l.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (l == "true" || l == "yes" || l == "on" || l == "y" || l == "1") return out = true, true;
+  if (l == "false" || l == "no" || l == "off" || l == "n" || l == "0") return out = false, true;
+  return false;
+}
+
+}  // namespace
+
+Value parse_scalar(const ArgSpec& spec, ArgType type, const std::string& text,
+                   const std::string& what) {
+  Value out;
+  out.type = type;
+  const std::string& s = text;
+  try {
+    size_t used = 0;
+    switch (type) {
+      case ArgType::Int: {
+        double d = std::stod(s, &used);
+        if (used != s.size() || d != std::floor(d)) throw std::invalid_argument(s);
+        // Beyond int64 is out of range (reported below), not a conversion to garbage.
+        out.i = std::abs(d) < 9.2233720368547758e18 ? int64_t(d) : 0;
+        out.f = d;
+        break;
+      }
+      case ArgType::Float:
+        out.f = std::stod(s, &used);
+        if (used != s.size()) throw std::invalid_argument(s);
+        break;
+      case ArgType::Bool:
+        if (!parse_bool(s, out.b)) throw std::invalid_argument(s);
+        break;
+      case ArgType::List:
+        throw std::invalid_argument(s);  // nested lists are not declarable
+      default:
+        out.s = s;
+    }
+  } catch (const std::exception&) {
+    throw Error("'" + what + "' expects " + spec.type_str() + ", got '" + s + "'");
+  }
+  if (type == ArgType::Int || type == ArgType::Float) {
+    const double v = out.f;  // an Int's value as parsed, before the int64 conversion
+    const bool fits =
+        std::isfinite(v) && (type == ArgType::Float || std::abs(v) < 9.2233720368547758e18);
+    if (!fits || (spec.min && v < *spec.min) || (spec.max && v > *spec.max))
+      throw Error("'" + what + "' = " + s + " is out of range: expected " + spec.type_str());
+  }
+  if (type == ArgType::Enum &&
+      std::find(spec.choices.begin(), spec.choices.end(), s) == spec.choices.end()) {
+    const std::string hint = closest_name(s, spec.choices);
+    throw Error("'" + what + "' = '" + s + "' is not one of " + spec.type_str() +
+                (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
+  }
+  if (type == ArgType::Path && spec.must_exist && !std::filesystem::exists(s))
+    throw Error("'" + what + "': path '" + s +
+                "' does not exist (relative paths are resolved from the current folder)");
+  return out;
+}
+
+Value parse_value(const ArgSpec& spec, const std::string& text, const std::string& what_) {
+  const std::string what = what_.empty() ? spec.name : what_;
+  if (spec.type != ArgType::List) return parse_scalar(spec, spec.type, text, what);
+  Value list;
+  list.type = ArgType::List;
+  std::string body = trimmed(text);
+  if (body.size() >= 2 && body.front() == '[' && body.back() == ']')
+    body = trimmed(body.substr(1, body.size() - 2));
+  if (body.empty()) return list;
+  size_t start = 0;
+  for (int k = 0;; ++k) {
+    const size_t comma = body.find(',', start);
+    const std::string item =
+        trimmed(body.substr(start, comma == std::string::npos ? comma : comma - start));
+    list.items.push_back(
+        parse_scalar(spec, spec.element, item, what + "[" + std::to_string(k) + "]"));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return list;
 }
 
 Args make_args(const std::string& plugin, const std::vector<ArgSpec>& specs,

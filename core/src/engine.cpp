@@ -38,6 +38,52 @@ struct LocalConfig {
   int num_classes = 2;
 };
 
+// A site's harmonizers over its own images: the site's side of the harmonizer fit phase. Fits on
+// the training split; the global statistics then transform both splits once, or are kept for
+// training draws by augmenting harmonizers.
+class SiteHarmonizers {
+ public:
+  SiteHarmonizers(std::string site, std::vector<std::unique_ptr<Harmonizer>> harmonizers)
+      : site_(std::move(site)), harmonizers_(std::move(harmonizers)) {}
+
+  // Answers the coordinator's "fit" and "harmonizer-stats" requests; nothing for other types.
+  std::optional<Message> handle(Message& in, SiteData& data) {
+    if (in.type == "fit") {
+      Harmonizer& h = at(in);
+      Stats s = h.fit_site([&](const ImageVisitor& visit) {
+        for (const auto& sample : data.train) visit(sample.image);
+      });
+      Message out = stats_message(std::move(s), "stats");
+      out.site = site_;
+      return out;
+    }
+    if (in.type == "harmonizer-stats") {
+      Harmonizer& h = at(in);
+      h.set_statistics(stats_from_message(std::move(in)), site_);
+      if (h.augments()) {
+        augmenters_.push_back(&h);
+      } else {
+        for (auto* split : {&data.train, &data.test})
+          for (auto& sample : *split) h.apply(sample.image);
+      }
+      Message out;
+      out.type = "ack";
+      out.site = site_;
+      return out;
+    }
+    return std::nullopt;
+  }
+
+  const std::vector<Harmonizer*>& augmenters() const { return augmenters_; }
+
+ private:
+  Harmonizer& at(Message& in) { return *harmonizers_.at(size_t(std::stoi(in.text["harmonizer"]))); }
+
+  std::string site_;
+  std::vector<std::unique_ptr<Harmonizer>> harmonizers_;
+  std::vector<Harmonizer*> augmenters_;
+};
+
 // One hospital: holds its images (never sent), its local state, and answers the coordinator.
 class Site : public LocalTrainer {
  public:
@@ -55,7 +101,7 @@ class Site : public LocalTrainer {
         shared_(shared),
         initial_(initial),
         cfg_(cfg),
-        harmonizers_(std::move(harmonizers)),
+        harmonization_(name_, std::move(harmonizers)),
         filters_(std::move(filters)),
         metrics_(metrics),
         faults_(faults) {}
@@ -68,18 +114,16 @@ class Site : public LocalTrainer {
     Message out;
     out.site = name_;
     out.round = in.round;
-    if (in.type == "broadcast") {
+    if (auto reply = harmonization_.handle(in, data_)) {
+      out = std::move(*reply);
+      out.round = in.round;
+    } else if (in.type == "broadcast") {
       global_ = std::move(in.arrays);  // views into the one broadcast buffer
       out.type = "ack";
     } else if (in.type == "train") {
       out = train_round(in);
     } else if (in.type == "evaluate") {
       out = evaluate(in.text["phase"]);
-    } else if (in.type == "fit") {
-      out = fit_harmonizer(std::stoi(in.text["harmonizer"]));
-    } else if (in.type == "harmonizer-stats") {
-      set_harmonizer(std::stoi(in.text["harmonizer"]), in);
-      out.type = "ack";
     } else if (in.type == "personalize") {
       load_model_state();
       adapter_.personalize(*this);
@@ -325,36 +369,15 @@ class Site : public LocalTrainer {
     return out;
   }
 
-  Message fit_harmonizer(int index) {
-    Harmonizer& h = *harmonizers_.at(size_t(index));
-    Stats s = h.fit_site([&](const ImageVisitor& visit) {
-      for (const auto& sample : data_.train) visit(sample.image);
-    });
-    Message out = stats_message(std::move(s), "stats");
-    out.site = name_;
-    return out;
-  }
-
-  void set_harmonizer(int index, Message& in) {
-    Harmonizer& h = *harmonizers_.at(size_t(index));
-    h.set_statistics(stats_from_message(std::move(in)), name_);
-    if (h.augments()) {
-      augmenters_.push_back(&h);
-      return;
-    }
-    for (auto* split : {&data_.train, &data_.test})
-      for (auto& sample : *split) h.apply(sample.image);
-  }
-
   // Builds an NCHW batch; training batches get the augmenting harmonizers.
   std::pair<at::Tensor, at::Tensor> batch(const std::vector<Sample>& samples,
                                           const std::vector<size_t>& idx, std::mt19937_64* rng) {
     std::vector<at::Tensor> xs, ys;
     for (size_t i : idx) {
       const Sample& s = samples[i];
-      if (rng && !augmenters_.empty()) {
+      if (rng && !harmonization_.augmenters().empty()) {
         Image im = s.image;
-        for (Harmonizer* h : augmenters_) h->augment(im, *rng);
+        for (Harmonizer* h : harmonization_.augmenters()) h->augment(im, *rng);
         xs.push_back(image_to_tensor(im));
       } else {
         xs.push_back(image_to_tensor(s.image));
@@ -395,8 +418,7 @@ class Site : public LocalTrainer {
   const std::set<std::string>& shared_;
   const NamedArrays& initial_;
   LocalConfig cfg_;
-  std::vector<std::unique_ptr<Harmonizer>> harmonizers_;
-  std::vector<Harmonizer*> augmenters_;
+  SiteHarmonizers harmonization_;
   std::vector<std::unique_ptr<Filter>> filters_;
   const std::vector<std::pair<std::string, std::unique_ptr<Metric>>>& metrics_;
   const FaultPlan& faults_;
@@ -434,6 +456,8 @@ struct Experiment::Impl {
   std::set<std::string> shared;
   NamedArrays initial;
   std::vector<std::unique_ptr<Site>> sites;
+  std::vector<std::string> site_order;  // every site, in the dataset's order
+  std::set<std::string> held;           // evaluation.held_out
   InProcessChannel channel;
   std::unique_ptr<Coordinator> coordinator;
   Federation federation_info;  // task, classes, notes (images live in the sites)
@@ -447,10 +471,10 @@ struct Experiment::Impl {
     if (o.on_progress) o.on_progress(phase, done, total);
   }
 
-  void setup(const RunOptions& options) {
-    if (config.training.threads > 0) torch::set_num_threads(config.training.threads);
-    // Data
-    progress(options, "loading data", 0, 1);
+  // The dataset as every run builds it: plugin and arguments, pipeline seed, partition, scanner
+  // shift, data.sites; checked for unknown site names and uniform sample sizes. Also fills
+  // site_order and held (evaluation.held_out).
+  Federation load_federation() {
     auto dataset = registry.create<Dataset>(Kind::Dataset, config.data.dataset.type,
                                             config.data.dataset.args, ctx("data.dataset"));
     Federation fed;
@@ -483,24 +507,17 @@ struct Experiment::Impl {
       throw Error("dataset '" + config.data.dataset.type + "' produced no sites");
     std::set<std::string> names;
     for (const auto& s : fed.sites) names.insert(s.name);
+    site_order.clear();
+    for (const auto& s : fed.sites) site_order.push_back(s.name);
+    held =
+        std::set<std::string>(config.evaluation.held_out.begin(), config.evaluation.held_out.end());
     for (const auto& h : config.evaluation.held_out)
       if (!names.count(h))
         throw Error(config.file + ": evaluation.held_out names unknown site '" + h + "'");
     for (const auto& [s, p] : config.federation.site_availability)
       if (!names.count(s))
         throw Error(config.file + ": federation.site_availability names unknown site '" + s + "'");
-    const Sample* first = nullptr;
-    for (const auto& s : fed.sites)
-      if (!s.train.empty()) {
-        first = &s.train.front();
-        break;
-      }
-    if (!first)
-      for (const auto& s : fed.sites)
-        if (!s.test.empty()) {
-          first = &s.test.front();
-          break;
-        }
+    const Sample* first = first_sample(fed);
     if (!first) throw Error("dataset '" + config.data.dataset.type + "' has no samples");
     for (const auto& s : fed.sites)
       for (const auto* split : {&s.train, &s.test})
@@ -512,6 +529,26 @@ struct Experiment::Impl {
                 std::to_string(smp.image.channels) + ", others " +
                 std::to_string(first->image.size[0]) + "x" + std::to_string(first->image.size[1]) +
                 "x" + std::to_string(first->image.channels) + " (set the dataset's size/channels)");
+
+    return fed;
+  }
+
+  // The first sample (train split first): the one every other sample must match in size.
+  static const Sample* first_sample(const Federation& fed) {
+    for (const bool train : {true, false})
+      for (const auto& s : fed.sites) {
+        const auto& split = train ? s.train : s.test;
+        if (!split.empty()) return &split.front();
+      }
+    return nullptr;
+  }
+
+  void setup(const RunOptions& options) {
+    if (config.training.threads > 0) torch::set_num_threads(config.training.threads);
+    // Data
+    progress(options, "loading data", 0, 1);
+    Federation fed = load_federation();
+    const Sample* first = first_sample(fed);
 
     // Model, initialised from the seed.
     torch::manual_seed(derive_seed(config.seed, "model-init"));
@@ -573,13 +610,8 @@ struct Experiment::Impl {
     for (const auto& [k, v] : fed.notes)
       if (k.rfind("scanner.", 0) == 0) spdlog::info("{} scanner: {}", k.substr(8), v);
     LocalConfig lc{&config, fed.task, fed.num_classes};
-    std::set<std::string> held(config.evaluation.held_out.begin(),
-                               config.evaluation.held_out.end());
     for (auto& sd : fed.sites) {
-      std::vector<std::unique_ptr<Harmonizer>> hs;
-      for (size_t i = 0; i < config.harmonizers.size(); ++i)
-        hs.push_back(registry.create<Harmonizer>(Kind::Harmonizer, config.harmonizers[i].type,
-                                                 config.harmonizers[i].args, ctx(sd.name)));
+      std::vector<std::unique_ptr<Harmonizer>> hs = site_harmonizers(sd.name);
       std::vector<std::unique_ptr<Filter>> fs;
       for (const auto& f : config.filters)
         fs.push_back(registry.create<Filter>(Kind::Filter, f.type, f.args, ctx(sd.name)));
@@ -597,38 +629,101 @@ struct Experiment::Impl {
 
   std::vector<std::string> site_names(bool include_held_out) const {
     std::vector<std::string> out;
-    for (const auto& s : sites)
-      if (include_held_out || !s->held_out()) out.push_back(s->site());
+    for (const auto& s : site_order)
+      if (include_held_out || !held.count(s)) out.push_back(s);
     return out;
   }
 
-  // Federated fit phase of every harmonizer, in order.
-  void fit_harmonizers(const RunOptions& o) {
-    for (size_t i = 0; i < config.harmonizers.size(); ++i) {
+  // One site's instances of the pipeline's harmonizers.
+  std::vector<std::unique_ptr<Harmonizer>> site_harmonizers(const std::string& site) const {
+    std::vector<std::unique_ptr<Harmonizer>> hs;
+    for (const auto& h : config.harmonizers)
+      hs.push_back(registry.create<Harmonizer>(Kind::Harmonizer, h.type, h.args, ctx(site)));
+    return hs;
+  }
+
+  // Federated fit phase of harmonizers[0..last] (all when last < 0), in order; `given`
+  // replaces the fit of harmonizers[last]. Returns the global statistics each one broadcast.
+  std::vector<Stats> fit_harmonizers(const RunOptions& o, int last = -1,
+                                     const std::optional<Stats>& given = std::nullopt) {
+    const size_t n = last < 0 ? config.harmonizers.size() : size_t(last) + 1;
+    std::vector<Stats> broadcast;
+    for (size_t i = 0; i < n; ++i) {
       const auto& hc = config.harmonizers[i];
       progress(o, "harmonizer " + hc.type, int(i), int(config.harmonizers.size()));
       auto combiner =
           registry.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, ctx("coordinator"));
       Stats global;
-      if (combiner->needs_fit()) {
+      if (given && i + 1 == n) {
+        global = *given;
+      } else if (combiner->needs_fit()) {
         std::vector<Stats> parts;
         for (const auto& name : site_names(false)) {  // held-out sites do not contribute
           Message req;
           req.type = "fit";
           req.text["harmonizer"] = std::to_string(i);
-          Stats s = stats_from_message(coordinator->call(name, req));
+          Stats s = stats_from_message(decode(channel.call(name, encode(req))));
           s.site = name;
           parts.push_back(std::move(s));
         }
         global = combiner->combine(parts);
       }
+      broadcast.push_back(global);
       Message set = stats_message(std::move(global), "harmonizer-stats");
       set.text["harmonizer"] = std::to_string(i);
       Bytes bytes = encode(set);
       for (const auto& name : site_names(true)) decode(channel.call(name, bytes));
       spdlog::info("harmonizer {} ({}): fitted on {} sites, applied at {}", i, hc.type,
-                   site_names(false).size(), sites.size());
+                   site_names(false).size(), site_order.size());
     }
+    return broadcast;
+  }
+
+  // Experiment::harmonize: the dataset and the harmonizer phase only. Each site is its images
+  // and its SiteHarmonizers behind the same Channel requests a training Site answers.
+  HarmonizeResult harmonize(const HarmonizeOptions& o) {
+    const int count = int(config.harmonizers.size());
+    if (count == 0) throw Error(config.file + ": the pipeline has no harmonizers");
+    const int last = o.last < 0 ? count - 1 : o.last;
+    if (last >= count)
+      throw Error(config.file + ": harmonizers[" + std::to_string(last) +
+                  "] does not exist: the pipeline has " + std::to_string(count) +
+                  " harmonizer(s), numbered from 0");
+    HarmonizeResult result;
+    result.federation = load_federation();
+    if (o.keep_unharmonized) result.unharmonized = result.federation;
+    result.fitted_sites = site_names(false);
+    for (const auto& sd : result.federation.sites)
+      if (!held.count(sd.name)) result.fitted_images += int64_t(sd.train.size());
+    int fits = 0;
+    for (int i = 0; i <= last; ++i)
+      if (!(o.last_stats && i == last) &&
+          registry
+              .create<Harmonizer>(Kind::Harmonizer, config.harmonizers[size_t(i)].type,
+                                  config.harmonizers[size_t(i)].args, ctx("coordinator"))
+              ->needs_fit())
+        fits += int(result.fitted_sites.size());
+    int fitted = 0;
+    std::vector<std::unique_ptr<SiteHarmonizers>> harmonizers;
+    for (auto& sd : result.federation.sites) {
+      harmonizers.push_back(std::make_unique<SiteHarmonizers>(sd.name, site_harmonizers(sd.name)));
+      SiteHarmonizers* h = harmonizers.back().get();
+      SiteData* data = &sd;
+      channel.connect(sd.name, [&, h, data](const Bytes& b) {
+        Message in = decode(b);
+        const bool fit = in.type == "fit";
+        const std::string phase =
+            fit ? "fit " + config.harmonizers.at(size_t(std::stoi(in.text["harmonizer"]))).type
+                : "";
+        const std::string type = in.type;
+        std::optional<Message> out = h->handle(in, *data);
+        if (!out) throw SiteError(data->name, "unknown request '" + type + "'");
+        if (fit && o.on_progress) o.on_progress(phase, ++fitted, fits);
+        return encode(*out);
+      });
+    }
+    result.stats = fit_harmonizers(RunOptions{}, last, o.last_stats);
+    return result;
   }
 
   std::map<std::string, std::map<std::string, double>> evaluate(int round,
@@ -714,6 +809,9 @@ struct Experiment::Impl {
 Experiment::Experiment(PipelineConfig config, const Registry& registry)
     : impl_(std::make_unique<Impl>(std::move(config), registry)) {}
 Experiment::~Experiment() = default;
+HarmonizeResult Experiment::harmonize(const HarmonizeOptions& options) {
+  return impl_->harmonize(options);
+}
 void Experiment::inject_faults(FaultPlan plan) {
   impl_->faults = std::move(plan);
 }

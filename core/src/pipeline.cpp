@@ -101,55 +101,10 @@ struct Parser {
                                   : "null"));
       return false;
     }
-    const std::string s = n.Scalar();
     try {
-      switch (type) {
-        case ArgType::Int: {
-          size_t used = 0;
-          double d = std::stod(s, &used);
-          if (used != s.size() || d != std::floor(d)) throw std::invalid_argument(s);
-          out.i = int64_t(d);
-          out.f = d;
-          break;
-        }
-        case ArgType::Float: {
-          size_t used = 0;
-          out.f = std::stod(s, &used);
-          if (used != s.size()) throw std::invalid_argument(s);
-          break;
-        }
-        case ArgType::Bool:
-          out.b = n.as<bool>();
-          break;
-        default:
-          out.s = s;
-      }
-    } catch (const std::exception&) {
-      error(n, path, describe() + ", got '" + s + "'");
-      return false;
-    }
-    if (type == ArgType::Int || type == ArgType::Float) {
-      double v = type == ArgType::Int ? double(out.i) : out.f;
-      if (!std::isfinite(v) || (spec.min && v < *spec.min) || (spec.max && v > *spec.max)) {
-        error(n, path, "'" + path + "' = " + s + " is out of range: expected " + spec.type_str());
-        return false;
-      }
-    }
-    if (type == ArgType::Enum) {
-      bool ok = false;
-      for (const auto& c : spec.choices) ok = ok || c == s;
-      if (!ok) {
-        std::string hint = closest_name(s, spec.choices);
-        error(n, path,
-              "'" + path + "' = '" + s + "' is not one of " + spec.type_str() +
-                  (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
-        return false;
-      }
-    }
-    if (type == ArgType::Path && spec.must_exist && !std::filesystem::exists(s)) {
-      error(n, path,
-            "'" + path + "': path '" + s + "' does not exist (relative paths are " +
-                "resolved from the current folder)");
+      out = parse_scalar(spec, type, n.Scalar(), path);
+    } catch (const Error& e) {
+      error(n, path, e.what());
       return false;
     }
     return true;

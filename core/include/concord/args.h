@@ -85,6 +85,21 @@ class Args {
 // code that builds plugins without a pipeline file. Throws Error listing every problem.
 Args make_args(const std::string& plugin, const std::vector<ArgSpec>& specs,
                const std::map<std::string, Value>& given = {});
+// Text -> a typed, checked Value of `spec`: the one conversion pipeline files (every YAML scalar)
+// and command lines (`--arg key=value`) share. int: an integral number ("3", "3.0", "1e3");
+// float; bool: true/false, yes/no, on/off, y/n, 1/0 (any case); string; path (must exist when
+// spec.must_exist); enum: one of spec.choices; list: comma-separated items of spec.element,
+// optionally in [brackets] ("" and "[]" are empty). Ranges and choices are checked (for list
+// items too). `what` names the value in errors (default: spec.name). Throws Error:
+//   'what' expects int in [1, 10], got 'x'
+//   'what' = 20 is out of range: expected int in [1, 10]
+//   'what' = 'sampels' is not one of enum {samples|uniform} (did you mean 'samples'?)
+//   'what': path 'p' does not exist (relative paths are resolved from the current folder)
+Value parse_value(const ArgSpec& spec, const std::string& text, const std::string& what = "");
+// One scalar of `type` (spec.type, or spec.element for one list item), checked against `spec`.
+Value parse_scalar(const ArgSpec& spec, ArgType type, const std::string& text,
+                   const std::string& what);
+
 Value make_value(int64_t v);
 Value make_value(double v);
 Value make_value(bool v);

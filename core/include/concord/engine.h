@@ -4,11 +4,13 @@
 
 #include <concord/aggregator.h>
 #include <concord/channel.h>
+#include <concord/harmonizer.h>
 #include <concord/pipeline.h>
 
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -89,12 +91,39 @@ struct FaultPlan {
   std::map<std::pair<std::string, int>, std::string> fail;  // (site, round) -> message
 };
 
+// The harmonization phase of a run on its own (Experiment::harmonize; `concord harmonize
+// --sites`).
+struct HarmonizeOptions {
+  // harmonizers[0..last] run in order, each fitted federatively and applied before the next is
+  // fitted, exactly as run() does before training; -1: all of them.
+  int last = -1;
+  // Statistics for harmonizers[last] instead of fitting it (e.g. from load_stats).
+  std::optional<Stats> last_stats;
+  // Also return the federation as the dataset built it, before any harmonizer.
+  bool keep_unharmonized = false;
+  // Called after each site's fit_site: ("fit <type>", sites fitted so far, sites to fit in all).
+  std::function<void(const std::string& phase, int done, int total)> on_progress;
+};
+
+struct HarmonizeResult {
+  Federation federation;                   // every site's images after harmonizers[0..last]
+  std::optional<Federation> unharmonized;  // with keep_unharmonized
+  // The global statistics each harmonizer broadcast (empty Stats for site-local ones).
+  std::vector<Stats> stats;
+  std::vector<std::string> fitted_sites;  // the sites that fitted (all but evaluation.held_out)
+  int64_t fitted_images = 0;              // their training images
+};
+
 class Experiment {
  public:
   Experiment(PipelineConfig config, const Registry& registry);
   ~Experiment();
   RunSummary run(const RunOptions& options);
   void inject_faults(FaultPlan plan);
+  // Only the start of run(): builds the dataset as run() does (plugin, arguments, seed, site
+  // list, partition, scanner shift) and runs the harmonizer fit phase (fit_site per site over
+  // its training images, combine, broadcast, apply), without a model. Call it instead of run().
+  HarmonizeResult harmonize(const HarmonizeOptions& options);
   // The final global shared state (for tests).
   const NamedArrays& global_state() const;
 

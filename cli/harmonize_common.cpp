@@ -1,0 +1,223 @@
+#include "harmonize_common.h"
+
+#include <concord/error.h>
+#include <concord/message.h>
+
+#include <spdlog/spdlog.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <random>
+#include <sstream>
+
+namespace concord::cli {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+void Failures::add(const std::string& what, const std::string& reason, ProgressBar* bar) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  list_.push_back({what, reason});
+  if (bar)
+    bar->print("error: " + reason);
+  else
+    spdlog::error("{}", reason);
+}
+
+size_t Failures::size() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return list_.size();
+}
+
+std::vector<std::pair<std::string, std::string>> Failures::list() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return list_;
+}
+
+void print_failures(const Failures& f, size_t total, const char* verb) {
+  auto list = f.list();
+  std::sort(list.begin(), list.end());
+  std::cerr << list.size() << " of " << total << " inputs failed to " << verb << ":\n";
+  for (const auto& [what, reason] : list) std::cerr << "  " << reason << "\n";
+}
+
+Args build_args(const PluginDesc& desc, const std::vector<std::string>& pairs,
+                std::map<std::string, Value> base) {
+  std::map<std::string, Value>& given = base;
+  for (const auto& p : pairs) {
+    auto eq = p.find('=');
+    if (eq == std::string::npos || eq == 0)
+      throw Error("harmonizer '" + desc.name + "': --arg '" + p + "' is not of the form key=value");
+    const std::string key = p.substr(0, eq), text = p.substr(eq + 1);
+    auto spec = std::find_if(desc.args.begin(), desc.args.end(),
+                             [&](const ArgSpec& a) { return a.name == key; });
+    if (spec == desc.args.end()) {
+      std::string known;
+      for (const auto& a : desc.args) known += (known.empty() ? "" : ", ") + a.name;
+      throw Error("harmonizer '" + desc.name + "' has no argument '" + key +
+                  "' (arguments: " + (known.empty() ? "none" : known) + ")");
+    }
+    try {
+      given[key] = parse_value(*spec, text);
+    } catch (const Error& e) {
+      throw Error("harmonizer '" + desc.name + "': " + e.what());
+    }
+  }
+  try {
+    return make_args(desc.name, desc.args, given);
+  } catch (const Error& e) {
+    throw Error("harmonizer '" + desc.name + "': " + e.what());
+  }
+}
+
+std::vector<std::string> arg_pairs_of(const Args& args) {
+  auto text = [](const Value& v) {
+    if (v.type != ArgType::Float) return v.str();
+    std::ostringstream os;
+    os << std::setprecision(17) << v.f;
+    return os.str();
+  };
+  std::vector<std::string> pairs;
+  for (const auto& [k, v] : args.values()) {
+    std::string t;
+    if (v.type == ArgType::List)
+      for (size_t i = 0; i < v.items.size(); ++i) t += (i ? "," : "") + text(v.items[i]);
+    else
+      t = text(v);
+    pairs.push_back(k + "=" + t);
+  }
+  return pairs;
+}
+
+const Component& pipeline_harmonizer(const PipelineConfig& c, int index) {
+  if (c.harmonizers.empty()) throw Error(c.file + ": the pipeline has no harmonizers");
+  if (index < 0 || index >= int(c.harmonizers.size()))
+    throw Error(c.file + ": --harmonizer " + std::to_string(index) +
+                " is out of range: the pipeline has " + std::to_string(c.harmonizers.size()) +
+                " harmonizer(s), numbered from 0");
+  return c.harmonizers[size_t(index)];
+}
+
+std::string file_checksum(const std::string& file) {
+  Bytes raw = read_file(file);
+  return checksum(raw->data(), raw->size());
+}
+
+std::string checksum(const void* data, size_t size) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (size_t i = 0; i < size; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
+  return hex;
+}
+
+int worker_count(int jobs) {
+  if (jobs > 0) return jobs;
+  return int(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+void save_stats_with_sidecar(const Stats& stats, const std::string& file, const std::string& method,
+                             const std::vector<std::string>& args, size_t images, size_t failed,
+                             const std::vector<std::string>& sites, const json& extra) {
+  save_stats(stats, file, method);
+  json side = extra.is_object() ? extra : json::object();
+  side["method"] = method;
+  side["args"] = args;
+  side["images"] = images;
+  side["failed"] = failed;
+  side["sites"] = sites;
+  write_file_atomic(file + ".json", side.dump(2) + "\n");
+}
+
+namespace {
+
+// A run killed mid-write leaves its temporaries (never a partial output): remove them.
+void remove_leftover_temporaries(const std::string& out) {
+  std::vector<fs::path> stale;
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const auto tmp = name.rfind(".tmp-");
+    if (name.find(".concord-tmp-") != std::string::npos ||
+        (tmp != std::string::npos &&
+         name.find_first_not_of("0123456789-", tmp + 5) == std::string::npos)) {
+      stale.push_back(it->path());
+      if (it->is_directory()) it.disable_recursion_pending();
+    }
+  }
+  for (const auto& p : stale) fs::remove_all(p, ec);
+  if (!stale.empty())
+    spdlog::info("removed {} temporaries left by an interrupted run", stale.size());
+}
+
+}  // namespace
+
+void claim_output_folder(const std::string& out, const json& mine, bool overwrite) {
+  fs::create_directories(out);
+  // Refuse to mix outputs of different harmonizations in one folder (resume must be safe).
+  const fs::path marker = fs::path(out) / ".concord-harmonize.json";
+  if (fs::exists(marker) && !overwrite) {
+    json theirs;
+    try {
+      Bytes b = read_file(marker.string());
+      theirs = json::parse(b->data(), b->data() + b->size());
+    } catch (const std::exception&) {
+    }
+    if (theirs != mine)
+      throw Error(out + " holds outputs of a different harmonization (" +
+                  theirs.value("method", std::string("?")) + ", " +
+                  theirs.value("stats", std::string("?")) +
+                  "); use another --out, or --overwrite to redo every output");
+  }
+  write_file_atomic(marker.string(), mine.dump(2) + "\n");
+  remove_leftover_temporaries(out);
+}
+
+std::vector<bool> pick_report_items(const std::vector<std::string>& site_of, int per_site,
+                                    uint64_t seed) {
+  std::vector<bool> pick(site_of.size(), false);
+  std::map<std::string, std::vector<size_t>> by_site;
+  for (size_t i = 0; i < site_of.size(); ++i)
+    if (!site_of[i].empty()) by_site[site_of[i]].push_back(i);
+  std::mt19937_64 rng(seed ^ 0x5eed5eedull);
+  for (auto& [site, idx] : by_site) {
+    std::shuffle(idx.begin(), idx.end(), rng);
+    for (size_t k = 0; k < idx.size() && int(k) < per_site; ++k) pick[idx[k]] = true;
+  }
+  return pick;
+}
+
+void print_site_shift(const SiteShiftReport& shift, json& report, const std::string& preview,
+                      int preview_per_site) {
+  if (shift.empty()) {
+    if (!preview.empty()) spdlog::warn("no image was harmonized: preview {} not written", preview);
+    return;
+  }
+  ShiftMeasure m = shift.measure();
+  auto pct = [](double a, double b) { return a > 0 ? 100.0 * (b - a) / a : 0.0; };
+  std::printf(
+      "site shift over %d sites (%d images): histogram W1 %.4f -> %.4f (%+.1f%%), amplitude "
+      "spectrum %.4f -> %.4f (%+.1f%%)\n",
+      m.sites, m.images, m.histogram_before, m.histogram_after,
+      pct(m.histogram_before, m.histogram_after), m.spectrum_before, m.spectrum_after,
+      pct(m.spectrum_before, m.spectrum_after));
+  std::fflush(stdout);
+  report["site_shift"] = {{"sites", m.sites},
+                          {"images", m.images},
+                          {"histogram_before", m.histogram_before},
+                          {"histogram_after", m.histogram_after},
+                          {"spectrum_before", m.spectrum_before},
+                          {"spectrum_after", m.spectrum_after}};
+  if (!preview.empty()) {
+    shift.write_preview(preview, preview_per_site);
+    std::cout << "preview: " << preview << "\n";
+  }
+}
+
+}  // namespace concord::cli

@@ -1,0 +1,93 @@
+// What the two input forms of `concord harmonize` share: files/folders/manifests
+// (harmonize_cmd.cpp) and a pipeline's sites (harmonize_sites.cpp). Statistics files with
+// their sidecar, the output folder's marker, failure lists, worker threads, the site-shift
+// report's choice of images and its printout.
+#pragma once
+
+#include "harmonize_report.h"
+#include "progress.h"
+
+#include <concord/harmonizer.h>
+#include <concord/pipeline.h>
+#include <concord/registry.h>
+
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace concord::cli {
+
+// Every input that failed, reported together at the end. Thread-safe.
+class Failures {
+ public:
+  void add(const std::string& what, const std::string& reason, ProgressBar* bar);
+  size_t size() const;
+  std::vector<std::pair<std::string, std::string>> list() const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<std::pair<std::string, std::string>> list_;
+};
+
+// Plugin arguments from --arg key=value pairs over `base` values, typed and checked against the
+// declared ArgSpecs by the conversion pipeline files use (concord::parse_value); defaults for the
+// rest. Errors name the harmonizer and the argument.
+Args build_args(const PluginDesc& desc, const std::vector<std::string>& pairs,
+                std::map<std::string, Value> base = {});
+// Args as key=value pairs that build_args reads back to the same values (sidecars, markers).
+std::vector<std::string> arg_pairs_of(const Args& args);
+// The pipeline's harmonizers[index]; errors when there is none or the index is out of range.
+const Component& pipeline_harmonizer(const PipelineConfig& config, int index);
+// A checksum of a file's bytes (16 hex digits): identifies the statistics in output markers.
+std::string file_checksum(const std::string& file);
+std::string checksum(const void* data, size_t size);
+
+// "N of TOTAL inputs failed to VERB:" and the sorted reasons, on stderr.
+void print_failures(const Failures& f, size_t total, const char* verb);
+
+// -j: `jobs` when positive, otherwise every core.
+int worker_count(int jobs);
+
+// Runs fn(i) for i in [0, n) on `jobs` threads (work stealing by an atomic counter).
+template <class F>
+void parallel_for(size_t n, int jobs, F fn) {
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next++) < n;) fn(i);
+  };
+  std::vector<std::thread> threads;
+  for (int t = 1; t < std::min<int>(jobs, int(n)); ++t) threads.emplace_back(work);
+  work();
+  for (auto& t : threads) t.join();
+}
+
+// The statistics file (save_stats) and its JSON sidecar FILE.json: method, the `args` pairs it
+// was fitted with (apply reuses them), image and failure counts, sites, plus `extra` keys.
+void save_stats_with_sidecar(const Stats& stats, const std::string& file, const std::string& method,
+                             const std::vector<std::string>& args, size_t images, size_t failed,
+                             const std::vector<std::string>& sites,
+                             const nlohmann::json& extra = nlohmann::json::object());
+
+// Makes `out` and records `mine` (what is written there) in out/.concord-harmonize.json; refuses
+// a folder holding another harmonization unless `overwrite`. Removes temporaries an
+// interrupted run left.
+void claim_output_folder(const std::string& out, const nlohmann::json& mine, bool overwrite);
+
+// Which items feed the site-shift measure and preview: up to `per_site` per site, chosen by a
+// seeded shuffle so that the choice depends neither on thread timing nor on resumption.
+// site_of[i] is item i's site, or "" for items that take no part (masks).
+std::vector<bool> pick_report_items(const std::vector<std::string>& site_of, int per_site,
+                                    uint64_t seed);
+
+// Prints "site shift over N sites ...", stores the numbers in report["site_shift"] and writes
+// the preview PNG when `preview` is set (or warns that nothing was harmonized).
+void print_site_shift(const SiteShiftReport& shift, nlohmann::json& report,
+                      const std::string& preview, int preview_per_site);
+
+}  // namespace concord::cli
