@@ -4,12 +4,17 @@
 // Needs the targets concord-cli and the harmonizer plugins (identity, zscore,
 // histogram-match, amplitude) built in the same build folder; fails with a clear message when
 // they are missing.
+#include <concord/dataset.h>
+#include <concord/engine.h>
+#include <concord/harmonizer.h>
 #include <concord/image_io.h>
+#include <concord/pipeline.h>
 
 #include "testing.h"
 
 #include <nlohmann/json.hpp>
 
+#include <cstring>
 #include <fstream>
 #include <random>
 
@@ -309,4 +314,240 @@ TEST(Harmonize, RealProstateSitesShiftDecreases) {
     else
       EXPECT_LT(s["spectrum_after"].get<double>(), s["spectrum_before"].get<double>()) << r.out;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `--pipeline P --sites`: a pipeline's sites as the inputs.
+
+namespace {
+
+// Three small brainsim sites, site-C held out (it does not fit, but is harmonized); zscore
+// (site-local: no statistics) first, then histogram-match fitted on what zscore left.
+const char* kSitesPipeline =
+    "name: sites-test\nseed: 7\n"
+    "data:\n  dataset: {type: brainsim, args: {sites: 3, train_per_site: 6, test_per_site: 3, "
+    "size: 24, task: segmentation, shift: 1.5}}\n"
+    "model: {type: cnn}\n"
+    "harmonizers:\n  - {type: zscore}\n  - {type: histogram-match, args: {quantiles: 21}}\n"
+    "evaluation: {held_out: [site-C]}\n";
+
+PipelineConfig sites_config(const std::string& text) {
+  return parse_pipeline(text, "sites-test.yaml", {}, testkit::builtin_registry());
+}
+
+// The federated fit phase written out by hand on an in-memory copy of the dataset: each fitting
+// site's fit_site over its training images, combine, then set_statistics + apply at every site.
+// Returns the global statistics of each harmonizer; `fed` ends harmonized.
+std::vector<Stats> fit_by_hand(const PipelineConfig& c, Federation& fed) {
+  const Registry& reg = testkit::builtin_registry();
+  std::vector<Stats> out;
+  for (const auto& hc : c.harmonizers) {
+    auto make = [&](const std::string& who) {
+      return reg.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, {c.seed, who});
+    };
+    Stats global;
+    if (make("coordinator")->needs_fit()) {
+      std::vector<Stats> parts;
+      for (const auto& site : fed.sites) {
+        if (site.name == "site-C") continue;  // held out
+        Stats s = make(site.name)->fit_site([&](const ImageVisitor& visit) {
+          for (const auto& smp : site.train) visit(smp.image);
+        });
+        s.site = site.name;
+        parts.push_back(std::move(s));
+      }
+      global = make("coordinator")->combine(parts);
+    }
+    for (auto& site : fed.sites) {
+      auto h = make(site.name);
+      h->set_statistics(global, site.name);
+      for (auto* split : {&site.train, &site.test})
+        for (auto& smp : *split) h->apply(smp.image);
+    }
+    out.push_back(global);
+  }
+  return out;
+}
+
+Federation brainsim_of(const PipelineConfig& c) {
+  auto ds = testkit::builtin_registry().create<Dataset>(Kind::Dataset, c.data.dataset.type,
+                                                        c.data.dataset.args);
+  return ds->load(DataRequest{c.seed, {}});
+}
+
+void expect_same_stats(const Stats& a, const Stats& b) {
+  EXPECT_DOUBLE_EQ(a.weight, b.weight);
+  EXPECT_EQ(a.scalars, b.scalars);
+  ASSERT_EQ(a.arrays.size(), b.arrays.size());
+  for (const auto& [name, x] : a.arrays) {
+    ASSERT_TRUE(b.arrays.count(name)) << name;
+    const Array& y = b.arrays.at(name);
+    EXPECT_EQ(x.shape(), y.shape()) << name;
+    ASSERT_EQ(x.nbytes(), y.nbytes()) << name;
+    EXPECT_EQ(std::memcmp(x.raw(), y.raw(), x.nbytes()), 0) << name << " differs";
+  }
+}
+
+void expect_near_image(const Image& a, const Image& b, const std::string& what) {
+  ASSERT_EQ(a.data.size(), b.data.size()) << what;
+  EXPECT_EQ(a.size, b.size) << what;
+  double worst = 0;
+  for (size_t i = 0; i < a.data.size(); ++i)
+    worst = std::max(worst, double(std::abs(a.data[i] - b.data[i])));
+  EXPECT_LE(worst, 1e-6) << what;
+}
+
+}  // namespace
+
+TEST(HarmonizeSites, ExperimentHarmonizeIsTheFederatedFitPhase) {
+  const PipelineConfig c = sites_config(kSitesPipeline);
+  Federation expected = brainsim_of(c);
+  const std::vector<Stats> want = fit_by_hand(c, expected);
+  ASSERT_FALSE(want[1].arrays.empty()) << "histogram-match must have fitted statistics";
+
+  Experiment exp(c, testkit::builtin_registry());
+  HarmonizeOptions o;
+  o.keep_unharmonized = true;
+  int calls = 0, total = 0;
+  o.on_progress = [&](const std::string&, int done, int t) { calls = done, total = t; };
+  HarmonizeResult r = exp.harmonize(o);
+  ASSERT_EQ(r.stats.size(), 2u);
+  EXPECT_TRUE(r.stats[0].arrays.empty()) << "zscore is site-local";
+  expect_same_stats(r.stats[1], want[1]);
+  EXPECT_EQ(r.fitted_sites, (std::vector<std::string>{"site-A", "site-B"}));
+  EXPECT_EQ(r.fitted_images, 12);
+  EXPECT_EQ(calls, 2);  // histogram-match at the two fitting sites
+  EXPECT_EQ(total, 2);
+  ASSERT_EQ(r.federation.sites.size(), 3u);
+  ASSERT_TRUE(r.unharmonized);
+  const Federation raw = brainsim_of(c);
+  for (size_t k = 0; k < 3; ++k) {
+    const auto& got = r.federation.sites[k];
+    ASSERT_EQ(got.test.size(), 3u);
+    for (size_t i = 0; i < got.test.size(); ++i) {
+      expect_near_image(got.test[i].image, expected.sites[k].test[i].image, got.test[i].id);
+      EXPECT_EQ(r.unharmonized->sites[k].test[i].image.data, raw.sites[k].test[i].image.data);
+    }
+  }
+
+  // Given statistics replace the last fit; `last` stops the phase early.
+  Stats fake = want[1];
+  HarmonizeOptions given;
+  given.last = 1;
+  given.last_stats = fake;
+  HarmonizeResult g = Experiment(c, testkit::builtin_registry()).harmonize(given);
+  expect_same_stats(g.stats[1], want[1]);
+  HarmonizeOptions first;
+  first.last = 0;
+  EXPECT_EQ(Experiment(c, testkit::builtin_registry()).harmonize(first).stats.size(), 1u);
+  first.last = 2;
+  EXPECT_NE(testkit::error_of([&] {
+              Experiment(c, testkit::builtin_registry()).harmonize(first);
+            }).find("has 2 harmonizer(s)"),
+            std::string::npos);
+}
+
+TEST(HarmonizeSites, FitAndApplyFromAPipelinesSites) {
+  if (!have_tools({"zscore", "histogram-match"})) return;
+  testkit::TempDir tmp;
+  const std::string pipe = tmp.str() + "/p.yaml";
+  std::ofstream(pipe) << kSitesPipeline;
+  const PipelineConfig c = sites_config(kSitesPipeline);
+  Federation expected = brainsim_of(c);
+  const std::vector<Stats> want = fit_by_hand(c, expected);
+
+  // fit: harmonizers[1]'s global statistics, fitted after harmonizers[0] was applied.
+  const std::string stats = tmp.str() + "/hm.stats";
+  Result fit = run_concord("harmonize fit --no-progress --pipeline " + pipe +
+                           " --sites --harmonizer 1 --stats " + stats);
+  ASSERT_EQ(fit.code, 0) << fit.out;
+  std::string method;
+  expect_same_stats(load_stats(stats, &method), want[1]);
+  EXPECT_EQ(method, "histogram-match");
+  auto side = nlohmann::json::parse(slurp(stats + ".json"));
+  EXPECT_EQ(side["images"], 12);
+  EXPECT_EQ(side["sites"], nlohmann::json({"site-A", "site-B"}));
+  EXPECT_NE(slurp(stats + ".json").find("quantiles=21"), std::string::npos);
+
+  // apply with the saved statistics: float32 NIfTI per site and split, masks, a csv manifest.
+  const fs::path out = tmp.path() / "out";
+  Result ap =
+      run_concord("harmonize apply --no-progress -j 2 --pipeline " + pipe +
+                  " --sites --harmonizer 1 --stats " + stats + " --out " + out.string() +
+                  " --report " + tmp.str() + "/rep.json --preview " + tmp.str() + "/prev.png");
+  ASSERT_EQ(ap.code, 0) << ap.out;
+  EXPECT_NE(ap.out.find("27 written"), std::string::npos) << ap.out;
+  EXPECT_NE(ap.out.find("site shift over 3 sites"), std::string::npos) << ap.out;
+  EXPECT_TRUE(fs::exists(tmp.str() + "/prev.png"));
+  Image first = read_image((out / "site-A/train/0000.nii.gz").string());
+  EXPECT_EQ(first.dim, 2);
+  EXPECT_EQ(first.pixel_type, PixelType::F32);
+  expect_near_image(first, expected.sites[0].train[0].image, "site-A/train/0000");
+  ASSERT_TRUE(fs::exists(out / "site-C/test/masks/0002.nii.gz"));
+
+  // The manifest loads with the csv dataset: same sites, samples, values and masks.
+  const Registry& reg = testkit::builtin_registry();
+  auto csv = reg.create<Dataset>(Kind::Dataset, "csv",
+                                 make_args("csv", reg.get(Kind::Dataset, "csv").args,
+                                           {{"file", make_value((out / "manifest.csv").string())},
+                                            {"normalize", make_value("none")}}));
+  Federation back = csv->load(DataRequest{});
+  EXPECT_EQ(back.task, Task::Segmentation);
+  ASSERT_EQ(back.sites.size(), expected.sites.size());
+  for (size_t k = 0; k < back.sites.size(); ++k) {
+    const SiteData &b = back.sites[k], &e = expected.sites[k];
+    EXPECT_EQ(b.name, e.name);
+    ASSERT_EQ(b.train.size(), e.train.size()) << b.name;
+    ASSERT_EQ(b.test.size(), e.test.size()) << b.name;
+    for (size_t i = 0; i < b.test.size(); ++i) {
+      expect_near_image(b.test[i].image, e.test[i].image, b.name + " test " + e.test[i].id);
+      ASSERT_TRUE(b.test[i].mask && e.test[i].mask);
+      EXPECT_EQ(b.test[i].mask->data, e.test[i].mask->data) << e.test[i].id;
+    }
+  }
+
+  // Fitting in place gives the same files; a rerun resumes; the statistics serve file inputs too.
+  const fs::path again = tmp.path() / "again";
+  Result fly = run_concord("harmonize apply --no-progress --pipeline " + pipe +
+                           " --sites --harmonizer 1 --out " + again.string());
+  ASSERT_EQ(fly.code, 0) << fly.out;
+  EXPECT_EQ(read_image((again / "site-B/test/0001.nii.gz").string()).data,
+            read_image((out / "site-B/test/0001.nii.gz").string()).data);
+  Result resume = run_concord("harmonize apply --no-progress --pipeline " + pipe +
+                              " --sites --harmonizer 1 --out " + again.string());
+  EXPECT_NE(resume.out.find("27 already complete"), std::string::npos) << resume.out;
+  Result files = run_concord("harmonize apply --no-progress --stats " + stats + " " + out.string() +
+                             " --out " + tmp.str() + "/files");
+  EXPECT_EQ(files.code, 0) << files.out;
+}
+
+TEST(HarmonizeSites, WrongCombinationsAreRefused) {
+  if (!have_tools({"zscore"})) return;
+  testkit::TempDir tmp;
+  const std::string pipe = tmp.str() + "/p.yaml", none = tmp.str() + "/none.yaml";
+  std::ofstream(pipe) << kSitesPipeline;
+  std::ofstream(none) << "data: {dataset: {type: brainsim}}\nmodel: {type: cnn}\n";
+  const std::string stats = " --stats " + tmp.str() + "/x.stats --no-progress";
+  struct Case {
+    std::string args, message;
+  } cases[] = {
+      {"fit --sites" + stats, "give --pipeline FILE"},
+      {"fit --pipeline " + pipe + " --sites " + tmp.str() + stats, "give no INPUTS"},
+      {"fit --pipeline " + pipe + " --sites --harmonizer 2" + stats,
+       "--harmonizer 2 is out of range"},
+      {"fit --pipeline " + pipe + " --sites --harmonizer -1" + stats, "out of range"},
+      {"fit --pipeline " + none + " --sites" + stats, "the pipeline has no harmonizers"},
+      {"fit --pipeline " + pipe + " --sites --harmonizer 0" + stats, "needs no statistics"},
+      {"fit --pipeline " + pipe + " --sites --harmonizer 1 --arg quantiles=2" + stats,
+       "'quantiles' = 2 is out of range"},
+      {"fit" + stats, "no inputs"},
+      {"apply --pipeline " + pipe + " --sites --out " + tmp.str() + "/o --seed 3 --no-progress",
+       "--set seed=N"},
+  };
+  for (const auto& c : cases) {
+    Result r = run_concord("harmonize " + c.args);
+    EXPECT_NE(r.code, 0) << c.args;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << "\n" << r.out;
+  }
+  EXPECT_FALSE(fs::exists(tmp.str() + "/x.stats"));
 }

@@ -123,3 +123,64 @@ TEST(Pipeline, OverridesAreAppliedAndValidated) {
   EXPECT_THROW(parse_pipeline(kGood, "p.yaml", {"novalue"}, testkit::builtin_registry()),
                ValidationError);
 }
+
+// The one text -> Value conversion that pipeline files and `--arg key=value` share.
+TEST(ParseValue, TypesRangesChoicesListsAndPaths) {
+  const ArgSpec count = ArgSpec::integer("count", 1, "").range(1, 10);
+  EXPECT_EQ(parse_value(count, "7").i, 7);
+  EXPECT_EQ(parse_value(count, "7").type, ArgType::Int);
+  EXPECT_EQ(parse_value(count, "3.0").i, 3);  // YAML writes integral floats like this
+  EXPECT_EQ(testkit::error_of([&] { parse_value(count, "2.5"); }),
+            "'count' expects int in [1, 10], got '2.5'");
+  EXPECT_EQ(testkit::error_of([&] { parse_value(count, "seven"); }),
+            "'count' expects int in [1, 10], got 'seven'");
+  EXPECT_EQ(testkit::error_of([&] { parse_value(count, "11", "training.count"); }),
+            "'training.count' = 11 is out of range: expected int in [1, 10]");
+  EXPECT_NE(testkit::error_of([&] {
+              parse_value(ArgSpec::integer("n", 0, ""), "1e30");
+            }).find("out of range"),
+            std::string::npos);
+
+  const ArgSpec lr = ArgSpec::real("lr", 0.1, "").range(0, 1);
+  EXPECT_DOUBLE_EQ(parse_value(lr, "2.5e-1").f, 0.25);
+  EXPECT_NE(testkit::error_of([&] { parse_value(lr, "-0.5"); }).find("is out of range"),
+            std::string::npos);
+  EXPECT_NE(testkit::error_of([&] { parse_value(lr, "nan"); }).find("out of range"),
+            std::string::npos);
+  EXPECT_NE(testkit::error_of([&] { parse_value(lr, "0.5x"); }).find("expects float"),
+            std::string::npos);
+
+  const ArgSpec flag = ArgSpec::boolean("flag", false, "");
+  for (const char* t : {"true", "Yes", "ON", "1", "y"}) EXPECT_TRUE(parse_value(flag, t).b) << t;
+  for (const char* t : {"false", "No", "off", "0", "N"}) EXPECT_FALSE(parse_value(flag, t).b) << t;
+  EXPECT_EQ(testkit::error_of([&] { parse_value(flag, "maybe"); }),
+            "'flag' expects bool, got 'maybe'");
+
+  const ArgSpec mode = ArgSpec::choice("mode", {"samples", "uniform"}, "samples", "");
+  EXPECT_EQ(parse_value(mode, "uniform").s, "uniform");
+  EXPECT_EQ(testkit::error_of([&] { parse_value(mode, "sampels"); }),
+            "'mode' = 'sampels' is not one of enum {samples|uniform} (did you mean 'samples'?)");
+
+  const ArgSpec pcts = ArgSpec::list("pcts", ArgType::Float, {"1", "99"}, "").range(0, 100);
+  Value l = parse_value(pcts, "[0.5, 99.5]");
+  ASSERT_EQ(l.items.size(), 2u);
+  EXPECT_DOUBLE_EQ(l.items[1].f, 99.5);
+  EXPECT_EQ(l.items[1].type, ArgType::Float);
+  EXPECT_EQ(parse_value(pcts, "1,2,3").items.size(), 3u);
+  EXPECT_TRUE(parse_value(pcts, "").items.empty());
+  EXPECT_TRUE(parse_value(pcts, "[]").items.empty());
+  EXPECT_EQ(testkit::error_of([&] { parse_value(pcts, "1,200"); }),
+            "'pcts[1]' = 200 is out of range: expected list<float> in [0, 100]");
+  const ArgSpec names = ArgSpec::list("names", ArgType::String, {}, "");
+  EXPECT_EQ(parse_value(names, "a, b").items[1].s, "b");
+
+  testkit::TempDir dir;
+  const ArgSpec file = ArgSpec::path("file", "");
+  EXPECT_EQ(parse_value(file, dir.str()).s, dir.str());
+  EXPECT_NE(testkit::error_of([&] {
+              parse_value(file, dir.str() + "/missing");
+            }).find("'file': path '" + dir.str() + "/missing' does not exist"),
+            std::string::npos);
+  EXPECT_EQ(parse_value(ArgSpec::path("out", "").output(), "/no/such/dir").s, "/no/such/dir");
+  EXPECT_EQ(parse_value(ArgSpec::string("s", "", ""), "a,b").s, "a,b");  // strings keep commas
+}
