@@ -275,6 +275,14 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
     return w;
   };
 
+  // Outputs are flushed and renamed into place on one publisher thread, so that workers compute
+  // while the disk writes; an output counts as written once it is in place.
+  OutputPublisher publisher([&](const std::string& path, const std::string& error) {
+    if (error.empty())
+      ++counts.written;
+    else
+      failures.add(path, with_path(path, error), &bar);
+  });
   parallel_for(items.size(), jobs, [&](size_t i) {
     const InputItem& it = items[i];
     const std::string out = (fs::path(o.out) / it.relative).string();
@@ -308,8 +316,8 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
         WriteOptions wo;
         wo.keep_pixel_type = keep;
         wo.new_uids = !before || before->data != im.data;
+        wo.publisher = &publisher;
         write_image(im, out, wo);
-        ++counts.written;
         if (report_pick[i]) report.add(it.site, it.relative, *before, im);
       }
     } catch (const std::exception& e) {
@@ -322,6 +330,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
       status += (status.empty() ? "" : ", ") + std::to_string(failures.size()) + " failed";
     bar.set_status(status);
   });
+  publisher.finish();
   bar.finish();
   *processed = items.size();
 

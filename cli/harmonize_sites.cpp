@@ -203,6 +203,10 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
   std::atomic<size_t> written{0}, skipped{0}, masks{0};
   const int jobs = worker_count(o.jobs);
   ProgressBar bar("write " + p.method, int64_t(items.size()), !o.no_progress);
+  // Flush + rename on a publisher thread (see harmonize apply on files).
+  OutputPublisher publisher([&](const std::string& path, const std::string& error) {
+    if (!error.empty()) failures.add(path, path + ": " + error, &bar);
+  });
   parallel_for(items.size(), jobs, [&](size_t i) {
     const Item& it = items[i];
     const fs::path image = fs::path(o.out) / it.image;
@@ -214,6 +218,7 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
         im.pixel_type = PixelType::F32;
         WriteOptions wo;
         wo.keep_pixel_type = false;
+        wo.publisher = &publisher;
         write_image(im, image.string(), wo);
         ++written;
       }
@@ -224,7 +229,9 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
           float top = 0;
           for (float v : m.data) top = std::max(top, v);
           m.pixel_type = top <= 255 ? PixelType::U8 : PixelType::U16;
-          write_image(m, mask.string(), WriteOptions{});
+          WriteOptions mo;
+          mo.publisher = &publisher;
+          write_image(m, mask.string(), mo);
           ++masks;
         }
       }
@@ -236,6 +243,7 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
     bar.advance();
     if (failures.size()) bar.set_status(std::to_string(failures.size()) + " failed");
   });
+  publisher.finish();  // every output in place (or failed) before the manifest lists it
   bar.finish();
 
   // The manifest lists every sample whose files are complete, in the federation's order.

@@ -13,9 +13,13 @@
 #include <itkImageSeriesReader.h>
 #include <itkImageSeriesWriter.h>
 #include <itkMetaDataObject.h>
+#include <itkMetaImageIO.h>
 #include <itkMetaImageIOFactory.h>
+#include <itkNiftiImageIO.h>
 #include <itkNiftiImageIOFactory.h>
+#include <itkNrrdImageIO.h>
 #include <itkNrrdImageIOFactory.h>
+#include <spdlog/spdlog.h>
 #include <zlib.h>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
@@ -26,13 +30,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <mutex>
 #include <random>
 #include <sstream>
+#include <thread>
 
 namespace concord {
 namespace fs = std::filesystem;
@@ -79,6 +86,13 @@ void register_itk_io() {
     itk::NrrdImageIOFactory::RegisterOneFactory();
     itk::MetaImageIOFactory::RegisterOneFactory();
     itk::GDCMImageIOFactory::RegisterOneFactory();
+    // ITK 5.2 creates some IO globals (itk::Singleton, e.g. MetaImageIO's) on first use without
+    // a lock; worker threads reading their first images at once raced there (a rare crash).
+    // Create one of each here, under the once-flag.
+    itk::NiftiImageIO::New();
+    itk::NrrdImageIO::New();
+    itk::MetaImageIO::New();
+    itk::GDCMImageIO::New();
     // ITK prints qform/sform and similar warnings on its own output window; Concord reports
     // problems through exceptions instead.
     itk::Object::GlobalWarningDisplayOff();
@@ -315,6 +329,24 @@ void publish_files(const fs::path& scratch, const fs::path& target) {
   }
 }
 
+// Runs `publish` (fsync + rename out of `scratch`) now, or on the options' publisher thread; the
+// scratch folder lives until then.
+void finish_output(std::shared_ptr<ScratchDir> scratch, const std::string& path,
+                   const WriteOptions& opt, std::function<void()> publish) {
+  if (!opt.publisher) return publish();
+  opt.publisher->submit(
+      path, [scratch = std::move(scratch), publish = std::move(publish)] { publish(); });
+}
+
+// Writes bytes to a new file without flushing it (publish_files flushes before the rename).
+void write_bytes(const fs::path& file, const void* data, size_t size) {
+  std::ofstream out(file, std::ios::binary | std::ios::trunc);
+  if (!out) throw Error("cannot create " + file.string() + ": " + std::strerror(errno));
+  out.write(static_cast<const char*>(data), std::streamsize(size));
+  out.close();
+  if (!out) throw Error("cannot write " + file.string() + ": " + std::strerror(errno));
+}
+
 // ---------------------------------------------------------------------------------------------
 // OpenCV formats
 
@@ -413,7 +445,11 @@ void write_opencv(const Image& im, const std::string& path, const WriteOptions& 
     throw Error(path + ": cannot encode image: " + e.what());
   }
   if (!ok) throw Error(path + ": cannot encode image as " + ext);
-  write_file_atomic(path, bytes.data(), bytes.size());
+  const fs::path target(path);
+  auto scratch = std::make_shared<ScratchDir>(target);
+  write_bytes(scratch->path() / target.filename(), bytes.data(), bytes.size());
+  finish_output(scratch, path, opt,
+                [dir = scratch->path(), target] { publish_files(dir, target); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -591,8 +627,8 @@ Image read_itk(const std::string& path) {
 void write_itk(const Image& im, const std::string& path, const WriteOptions& opt) {
   register_itk_io();
   const fs::path target(path);
-  ScratchDir scratch(target);
-  const std::string tmp = (scratch.path() / target.filename()).string();
+  auto scratch = std::make_shared<ScratchDir>(target);
+  const std::string tmp = (scratch->path() / target.filename()).string();
   itk::ImageIOBase::Pointer io =
       itk::ImageIOFactory::CreateImageIO(tmp.c_str(), itk::IOFileModeEnum::WriteMode);
   if (!io) throw Error(path + ": no ITK writer for this extension");
@@ -629,7 +665,8 @@ void write_itk(const Image& im, const std::string& path, const WriteOptions& opt
   } catch (const itk::ExceptionObject& e) {
     throw Error(path + ": cannot write: " + std::string(e.GetDescription()));
   }
-  publish_files(scratch.path(), target);
+  finish_output(scratch, path, opt,
+                [dir = scratch->path(), target] { publish_files(dir, target); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -920,8 +957,8 @@ void write_dicom_series(const Image& im, const std::string& path, const WriteOpt
                 std::to_string(im.channels));
   fs::path target(path);
   while (!target.empty() && target.filename().empty()) target = target.parent_path();
-  ScratchDir scratch(target);
-  fs::path out = scratch.path() / "series";
+  auto scratch = std::make_shared<ScratchDir>(target);
+  fs::path out = scratch->path() / "series";
   fs::create_directory(out);
   const DicomStorage st = choose_dicom_storage(im, opt.keep_pixel_type);
   try {
@@ -947,16 +984,17 @@ void write_dicom_series(const Image& im, const std::string& path, const WriteOpt
   } catch (const itk::ExceptionObject& e) {
     throw Error(path + ": cannot write DICOM series: " + std::string(e.GetDescription()));
   }
-  for (const auto& e : fs::directory_iterator(out)) fsync_path(e.path());
-  // Replace the folder as a whole: old content moves aside first, then is deleted.
-  std::error_code ec;
-  fs::path old = scratch.path() / "previous";
-  if (fs::exists(target)) {
-    fs::rename(target, old, ec);
-    if (ec) throw Error("cannot replace " + target.string() + ": " + ec.message());
-  }
-  fs::rename(out, target, ec);
-  if (ec) throw Error("cannot move DICOM series to " + target.string() + ": " + ec.message());
+  finish_output(scratch, path, opt, [out, old = scratch->path() / "previous", target] {
+    for (const auto& e : fs::directory_iterator(out)) fsync_path(e.path());
+    // Replace the folder as a whole: old content moves aside first, then is deleted.
+    std::error_code ec;
+    if (fs::exists(target)) {
+      fs::rename(target, old, ec);
+      if (ec) throw Error("cannot replace " + target.string() + ": " + ec.message());
+    }
+    fs::rename(out, target, ec);
+    if (ec) throw Error("cannot move DICOM series to " + target.string() + ": " + ec.message());
+  });
 }
 
 }  // namespace
@@ -1026,6 +1064,86 @@ void write_image(const Image& image, const std::string& path, bool keep_pixel_ty
   WriteOptions o;
   o.keep_pixel_type = keep_pixel_type;
   write_image(image, path, o);
+}
+
+// ---------------------------------------------------------------------------------------------
+// OutputPublisher
+
+struct OutputPublisher::State {
+  Done done;
+  size_t max_pending;
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::deque<std::pair<std::string, std::function<void()>>> queue;
+  size_t in_flight = 0;  // queued + being published
+  bool closing = false;
+  std::thread thread;
+
+  void run() {
+    for (;;) {
+      std::pair<std::string, std::function<void()>> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        changed.wait(lock, [&] { return closing || !queue.empty(); });
+        if (queue.empty()) return;  // closing and drained
+        job = std::move(queue.front());
+        queue.pop_front();
+      }
+      std::string error;
+      try {
+        job.second();
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      job.second = nullptr;  // releases the scratch folder before reporting
+      if (done) {
+        try {
+          done(job.first, error);
+        } catch (const std::exception& e) {
+          spdlog::error("output publisher: callback for {} failed: {}", job.first, e.what());
+        }
+      } else if (!error.empty()) {
+        spdlog::error("{}", error);
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        --in_flight;
+      }
+      changed.notify_all();
+    }
+  }
+};
+
+OutputPublisher::OutputPublisher(Done done, size_t max_pending) : state_(new State) {
+  state_->done = std::move(done);
+  state_->max_pending = std::max<size_t>(1, max_pending);
+  state_->thread = std::thread([s = state_.get()] { s->run(); });
+}
+
+OutputPublisher::~OutputPublisher() {
+  finish();
+}
+
+void OutputPublisher::finish() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    if (state_->closing) return;
+    state_->closing = true;
+  }
+  state_->changed.notify_all();
+  if (state_->thread.joinable()) state_->thread.join();
+}
+
+void OutputPublisher::submit(const std::string& path, std::function<void()> publish) {
+  State& s = *state_;
+  {
+    std::unique_lock<std::mutex> lock(s.mutex);
+    s.changed.wait(lock, [&] { return s.closing || s.in_flight < s.max_pending; });
+    if (s.closing) throw Error(path + ": output publisher already finished");
+    s.queue.emplace_back(path, std::move(publish));
+    ++s.in_flight;
+  }
+  s.changed.notify_all();
 }
 
 }  // namespace concord

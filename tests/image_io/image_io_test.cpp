@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <set>
 
@@ -263,6 +264,65 @@ TEST(ImageIo, DicomStoresFloatImagesWithRescale) {
   Image ints = make_volume({8, 8, 3}, PixelType::U16);
   write_image(ints, tmp.str() + "/g", false);
   expect_same_values(ints, read_image(tmp.str() + "/g"), 0.1f);
+}
+
+// Outputs finished on a publisher thread: every format lands complete under its final name, in
+// submission order; a publishing failure goes to the callback (not lost, not thrown at the
+// worker); nothing is accepted after finish().
+TEST(ImageIo, PublisherFinishesOutputsInOrderAndReportsFailures) {
+  testkit::TempDir dir;
+  std::vector<std::pair<std::string, std::string>> done;
+  std::mutex m;
+  OutputPublisher publisher(
+      [&](const std::string& path, const std::string& error) {
+        std::lock_guard<std::mutex> lock(m);
+        done.emplace_back(path, error);
+      },
+      2);
+  const Image vol = make_volume({9, 7, 5}, PixelType::I16);
+  Image flat(2, 1, {6, 4, 1});
+  flat.pixel_type = PixelType::U8;
+  for (size_t i = 0; i < flat.data.size(); ++i) flat.data[i] = float(i * 9);
+  WriteOptions wo;
+  wo.publisher = &publisher;
+  std::vector<std::string> want;
+  for (int i = 0; i < 6; ++i) {
+    const std::string nii = (dir.path() / ("v" + std::to_string(i) + ".nii.gz")).string();
+    const std::string png = (dir.path() / ("p" + std::to_string(i) + ".png")).string();
+    write_image(vol, nii, wo);
+    write_image(flat, png, wo);
+    want.push_back(nii);
+    want.push_back(png);
+  }
+  const std::string series = (dir.path() / "series").string();
+  write_image(vol, series, wo);
+  want.push_back(series);
+  // A target that cannot be replaced: a non-empty folder where a file should go.
+  const fs::path blocked = dir.path() / "blocked.nii";
+  fs::create_directories(blocked / "occupied");
+  EXPECT_NO_THROW(write_image(vol, blocked.string(), wo));
+  want.push_back(blocked.string());
+  publisher.finish();
+
+  ASSERT_EQ(done.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(done[i].first, want[i]) << "published out of submission order at " << i;
+    if (i + 1 < want.size()) {
+      EXPECT_EQ(done[i].second, "") << want[i];
+    }
+  }
+  EXPECT_NE(done.back().second.find("blocked.nii"), std::string::npos) << done.back().second;
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(read_image((dir.path() / ("v" + std::to_string(i) + ".nii.gz")).string()).data,
+              vol.data);
+    EXPECT_EQ(read_image((dir.path() / ("p" + std::to_string(i) + ".png")).string()).data,
+              flat.data);
+  }
+  EXPECT_EQ(read_image(series).data, vol.data);
+  // No scratch folder is left behind once everything is published or failed.
+  for (const auto& e : fs::directory_iterator(dir.path()))
+    EXPECT_EQ(e.path().filename().string().find(".concord-tmp"), std::string::npos) << e.path();
+  EXPECT_THROW(write_image(vol, (dir.path() / "late.nii").string(), wo), Error);
 }
 
 TEST(ImageIo, FolderWithTwoSeriesIsRefused) {
