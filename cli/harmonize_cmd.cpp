@@ -208,8 +208,9 @@ bool clamps(const Image& im) {
     default:
       return false;
   }
+  const float below = float(lo - 0.5), above = float(hi + 0.5);  // exact in float
   size_t out = 0;
-  for (float v : im.data) out += (v < lo - 0.5 || v > hi + 0.5);
+  for (float v : im.data) out += (v < below || v > above);
   return out * 1000 > im.data.size();  // more than 0.1% of the voxels
 }
 

@@ -118,6 +118,21 @@ TEST(ImageIo, KeepPixelTypeRoundsAndClamps) {
   Image back = read_image(tmp.str() + "/c.nrrd");
   EXPECT_EQ(back.pixel_type, PixelType::U8);
   EXPECT_EQ(back.data, (std::vector<float>{0.f, 4.f, 255.f, 2.f}));
+  // 16-bit, signed: ties round to even, NaN becomes 0, both ends clamp, infinities too; long
+  // enough (40 voxels) that the vectorized loop, not only its scalar tail, is checked.
+  Image s(3, 1, {40, 1, 1});
+  s.pixel_type = PixelType::I16;
+  const std::vector<float> in = {2.5f,          3.5f,     -2.5f,    -0.5f,    0.5f,
+                                 std::nanf(""), 40000.f,  -40000.f, 32767.4f, 32767.6f,
+                                 -32768.6f,     INFINITY, -INFINITY};
+  const std::vector<float> want = {2.f,      4.f,     -2.f,    -0.f,     0.f,     0.f,     32767.f,
+                                   -32768.f, 32767.f, 32767.f, -32768.f, 32767.f, -32768.f};
+  for (size_t i = 0; i < s.data.size(); ++i) s.data[i] = in[i % in.size()];
+  write_image(s, tmp.str() + "/s.nii", /*keep_pixel_type=*/true);
+  const Image sb = read_image(tmp.str() + "/s.nii");
+  EXPECT_EQ(sb.pixel_type, PixelType::I16);
+  for (size_t i = 0; i < s.data.size(); ++i)
+    EXPECT_EQ(sb.data[i], want[i % want.size()]) << "input " << in[i % in.size()];
   // float32 policy keeps the fractions.
   write_image(im, tmp.str() + "/f.nii.gz", /*keep_pixel_type=*/false);
   Image f = read_image(tmp.str() + "/f.nii.gz");
