@@ -46,7 +46,7 @@ def run(label, shape, seconds, beta):
     means = [np.mean([np.abs(np.fft.rfftn(im)) / n for im in s], axis=0) for s in sites]
     ref = (2 * means[0] + 2 * means[1]) / 4 * n
     sizes = [m for m in shape if m > 1]
-    b = math.floor(min(sizes) * beta)
+    b = max(shape) // 2 if beta >= 1 else math.floor(min(sizes) * beta)  # 1: whole spectrum
     mask = band_mask(shape, b)
     image = make_image(rng, shape, 20, 100)
     normalize(image, ref, mask, 1.0)  # warm-up

@@ -79,8 +79,11 @@ Grid grid_of(const Image& im, const std::string& who) {
 }
 
 // Half-width b of the centred low-frequency window: floor(min(sizes) * beta), over the axes
-// of size > 1 (a 1-voxel axis has only its DC bin).
+// of size > 1 (a 1-voxel axis has only its DC bin). beta = 1 is the whole spectrum whatever the
+// aspect ratio: b = max(sizes) / 2 (floor(min * 1) would leave out the high frequencies of an
+// axis more than twice as long as the shortest).
 int64_t band_halfwidth(const Grid& g, double beta) {
+  if (beta >= 1) return std::max({g.nx / 2, g.ny / 2, g.nz / 2});
   int64_t m = std::numeric_limits<int64_t>::max();
   for (int64_t n : {g.nx, g.ny, g.nz})
     if (n > 1) m = std::min(m, n);
@@ -395,8 +398,11 @@ __attribute__((target("avx2,fma"))) void mix_row_avx2(float* __restrict v,
     const __m256 a2 = _mm256_fmadd_ps(re, re, _mm256_mul_ps(im, im));
     const __m256 m = _mm256_max_ps(a2, tiny);
     __m256 r = _mm256_rsqrt_ps(m);
-    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(_mm256_mul_ps(half, m), _mm256_mul_ps(r, r),
-                                          three_halves));  // Newton: r (1.5 - m r^2 / 2)
+    // Newton: r (1.5 - (m r) r / 2), in this order: m / 2 would be subnormal for m = FLT_MIN
+    // (a zero bin), and subnormal operands cost a microcode assist each (25x slower mixes on
+    // images with many zero bins).
+    r = _mm256_mul_ps(r,
+                      _mm256_fnmadd_ps(_mm256_mul_ps(half, _mm256_mul_ps(m, r)), r, three_halves));
     // The reference in the same 0 1 4 5 | 2 3 6 7 order.
     const __m256 rf =
         _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_loadu_ps(ref + i)), 0xd8));
@@ -795,10 +801,11 @@ CONCORD_PLUGIN("concord-harmonizer-amplitude", "0.1.0") {
            ArgSpec::choice("mode", {"normalize", "interpolate", "swap"}, "normalize",
                            "normalize: federated mean spectrum; interpolate: mix with another "
                            "site's spectrum per sample (augmentation); swap: a reference spectrum"),
-           ArgSpec::real("beta", 1.0,
-                         "band: half-width b = floor(min(size) * beta) of the centred "
-                         "low-frequency window |k_d| <= b; 0 = DC only, 1 = whole spectrum "
-                         "(default by mode: normalize 1, interpolate 0.1, swap 0.01)")
+           ArgSpec::real(
+               "beta", 1.0,
+               "band: half-width b = floor(min(size) * beta) of the centred "
+               "low-frequency window |k_d| <= b; 0 = DC only, 1 = every bin (whole spectrum) "
+               "(default by mode: normalize 1, interpolate 0.1, swap 0.01)")
                .range(0, 1)
                .not_required(),
            ArgSpec::real("lambda", 1.0,

@@ -20,6 +20,8 @@ OUT = os.path.join(HERE, "fixtures")
 
 def band_halfwidth(shape, beta):
     sizes = [n for n in shape if n > 1]
+    if beta >= 1:  # the whole spectrum, whatever the aspect ratio
+        return max(shape) // 2
     return math.floor(min(sizes) * beta) if sizes else 0
 
 
