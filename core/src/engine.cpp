@@ -673,8 +673,15 @@ struct Experiment::Impl {
       set.text["harmonizer"] = std::to_string(i);
       Bytes bytes = encode(set);
       for (const auto& name : site_names(true)) decode(channel.call(name, bytes));
-      spdlog::info("harmonizer {} ({}): fitted on {} sites, applied at {}", i, hc.type,
-                   site_names(false).size(), site_order.size());
+      if (given && i + 1 == n)
+        spdlog::info("harmonizer {} ({}): given statistics, applied at {} sites", i, hc.type,
+                     site_order.size());
+      else if (combiner->needs_fit())
+        spdlog::info("harmonizer {} ({}): fitted on {} sites, applied at {}", i, hc.type,
+                     site_names(false).size(), site_order.size());
+      else
+        spdlog::info("harmonizer {} ({}): site-local (nothing to fit), applied at {} sites", i,
+                     hc.type, site_order.size());
     }
     return broadcast;
   }
