@@ -1,6 +1,8 @@
 // The `concord` subcommands. Each file adds one subcommand to the CLI11 app.
 #pragma once
 
+#include <concord/pipeline.h>
+
 #include <CLI/CLI.hpp>
 
 #include <string>
@@ -22,6 +24,11 @@ struct Exit {
 // Loads the built-in plugins, CONCORD_PLUGIN_PATH and --plugin-path into the global registry;
 // reports libraries that refused to load. Returns the registry.
 void load_all_plugins(const Globals& g);
+
+// Loads the plugins and the pipeline FILE with `--set` overrides; on validation errors prints
+// every diagnostic (FILE:LINE:COL) and throws Exit{1}. Defined in validate_cmd.cpp.
+PipelineConfig load_or_report(const Globals& g, const std::string& file,
+                              const std::vector<std::string>& overrides);
 
 void add_run_command(CLI::App& app, Globals& g);
 void add_validate_command(CLI::App& app, Globals& g);

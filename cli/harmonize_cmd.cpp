@@ -46,8 +46,6 @@
 
 namespace concord::cli {
 
-PipelineConfig load_or_report(const Globals& g, const std::string& file,
-                              const std::vector<std::string>& overrides);
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 

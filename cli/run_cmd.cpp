@@ -18,9 +18,6 @@
 
 namespace concord::cli {
 
-PipelineConfig load_or_report(const Globals& g, const std::string& file,
-                              const std::vector<std::string>& overrides);
-
 // Routes log lines through the progress bar so that, on a terminal, they print above it
 // instead of breaking the redrawn line.
 class BarSink : public spdlog::sinks::base_sink<std::mutex> {
