@@ -8,6 +8,8 @@
 #include <concord/harmonizer.h>
 #include <concord/message.h>
 
+#include "paired_rfft2.h"
+
 #include <fftw3.h>
 #include <immintrin.h>
 #include <spdlog/spdlog.h>
@@ -110,6 +112,9 @@ int64_t signed_freq(int64_t i, int64_t n) {
 struct Plans {
   fftwf_plan r2c = nullptr;
   fftwf_plan c2r = nullptr;
+  // 2D, AVX-512 CPU, power-of-two height, even width: the faster paired transform (same layout
+  // and scaling as r2c / c2r); null otherwise.
+  std::unique_ptr<PairedRfft2> paired;
   int alignment = 0;  // fftwf_alignment_of of the planning arrays
 };
 
@@ -165,6 +170,8 @@ class PlanCache {
     fftwf_free(spec);
     if (!p->r2c || !p->c2r || !aligned_same)
       throw Error("amplitude: FFTW could not plan a transform of size " + g.str());
+    if (g.dim == 2 && PairedRfft2::supported(g.nx, g.ny))
+      p->paired = std::make_unique<PairedRfft2>(g.nx, g.ny, flags);
     if (!(flags & FFTW_ESTIMATE)) save_wisdom();
     return *(plans_[key] = std::move(p));
   }
@@ -451,6 +458,7 @@ class Amplitude : public Harmonizer {
              : planner == "patient" ? FFTW_PATIENT
                                     : FFTW_MEASURE;
     dc_fast_path_ = args.flag("dc_fast_path");
+    paired_ = args.str("transform") == "auto";
     if (args.has("reference_site")) reference_site_ = args.str("reference_site");
     if (args.has("reference_file")) reference_file_ = args.str("reference_file");
     if (mode_ != Mode::Swap && (!reference_site_.empty() || !reference_file_.empty()))
@@ -668,6 +676,7 @@ class Amplitude : public Harmonizer {
   Clip clip_ = Clip::None;
   unsigned flags_ = FFTW_MEASURE;
   bool dc_fast_path_ = true;
+  bool paired_ = true;  // transform: auto
   std::string reference_site_, reference_file_, local_site_;
   std::vector<std::shared_ptr<Reference>> references_;
   std::vector<std::string> reference_names_;
@@ -745,7 +754,11 @@ class Amplitude : public Harmonizer {
         std::memcpy(s.real, x, size_t(n) * sizeof(float));
         in = s.real;
       }
-      fftwf_execute_dft_r2c(plans.r2c, in, s.spec);
+      const PairedRfft2* paired = paired_ ? plans.paired.get() : nullptr;
+      if (paired)
+        paired->forward(in, s.spec);
+      else
+        fftwf_execute_dft_r2c(plans.r2c, in, s.spec);
       // The inverse transform's 1/N: folded into the mix when it visits every bin (saves a pass
       // over the image), else applied while writing the result.
       const float inv_n = 1.0f / float(n);
@@ -753,7 +766,10 @@ class Amplitude : public Harmonizer {
       const float fold = whole ? inv_n : 1.0f;
       mix_band(s.spec, r, g, b, keep * fold, lam * fold);
       float* out = direct ? x : s.real;
-      fftwf_execute_dft_c2r(plans.c2r, s.spec, out);
+      if (paired)
+        paired->inverse(s.spec, out);
+      else
+        fftwf_execute_dft_c2r(plans.c2r, s.spec, out);
       finish(out, x, n, whole ? 1.0f : inv_n, lo, hi);
     }
   }
@@ -831,6 +847,10 @@ CONCORD_PLUGIN("concord-harmonizer-amplitude", "0.1.0") {
                            "clipped to its own input [min, max])"),
            ArgSpec::choice("fftw_planner", {"estimate", "measure", "patient"}, "measure",
                            "FFTW planner effort per image shape (plans and wisdom are cached)"),
+           ArgSpec::choice("transform", {"auto", "fftw"}, "auto",
+                           "auto: 2D images of power-of-two height and even width use the "
+                           "paired real FFT (AVX-512 CPUs only; faster than FFTW, equal within "
+                           "float rounding); fftw: FFTW's r2c/c2r always"),
            ArgSpec::boolean("dc_fast_path", true,
                             "when b = 0 change the mean directly instead of by FFT (same result)"),
        },

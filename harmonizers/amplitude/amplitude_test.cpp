@@ -14,6 +14,7 @@
 #include <sstream>
 #include <thread>
 
+#include "paired_rfft2.h"
 #include "testing.h"
 
 using namespace concord;
@@ -244,6 +245,80 @@ TEST(Amplitude, ZeroBinsTakeTheReferenceAmplitude) {
       worst = std::max(worst, std::abs(std::abs(X) - want) / dc);
     }
   EXPECT_LT(worst, 1e-5) << "amplitude error relative to DC";
+}
+
+// The paired 2D real FFT against FFTW's r2c / c2r: same layout and scaling, float rounding
+// apart. Sizes cover a partial last block of eight columns (nx = 20: M = 10), one row, and a
+// width of two.
+TEST(PairedRfft2, EqualsFftwR2cAndC2r) {
+  if (!PairedRfft2::supported(256, 256)) GTEST_SKIP() << "this CPU has no AVX-512F";
+  std::mt19937_64 rng(11);
+  for (auto [nx, ny] : std::vector<std::pair<int, int>>{
+           {256, 256}, {20, 16}, {64, 8}, {30, 4}, {128, 1}, {2, 2}, {96, 32}}) {
+    SCOPED_TRACE(std::to_string(nx) + "x" + std::to_string(ny));
+    const int h = nx / 2 + 1;
+    float* x = fftwf_alloc_real(size_t(nx * ny));
+    float* back = fftwf_alloc_real(size_t(nx * ny));
+    float* want_back = fftwf_alloc_real(size_t(nx * ny));
+    fftwf_complex* want = fftwf_alloc_complex(size_t(ny * h));
+    fftwf_complex* got = fftwf_alloc_complex(size_t(ny * h));
+    for (int i = 0; i < nx * ny; ++i) x[i] = float(10 + 5 * (double(rng() >> 11) * 0x1.0p-53));
+    fftwf_plan r2c = fftwf_plan_dft_r2c_2d(ny, nx, x, want, FFTW_ESTIMATE);
+    fftwf_plan c2r = fftwf_plan_dft_c2r_2d(ny, nx, want, want_back, FFTW_ESTIMATE);
+    fftwf_execute(r2c);
+    PairedRfft2 paired(nx, ny, FFTW_ESTIMATE);
+    paired.forward(x, got);
+    double err = 0, scale = 0;
+    for (int i = 0; i < ny * h; ++i) {
+      err = std::max(err, double(std::hypot(got[i][0] - want[i][0], got[i][1] - want[i][1])));
+      scale = std::max(scale, double(std::hypot(want[i][0], want[i][1])));
+    }
+    EXPECT_LT(err / scale, 1e-6) << "forward";
+    paired.inverse(got, back);  // leaves `got` as it was
+    fftwf_execute(c2r);         // destroys `want`
+    err = 0, scale = 0;
+    for (int i = 0; i < nx * ny; ++i) {
+      err = std::max(err, double(std::abs(back[i] - want_back[i])));
+      scale = std::max(scale, double(std::abs(want_back[i])));
+      EXPECT_NEAR(back[i] / float(nx * ny), x[i], 1e-4f * 15) << "round trip at " << i;
+    }
+    EXPECT_LT(err / scale, 1e-6) << "inverse";
+    fftwf_destroy_plan(r2c);
+    fftwf_destroy_plan(c2r);
+    for (float* p : {x, back, want_back}) fftwf_free(p);
+    fftwf_free(want);
+    fftwf_free(got);
+  }
+  EXPECT_FALSE(PairedRfft2::supported(255, 256)) << "odd width";
+  EXPECT_FALSE(PairedRfft2::supported(256, 96)) << "height not a power of two";
+}
+
+// The harmonizer gives the same images with either transform (band part or whole).
+TEST(Amplitude, PairedTransformEqualsFftw) {
+  if (!PairedRfft2::supported(64, 32)) GTEST_SKIP() << "this CPU has no AVX-512F";
+  std::mt19937_64 rng(3);
+  auto image = [&](float gain) {
+    Image im(2, 1, {64, 32, 1});
+    for (float& v : im.data) v = float(40 + gain * double(rng() >> 11) * 0x1.0p-53);
+    return im;
+  };
+  const std::vector<Image> a{image(10), image(12)}, b{image(40), image(45)};
+  for (double beta : {1.0, 0.2}) {
+    SCOPED_TRACE("beta " + std::to_string(beta));
+    std::vector<std::unique_ptr<Harmonizer>> hs;
+    for (const char* t : {"auto", "fftw"}) {
+      hs.push_back(make({{"transform", make_value(std::string(t))}, {"beta", make_value(beta)}}));
+      Stats sa = hs.back()->fit_site(source(a)), sb = hs.back()->fit_site(source(b));
+      sa.site = "a", sb.site = "b";
+      hs.back()->set_statistics(hs.back()->combine({sa, sb}), "a");
+    }
+    const Image original = image(10);
+    Image x = original, y = original;
+    hs[0]->apply(x);
+    hs[1]->apply(y);
+    EXPECT_LT(rel_error(x.data, y.data), 1e-5);
+    EXPECT_GT(rel_error(x.data, original.data), 1e-3) << "the image did change";
+  }
 }
 
 TEST(Amplitude, LambdaZeroReturnsTheInput) {
