@@ -709,9 +709,14 @@ class Amplitude : public Harmonizer {
     Scratch& s = scratch(g);
     const double inv_n = 1.0 / double(g.voxels());
     const int64_t h = g.half();
+    const PairedRfft2* paired = paired_ ? plans.paired.get() : nullptr;
     for (int c = 0; c < g.channels; ++c) {
-      std::memcpy(s.real, im.channel(c), size_t(g.voxels()) * sizeof(float));
-      fftwf_execute_dft_r2c(plans.r2c, s.real, s.spec);
+      if (paired) {
+        paired->forward(im.channel(c), s.spec);  // reads its input without changing it
+      } else {
+        std::memcpy(s.real, im.channel(c), size_t(g.voxels()) * sizeof(float));
+        fftwf_execute_dft_r2c(plans.r2c, s.real, s.spec);
+      }
       double* out = sum + c * h;
       for (int64_t i = 0; i < h; ++i) {
         const double re = s.spec[i][0], im_ = s.spec[i][1];
