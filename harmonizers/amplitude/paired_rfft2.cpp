@@ -111,75 +111,76 @@ __attribute__((target("avx512f"))) inline void store_interleaved(float* p, __m51
   _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(re, hi, im));
 }
 
-// Z (rows in bit-reversed order) -> X, the r2c half spectrum: X(kx) = E + w^kx O with
-// E = (z + conj zm) / 2, O = (z - conj zm) / 2i, z = Z(ky, kx), zm = Z(-ky, -kx).
-__attribute__((target("avx512f"))) void split_spectrum(const fftwf_complex* z, fftwf_complex* X,
-                                                       int64_t nx, int64_t ny,
-                                                       const int32_t* bitrev, const float* wr,
-                                                       const float* wi) {
-  const int64_t m = nx / 2, h = m + 1;
-  for (int64_t ky = 0; ky < ny; ++ky) {
-    const float* a = reinterpret_cast<const float*>(z + bitrev[ky] * m);
-    const float* b = reinterpret_cast<const float*>(z + bitrev[(ny - ky) & (ny - 1)] * m);
-    float* __restrict o = reinterpret_cast<float*>(X + ky * h);
-    auto split = [&](int64_t kx, float zr, float zi, float mr, float mi) {
-      const float er = 0.5f * (zr + mr), ei = 0.5f * (zi - mi);
-      const float odr = 0.5f * (zi + mi), odi = -0.5f * (zr - mr);
-      o[2 * kx] = er + wr[kx] * odr - wi[kx] * odi;
-      o[2 * kx + 1] = ei + wr[kx] * odi + wi[kx] * odr;
-    };
-    split(0, a[0], a[1], b[0], b[1]);
-    int64_t kx = 1;
-    const __m512 half = _mm512_set1_ps(0.5f);
-    for (; kx + 16 <= m; kx += 16) {  // 16 bins: z ascending from kx, zm descending from m - kx
-      const Lanes zl = load_ascending(a + 2 * kx), ml = load_descending(b + 2 * (m - kx - 15));
-      const __m512 er = _mm512_mul_ps(half, _mm512_add_ps(zl.re, ml.re));
-      const __m512 ei = _mm512_mul_ps(half, _mm512_sub_ps(zl.im, ml.im));
-      const __m512 odr = _mm512_mul_ps(half, _mm512_add_ps(zl.im, ml.im));
-      const __m512 odi = _mm512_mul_ps(half, _mm512_sub_ps(ml.re, zl.re));
-      const __m512 c = _mm512_loadu_ps(wr + kx), sn = _mm512_loadu_ps(wi + kx);
-      store_interleaved(o + 2 * kx, _mm512_fmadd_ps(c, odr, _mm512_fnmadd_ps(sn, odi, er)),
-                        _mm512_fmadd_ps(c, odi, _mm512_fmadd_ps(sn, odr, ei)));
-    }
-    for (; kx < m; ++kx) split(kx, a[2 * kx], a[2 * kx + 1], b[2 * (m - kx)], b[2 * (m - kx) + 1]);
-    split(m, a[0], a[1], b[0], b[1]);  // kx = M: Z(., M) = Z(., 0)
+// Split: Z (its rows in the order `rows` gives) -> X, the r2c half spectrum:
+// X(kx) = E + w^kx O, E = (z + conj zm) / 2, O = (z - conj zm) / 2i, z = Z(ky, kx),
+// zm = Z(-ky, -kx). One bin; a[], b[] are the rows of ky and -ky, o[] the output row.
+inline void split_bin(float* o, int64_t kx, float zr, float zi, float mr, float mi, const float* wr,
+                      const float* wi) {
+  const float er = 0.5f * (zr + mr), ei = 0.5f * (zi - mi);
+  const float odr = 0.5f * (zi + mi), odi = -0.5f * (zr - mr);
+  o[2 * kx] = er + wr[kx] * odr - wi[kx] * odi;
+  o[2 * kx + 1] = ei + wr[kx] * odi + wi[kx] * odr;
+}
+inline void split_bins(const float* a, const float* b, float* o, int64_t m, int64_t k0,
+                       const float* wr, const float* wi) {
+  if (k0 == 0) split_bin(o, 0, a[0], a[1], b[0], b[1], wr, wi), k0 = 1;
+  for (int64_t kx = k0; kx < m; ++kx)
+    split_bin(o, kx, a[2 * kx], a[2 * kx + 1], b[2 * (m - kx)], b[2 * (m - kx) + 1], wr, wi);
+  split_bin(o, m, a[0], a[1], b[0], b[1], wr, wi);  // kx = M: Z(., M) = Z(., 0)
+}
+
+// Merge: X -> Z: Z = E' + i O' with E' = X(k) + Xu, O' = (X(k) - Xu) conj(w^kx),
+// Xu = conj X(-ky, M - kx) (the upper half X(ky, kx + M)); twice the split's E and O, which gives
+// c2r's scaling after the unnormalized inverse transforms. Bins [k0, m) of one row.
+inline void merge_bins(const float* a, const float* b, float* o, int64_t m, int64_t k0,
+                       const float* wr, const float* wi) {
+  for (int64_t kx = k0; kx < m; ++kx) {
+    const float xr = a[2 * kx], xi = a[2 * kx + 1];
+    const float ur = b[2 * (m - kx)], ui = -b[2 * (m - kx) + 1];
+    const float er = xr + ur, ei = xi + ui, dr = xr - ur, di = xi - ui;
+    const float cr = wr[kx], ci = -wi[kx];
+    const float odr = dr * cr - di * ci, odi = dr * ci + di * cr;
+    o[2 * kx] = er - odi;
+    o[2 * kx + 1] = ei + odr;
   }
 }
 
-// X -> Z (rows in bit-reversed order): Z = E' + i O' with E' = X(k) + Xu,
-// O' = (X(k) - Xu) conj(w^kx), Xu = conj X(-ky, M - kx), the upper half X(ky, kx + M); twice the
-// forward's E and O, which gives c2r's scaling after the unnormalized inverse transforms.
-__attribute__((target("avx512f"))) void merge_spectrum(const fftwf_complex* X, fftwf_complex* z,
-                                                       int64_t nx, int64_t ny,
-                                                       const int32_t* bitrev, const float* wr,
-                                                       const float* wi) {
-  const int64_t m = nx / 2, h = m + 1;
-  for (int64_t ky = 0; ky < ny; ++ky) {
-    const float* a = reinterpret_cast<const float*>(X + ky * h);
-    const float* b = reinterpret_cast<const float*>(X + ((ny - ky) & (ny - 1)) * h);
-    float* __restrict o = reinterpret_cast<float*>(z + bitrev[ky] * m);
-    int64_t kx = 0;
-    for (; kx + 16 <= m; kx += 16) {  // X ascending from kx, Xu from bins m - kx down
-      const Lanes xl = load_ascending(a + 2 * kx), ul = load_descending(b + 2 * (m - kx - 15));
-      const __m512 ur = ul.re, ui = _mm512_sub_ps(_mm512_setzero_ps(), ul.im);
-      const __m512 er = _mm512_add_ps(xl.re, ur), ei = _mm512_add_ps(xl.im, ui);
-      const __m512 dr = _mm512_sub_ps(xl.re, ur), di = _mm512_sub_ps(xl.im, ui);
-      const __m512 cr = _mm512_loadu_ps(wr + kx);
-      const __m512 ci = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(wi + kx));
-      const __m512 odr = _mm512_fmsub_ps(dr, cr, _mm512_mul_ps(di, ci));
-      const __m512 odi = _mm512_fmadd_ps(dr, ci, _mm512_mul_ps(di, cr));
-      store_interleaved(o + 2 * kx, _mm512_sub_ps(er, odi), _mm512_add_ps(ei, odr));
-    }
-    for (; kx < m; ++kx) {
-      const float xr = a[2 * kx], xi = a[2 * kx + 1];
-      const float ur = b[2 * (m - kx)], ui = -b[2 * (m - kx) + 1];
-      const float er = xr + ur, ei = xi + ui, dr = xr - ur, di = xi - ui;
-      const float cr = wr[kx], ci = -wi[kx];
-      const float odr = dr * cr - di * ci, odi = dr * ci + di * cr;
-      o[2 * kx] = er - odi;
-      o[2 * kx + 1] = ei + odr;
-    }
+// The same with AVX-512, 16 bins per step (z ascending from kx, its partner descending).
+__attribute__((target("avx512f"))) void split_row_avx512(const float* a, const float* b, float* o,
+                                                         int64_t m, const float* wr,
+                                                         const float* wi) {
+  split_bin(o, 0, a[0], a[1], b[0], b[1], wr, wi);
+  int64_t kx = 1;
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (; kx + 16 <= m; kx += 16) {
+    const Lanes zl = load_ascending(a + 2 * kx), ml = load_descending(b + 2 * (m - kx - 15));
+    const __m512 er = _mm512_mul_ps(half, _mm512_add_ps(zl.re, ml.re));
+    const __m512 ei = _mm512_mul_ps(half, _mm512_sub_ps(zl.im, ml.im));
+    const __m512 odr = _mm512_mul_ps(half, _mm512_add_ps(zl.im, ml.im));
+    const __m512 odi = _mm512_mul_ps(half, _mm512_sub_ps(ml.re, zl.re));
+    const __m512 c = _mm512_loadu_ps(wr + kx), sn = _mm512_loadu_ps(wi + kx);
+    store_interleaved(o + 2 * kx, _mm512_fmadd_ps(c, odr, _mm512_fnmadd_ps(sn, odi, er)),
+                      _mm512_fmadd_ps(c, odi, _mm512_fmadd_ps(sn, odr, ei)));
   }
+  split_bins(a, b, o, m, kx, wr, wi);
+}
+
+__attribute__((target("avx512f"))) void merge_row_avx512(const float* a, const float* b, float* o,
+                                                         int64_t m, const float* wr,
+                                                         const float* wi) {
+  int64_t kx = 0;
+  for (; kx + 16 <= m; kx += 16) {
+    const Lanes xl = load_ascending(a + 2 * kx), ul = load_descending(b + 2 * (m - kx - 15));
+    const __m512 ur = ul.re, ui = _mm512_sub_ps(_mm512_setzero_ps(), ul.im);
+    const __m512 er = _mm512_add_ps(xl.re, ur), ei = _mm512_add_ps(xl.im, ui);
+    const __m512 dr = _mm512_sub_ps(xl.re, ur), di = _mm512_sub_ps(xl.im, ui);
+    const __m512 cr = _mm512_loadu_ps(wr + kx);
+    const __m512 ci = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(wi + kx));
+    const __m512 odr = _mm512_fmsub_ps(dr, cr, _mm512_mul_ps(di, ci));
+    const __m512 odi = _mm512_fmadd_ps(dr, ci, _mm512_mul_ps(di, cr));
+    store_interleaved(o + 2 * kx, _mm512_sub_ps(er, odi), _mm512_add_ps(ei, odr));
+  }
+  merge_bins(a, b, o, m, kx, wr, wi);
 }
 
 }  // namespace
@@ -212,54 +213,72 @@ PairedRfft2::Scratch& PairedRfft2::scratch() const {
 }
 
 bool PairedRfft2::supported(int64_t nx, int64_t ny) {
-  static const bool avx512 = cpu_has_avx512f();
-  return avx512 && nx >= 2 && nx % 2 == 0 && ny >= 1 && (ny & (ny - 1)) == 0 &&
-         nx <= (int64_t(1) << 24) && ny <= (int64_t(1) << 24);
+  return nx >= 2 && nx % 2 == 0 && ny >= 1 && nx <= (int64_t(1) << 24) && ny <= (int64_t(1) << 24);
 }
 
-PairedRfft2::PairedRfft2(int64_t nx, int64_t ny, unsigned fftw_flags)
+bool PairedRfft2::own_columns_possible(int64_t ny) {
+  static const bool avx512 = cpu_has_avx512f();
+  return avx512 && ny >= 2 && (ny & (ny - 1)) == 0;
+}
+
+PairedRfft2::PairedRfft2(int64_t nx, int64_t ny, unsigned fftw_flags, bool allow_own_columns)
     : nx_(nx), ny_(ny), m_(nx / 2) {
   if (!supported(nx, ny))
-    throw Error("amplitude: paired 2D transform unavailable for " + std::to_string(nx) + "x" +
-                std::to_string(ny) + " on this CPU");
-  bits_ = 0;
-  while ((int64_t(1) << bits_) < ny) ++bits_;
-  for (int64_t j = 0; j < ny / 2; ++j) {
-    tw_cos_.push_back(float(std::cos(2 * M_PI * double(j) / double(ny))));
-    tw_sin_.push_back(float(-std::sin(2 * M_PI * double(j) / double(ny))));
-  }
+    throw Error("amplitude: no paired 2D transform for " + std::to_string(nx) + "x" +
+                std::to_string(ny) + " (the width must be even)");
+  static const bool avx512 = cpu_has_avx512f();
+  avx512_ = avx512;
+  own_columns_ = allow_own_columns && own_columns_possible(ny);
   for (int64_t k = 0; k <= m_; ++k) {
     wx_re_.push_back(float(std::cos(2 * M_PI * double(k) / double(nx))));
     wx_im_.push_back(float(-std::sin(2 * M_PI * double(k) / double(nx))));
   }
-  bitrev_.resize(size_t(ny));
-  for (int64_t i = 0; i < ny; ++i) {
-    int64_t r = 0, v = i;
-    for (int b = 0; b < bits_; ++b, v >>= 1) r = (r << 1) | (v & 1);
-    bitrev_[size_t(i)] = int32_t(r);
+  // Exact at kx = 0 and M (w = 1, -1): the bins there with ky = 0 or ny/2 are their own
+  // conjugates and must come out exactly real, as FFTW's r2c gives them. float(-sin(pi)) is not
+  // 0, and its imaginary rounding residue would be turned by a phase-keeping step (the
+  // amplitude mix) into a full-size imaginary value, which the real inverse then drops.
+  wx_re_.front() = 1.0f, wx_im_.front() = 0.0f;
+  wx_re_.back() = -1.0f, wx_im_.back() = 0.0f;
+  rows_.resize(size_t(ny));
+  for (int64_t i = 0; i < ny; ++i) rows_[size_t(i)] = int32_t(i);
+  if (own_columns_) {
+    for (int64_t j = 0; j < ny / 2; ++j) {
+      tw_cos_.push_back(float(std::cos(2 * M_PI * double(j) / double(ny))));
+      tw_sin_.push_back(float(-std::sin(2 * M_PI * double(j) / double(ny))));
+    }
+    int bits = 0;
+    while ((int64_t(1) << bits) < ny) ++bits;
+    for (int64_t i = 0; i < ny; ++i) {
+      int64_t r = 0, v = i;
+      for (int b = 0; b < bits; ++b, v >>= 1) r = (r << 1) | (v & 1);
+      rows_[size_t(i)] = int32_t(r);
+    }
   }
-  // Row plans on scratch arrays (MEASURE overwrites them) with the alignment of fftwf_malloc.
+  // Plans on scratch arrays (MEASURE overwrites them) with the alignment of fftwf_malloc: the
+  // rows only (length M, ny of them) when the y pass is ours, else the whole ny x M transform.
   fftwf_complex* a = fftwf_alloc_complex(size_t(ny * m_));
   fftwf_complex* b = fftwf_alloc_complex(size_t(ny * m_));
-  const int n[1] = {int(m_)};
-  rows_forward_ = fftwf_plan_many_dft(1, n, int(ny), a, nullptr, 1, int(m_), b, nullptr, 1, int(m_),
-                                      FFTW_FORWARD, fftw_flags);
-  rows_backward_ = fftwf_plan_many_dft(1, n, int(ny), b, nullptr, 1, int(m_), a, nullptr, 1,
-                                       int(m_), FFTW_BACKWARD, fftw_flags | FFTW_DESTROY_INPUT);
+  if (own_columns_) {
+    const int n[1] = {int(m_)};
+    forward_ = fftwf_plan_many_dft(1, n, int(ny), a, nullptr, 1, int(m_), b, nullptr, 1, int(m_),
+                                   FFTW_FORWARD, fftw_flags);
+    backward_ = fftwf_plan_many_dft(1, n, int(ny), b, nullptr, 1, int(m_), a, nullptr, 1, int(m_),
+                                    FFTW_BACKWARD, fftw_flags | FFTW_DESTROY_INPUT);
+  } else {
+    forward_ = fftwf_plan_dft_2d(int(ny), int(m_), a, b, FFTW_FORWARD, fftw_flags);
+    backward_ =
+        fftwf_plan_dft_2d(int(ny), int(m_), b, a, FFTW_BACKWARD, fftw_flags | FFTW_DESTROY_INPUT);
+  }
   fftwf_free(a);
   fftwf_free(b);
-  if (!rows_forward_ || !rows_backward_)
-    throw Error("amplitude: FFTW could not plan the row transforms of a " + std::to_string(nx) +
+  if (!forward_ || !backward_)
+    throw Error("amplitude: FFTW could not plan the complex transforms of a " + std::to_string(nx) +
                 "x" + std::to_string(ny) + " image");
 }
 
 PairedRfft2::~PairedRfft2() {
-  // Plans live as long as the plan cache that owns this object (the process): destroying them
-  // here would need FFTW's planner lock.
-}
-
-void PairedRfft2::columns(fftwf_complex* z, bool forward) const {
-  columns_avx512(z, ny_, m_, scratch().block, forward, tw_cos_.data(), tw_sin_.data());
+  fftwf_destroy_plan(forward_);
+  fftwf_destroy_plan(backward_);
 }
 
 void PairedRfft2::forward(const float* x, fftwf_complex* X) const {
@@ -269,17 +288,36 @@ void PairedRfft2::forward(const float* x, fftwf_complex* X) const {
     std::memcpy(s.real, x, sizeof(float) * size_t(nx_ * ny_));
     in = s.real;
   }
-  fftwf_execute_dft(rows_forward_, reinterpret_cast<fftwf_complex*>(const_cast<float*>(in)), s.z);
-  columns(s.z, true);  // rows of Z now in bit-reversed order of ky
-  split_spectrum(s.z, X, nx_, ny_, bitrev_.data(), wx_re_.data(), wx_im_.data());
+  fftwf_execute_dft(forward_, reinterpret_cast<fftwf_complex*>(const_cast<float*>(in)), s.z);
+  if (own_columns_)  // rows of Z end in bit-reversed order of ky (rows_ maps them)
+    columns_avx512(s.z, ny_, m_, s.block, true, tw_cos_.data(), tw_sin_.data());
+  const int64_t m = m_, h = m_ + 1;
+  for (int64_t ky = 0; ky < ny_; ++ky) {
+    const float* a = reinterpret_cast<const float*>(s.z + rows_[size_t(ky)] * m);
+    const float* b = reinterpret_cast<const float*>(s.z + rows_[size_t(ky ? ny_ - ky : 0)] * m);
+    float* o = reinterpret_cast<float*>(X + ky * h);
+    if (avx512_)
+      split_row_avx512(a, b, o, m, wx_re_.data(), wx_im_.data());
+    else
+      split_bins(a, b, o, m, 0, wx_re_.data(), wx_im_.data());
+  }
 }
 
 void PairedRfft2::inverse(const fftwf_complex* X, float* x) const {
   Scratch& s = scratch();
-  merge_spectrum(X, s.z, nx_, ny_, bitrev_.data(), wx_re_.data(), wx_im_.data());
-  columns(s.z, false);
+  const int64_t m = m_, h = m_ + 1;
+  for (int64_t ky = 0; ky < ny_; ++ky) {
+    const float* a = reinterpret_cast<const float*>(X + ky * h);
+    const float* b = reinterpret_cast<const float*>(X + (ky ? ny_ - ky : 0) * h);
+    float* o = reinterpret_cast<float*>(s.z + rows_[size_t(ky)] * m);
+    if (avx512_)
+      merge_row_avx512(a, b, o, m, wx_re_.data(), wx_im_.data());
+    else
+      merge_bins(a, b, o, m, 0, wx_re_.data(), wx_im_.data());
+  }
+  if (own_columns_) columns_avx512(s.z, ny_, m_, s.block, false, tw_cos_.data(), tw_sin_.data());
   float* out = fftwf_alignment_of(x) == 0 ? x : s.real;
-  fftwf_execute_dft(rows_backward_, s.z, reinterpret_cast<fftwf_complex*>(out));
+  fftwf_execute_dft(backward_, s.z, reinterpret_cast<fftwf_complex*>(out));
   if (out != x) std::memcpy(x, out, sizeof(float) * size_t(nx_ * ny_));
 }
 
