@@ -15,7 +15,6 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -171,12 +170,8 @@ class PlanCache {
     fftwf_free(spec);
     if (!p->r2c || !p->c2r || !aligned_same)
       throw Error("amplitude: FFTW could not plan a transform of size " + g.str());
-    if (g.dim == 2 && PairedRfft2::supported(g.nx, g.ny)) {
+    if (g.dim == 2 && PairedRfft2::preferred(g.nx, g.ny))
       p->paired = std::make_unique<PairedRfft2>(g.nx, g.ny, flags);
-      // Kept only where it is faster than FFTW's r2c + c2r here (timed, except with the
-      // planner's estimate mode, which promises no timing).
-      if (!(flags & FFTW_ESTIMATE) && !paired_is_faster(*p, g)) p->paired.reset();
-    }
     if (!(flags & FFTW_ESTIMATE)) save_wisdom();
     return *(plans_[key] = std::move(p));
   }
@@ -186,38 +181,6 @@ class PlanCache {
   std::mutex mutex_;
   std::map<Key, std::unique_ptr<Plans>> plans_;
   bool wisdom_loaded_ = false;
-
-  // Best of three timings of each round trip on the same image.
-  static bool paired_is_faster(const Plans& p, const Grid& g) {
-    float* x = fftwf_alloc_real(size_t(g.voxels()));
-    float* y = fftwf_alloc_real(size_t(g.voxels()));  // the inverse's output: x stays as is
-    fftwf_complex* spec = fftwf_alloc_complex(size_t(g.half()));
-    for (int64_t i = 0; i < g.voxels(); ++i) x[i] = float((i * 7919) % 1009) / 1009.0f;
-    using Clock = std::chrono::steady_clock;
-    auto best = [&](auto&& round_trip) {
-      double t = 1e30;
-      for (int trial = 0; trial < 3; ++trial) {
-        const auto start = Clock::now();
-        for (int r = 0; r < 3; ++r) round_trip();
-        t = std::min(t, std::chrono::duration<double>(Clock::now() - start).count());
-      }
-      return t;
-    };
-    const double fftw = best([&] {
-      fftwf_execute_dft_r2c(p.r2c, x, spec);
-      fftwf_execute_dft_c2r(p.c2r, spec, y);
-    });
-    const double paired = best([&] {
-      p.paired->forward(x, spec);
-      p.paired->inverse(spec, y);
-    });
-    fftwf_free(x);
-    fftwf_free(y);
-    fftwf_free(spec);
-    spdlog::debug("amplitude: {}: paired transform {:.1f} us, FFTW r2c+c2r {:.1f} us", g.str(),
-                  paired / 3 * 1e6, fftw / 3 * 1e6);
-    return paired < fftw;
-  }
 
   // Best effort: a read-only home only costs the next process its planning time.
   static void save_wisdom() {
@@ -890,8 +853,8 @@ CONCORD_PLUGIN("concord-harmonizer-amplitude", "0.1.0") {
            ArgSpec::choice("fftw_planner", {"estimate", "measure", "patient"}, "measure",
                            "FFTW planner effort per image shape (plans and wisdom are cached)"),
            ArgSpec::choice("transform", {"auto", "fftw"}, "auto",
-                           "auto: 2D images of power-of-two height and even width use the "
-                           "paired real FFT (AVX-512 CPUs only; faster than FFTW, equal within "
+                           "auto: 2D images of even width and 32x32 to 512x512 voxels use the "
+                           "paired real FFT (faster than FFTW's r2c/c2r there; equal within "
                            "float rounding); fftw: FFTW's r2c/c2r always"),
            ArgSpec::boolean("dc_fast_path", true,
                             "when b = 0 change the mean directly instead of by FFT (same result)"),

@@ -216,6 +216,10 @@ bool PairedRfft2::supported(int64_t nx, int64_t ny) {
   return nx >= 2 && nx % 2 == 0 && ny >= 1 && nx <= (int64_t(1) << 24) && ny <= (int64_t(1) << 24);
 }
 
+bool PairedRfft2::preferred(int64_t nx, int64_t ny) {
+  return supported(nx, ny) && nx * ny >= 1024 && nx * ny <= 512 * 512;
+}
+
 bool PairedRfft2::own_columns_possible(int64_t ny) {
   static const bool avx512 = cpu_has_avx512f();
   return avx512 && ny >= 2 && (ny & (ny - 1)) == 0;

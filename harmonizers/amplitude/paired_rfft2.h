@@ -24,6 +24,11 @@ class PairedRfft2 {
  public:
   // Sizes it handles: an even width (any height).
   static bool supported(int64_t nx, int64_t ny);
+  // Sizes where it measured faster than FFTW's r2c + c2r (bench: 28x28 to 512x512, 1.01x to
+  // 1.5x; 1024x1024 0.81x, tiny images slower): supported, 1024 <= nx * ny <= 512 * 512. A fixed
+  // rule, not a timing, so that every run on a machine makes the same choice (runs resumed
+  // from a checkpoint stay bit-identical).
+  static bool preferred(int64_t nx, int64_t ny);
   // True when the y pass can be this file's AVX-512 FFT: the CPU has AVX-512F and ny is a power
   // of two (>= 2). Otherwise FFTW does the whole ny x nx/2 complex transform.
   static bool own_columns_possible(int64_t ny);
