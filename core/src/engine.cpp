@@ -653,10 +653,12 @@ struct Experiment::Impl {
       progress(o, "harmonizer " + hc.type, int(i), int(config.harmonizers.size()));
       auto combiner =
           registry.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, ctx("coordinator"));
+      const bool from_given = given && i + 1 == n;
+      const bool fit = !from_given && combiner->needs_fit();
       Stats global;
-      if (given && i + 1 == n) {
+      if (from_given) {
         global = *given;
-      } else if (combiner->needs_fit()) {
+      } else if (fit) {
         std::vector<Stats> parts;
         for (const auto& name : site_names(false)) {  // held-out sites do not contribute
           Message req;
@@ -673,15 +675,12 @@ struct Experiment::Impl {
       set.text["harmonizer"] = std::to_string(i);
       Bytes bytes = encode(set);
       for (const auto& name : site_names(true)) decode(channel.call(name, bytes));
-      if (given && i + 1 == n)
-        spdlog::info("harmonizer {} ({}): given statistics, applied at {} sites", i, hc.type,
-                     site_order.size());
-      else if (combiner->needs_fit())
-        spdlog::info("harmonizer {} ({}): fitted on {} sites, applied at {}", i, hc.type,
-                     site_names(false).size(), site_order.size());
-      else
-        spdlog::info("harmonizer {} ({}): site-local (nothing to fit), applied at {} sites", i,
-                     hc.type, site_order.size());
+      const std::string how =
+          from_given ? "given statistics"
+          : fit      ? "fitted on " + std::to_string(site_names(false).size()) + " sites"
+                     : "site-local (nothing to fit)";
+      spdlog::info("harmonizer {} ({}): {}, applied at {} sites", i, hc.type, how,
+                   site_order.size());
     }
     return broadcast;
   }

@@ -337,12 +337,13 @@ void publish_files(const fs::path& scratch, const fs::path& target) {
 }
 
 // Runs `publish` (fsync + rename out of `scratch`) now, or on the options' publisher thread; the
-// scratch folder lives until then.
-void finish_output(std::shared_ptr<ScratchDir> scratch, const std::string& path,
-                   const WriteOptions& opt, std::function<void()> publish) {
+// scratch folder lives until then. Without `publish`: publish_files(scratch, target).
+void finish_output(std::shared_ptr<ScratchDir> scratch, const fs::path& target,
+                   const WriteOptions& opt, std::function<void()> publish = {}) {
+  if (!publish) publish = [dir = scratch->path(), target] { publish_files(dir, target); };
   if (!opt.publisher) return publish();
   opt.publisher->submit(
-      path, [scratch = std::move(scratch), publish = std::move(publish)] { publish(); });
+      target.string(), [scratch = std::move(scratch), publish = std::move(publish)] { publish(); });
 }
 
 // Writes bytes to a new file without flushing it (publish_files flushes before the rename).
@@ -455,8 +456,7 @@ void write_opencv(const Image& im, const std::string& path, const WriteOptions& 
   const fs::path target(path);
   auto scratch = std::make_shared<ScratchDir>(target);
   write_bytes(scratch->path() / target.filename(), bytes.data(), bytes.size());
-  finish_output(scratch, path, opt,
-                [dir = scratch->path(), target] { publish_files(dir, target); });
+  finish_output(scratch, target, opt);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -674,8 +674,7 @@ void write_itk(const Image& im, const std::string& path, const WriteOptions& opt
   } catch (const itk::ExceptionObject& e) {
     throw Error(path + ": cannot write: " + std::string(e.GetDescription()));
   }
-  finish_output(scratch, path, opt,
-                [dir = scratch->path(), target] { publish_files(dir, target); });
+  finish_output(scratch, target, opt);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -993,7 +992,7 @@ void write_dicom_series(const Image& im, const std::string& path, const WriteOpt
   } catch (const itk::ExceptionObject& e) {
     throw Error(path + ": cannot write DICOM series: " + std::string(e.GetDescription()));
   }
-  finish_output(scratch, path, opt, [out, old = scratch->path() / "previous", target] {
+  finish_output(scratch, target, opt, [out, old = scratch->path() / "previous", target] {
     for (const auto& e : fs::directory_iterator(out)) fsync_path(e.path());
     // Replace the folder as a whole: old content moves aside first, then is deleted.
     std::error_code ec;

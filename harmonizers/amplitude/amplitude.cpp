@@ -93,6 +93,11 @@ int64_t band_halfwidth(const Grid& g, double beta) {
   return int64_t(std::floor(double(m) * beta));
 }
 
+// True when the window |k_d| <= b holds every bin of the grid.
+bool band_is_whole(const Grid& g, int64_t b) {
+  return b >= std::max({g.nx / 2, g.ny / 2, g.nz / 2});
+}
+
 // Indices i of an axis of size n whose signed frequency k (numpy.fft.fftfreq * n) has |k| <= b.
 std::vector<int64_t> band_indices(int64_t n, int64_t b) {
   std::vector<int64_t> out;
@@ -767,7 +772,7 @@ class Amplitude : public Harmonizer {
       // The inverse transform's 1/N: folded into the mix when it visits every bin (saves a pass
       // over the image), else applied while writing the result.
       const float inv_n = 1.0f / float(n);
-      const bool whole = b >= std::max({g.nx / 2, g.ny / 2, g.nz / 2});
+      const bool whole = band_is_whole(g, b);
       const float fold = whole ? inv_n : 1.0f;
       mix_band(s.spec, r, g, b, keep * fold, lam * fold);
       float* out = direct ? x : s.real;
@@ -784,7 +789,7 @@ class Amplitude : public Harmonizer {
                        float lam) {
     const int64_t nxh = g.nxh();
     const int64_t xe = std::min(b, nxh - 1) + 1;
-    if (xe == nxh && 2 * b >= g.ny - 1 && 2 * b >= g.nz - 1) {  // every row, whole: one sweep
+    if (band_is_whole(g, b)) {  // every bin: one sweep
       mix_row(reinterpret_cast<float*>(spec), rn, g.half(), keep, lam);
       return;
     }

@@ -15,8 +15,11 @@ namespace concord {
 namespace {
 
 bool cpu_has_avx512f() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has;
 }
 
 // v * (c + i s) for eight interleaved complex values and one scalar complex.
@@ -221,8 +224,7 @@ bool PairedRfft2::preferred(int64_t nx, int64_t ny) {
 }
 
 bool PairedRfft2::own_columns_possible(int64_t ny) {
-  static const bool avx512 = cpu_has_avx512f();
-  return avx512 && ny >= 2 && (ny & (ny - 1)) == 0;
+  return cpu_has_avx512f() && ny >= 2 && (ny & (ny - 1)) == 0;
 }
 
 PairedRfft2::PairedRfft2(int64_t nx, int64_t ny, unsigned fftw_flags, bool allow_own_columns)
@@ -230,8 +232,7 @@ PairedRfft2::PairedRfft2(int64_t nx, int64_t ny, unsigned fftw_flags, bool allow
   if (!supported(nx, ny))
     throw Error("amplitude: no paired 2D transform for " + std::to_string(nx) + "x" +
                 std::to_string(ny) + " (the width must be even)");
-  static const bool avx512 = cpu_has_avx512f();
-  avx512_ = avx512;
+  avx512_ = cpu_has_avx512f();
   own_columns_ = allow_own_columns && own_columns_possible(ny);
   for (int64_t k = 0; k <= m_; ++k) {
     wx_re_.push_back(float(std::cos(2 * M_PI * double(k) / double(nx))));
