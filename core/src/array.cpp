@@ -96,22 +96,10 @@ Array Array::to_f32() const {
   Array a = uninitialized(DType::F32, shape_);
   float* out = a.data<float>();
   const int64_t n = numel();
-  switch (dtype_) {
-    case DType::F64:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const double*>(data_)[i]);
-      break;
-    case DType::I64:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const int64_t*>(data_)[i]);
-      break;
-    case DType::I32:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const int32_t*>(data_)[i]);
-      break;
-    case DType::U8:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(static_cast<const uint8_t*>(data_)[i]);
-      break;
-    case DType::F32:
-      break;
-  }
+  visit_dtype(dtype_, [&](auto tag) {
+    const auto* in = static_cast<const decltype(tag)*>(data_);
+    for (int64_t i = 0; i < n; ++i) out[i] = float(in[i]);
+  });
   return a;
 }
 

@@ -40,6 +40,23 @@ constexpr DType dtype_of<uint8_t>() {
   return DType::U8;
 }
 
+// Calls f(T{}) with T the C++ type of `t` (the inverse of dtype_of).
+template <class F>
+void visit_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::F32:
+      return f(float{});
+    case DType::F64:
+      return f(double{});
+    case DType::I64:
+      return f(int64_t{});
+    case DType::I32:
+      return f(int32_t{});
+    case DType::U8:
+      return f(uint8_t{});
+  }
+}
+
 class Array {
  public:
   Array() = default;

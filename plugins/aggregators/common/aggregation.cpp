@@ -260,22 +260,7 @@ void merge_non_float(const NamedArrays& global, const std::vector<SiteUpdate>& u
     Array acc = updates[selected.front()].state.at(name).clone();
     for (size_t s = 1; s < selected.size(); ++s) {
       const Array& x = updates[selected[s]].state.at(name);
-      switch (g.dtype()) {
-        case DType::F64:
-          max_into<double>(acc, x);
-          break;
-        case DType::I64:
-          max_into<int64_t>(acc, x);
-          break;
-        case DType::I32:
-          max_into<int32_t>(acc, x);
-          break;
-        case DType::U8:
-          max_into<uint8_t>(acc, x);
-          break;
-        case DType::F32:
-          break;
-      }
+      visit_dtype(g.dtype(), [&](auto tag) { max_into<decltype(tag)>(acc, x); });
     }
     out[name] = std::move(acc);
   }
