@@ -1,4 +1,5 @@
 #include <concord/array.h>
+#include <concord/checked.h>
 #include <concord/error.h>
 
 #include <cstdlib>
@@ -46,7 +47,7 @@ void pooled_free(uint8_t* p, size_t bytes);
 namespace {
 std::shared_ptr<void> allocate(size_t bytes) {
   // 64-byte alignment: SIMD-friendly and safe for every dtype; never a null pointer.
-  size_t rounded = bytes == 0 ? 64 : ((bytes + 63) / 64) * 64;
+  size_t rounded = bytes == 0 ? 64 : (checked_add(bytes, 63, "array") / 64) * 64;
   void* p = pooled_alloc(rounded);
   if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
   return std::shared_ptr<void>(
@@ -54,16 +55,22 @@ std::shared_ptr<void> allocate(size_t bytes) {
 }
 }  // namespace
 
-int64_t Array::numel() const {
-  int64_t n = 1;
-  for (int64_t d : shape_) n *= d;
-  return n;
+void Array::set_shape(DType dtype, std::vector<int64_t> shape) {
+  checked_nbytes(dtype, shape, "array");  // also refuses a dtype outside the enum
+  dtype_ = dtype;
+  numel_ = checked_numel(shape, "array");
+  shape_ = std::move(shape);
+}
+
+void check_element_count(const Array& a, size_t count) {
+  if (size_t(a.numel()) != count)
+    throw Error("array of shape " + shape_str(a.shape()) + " holds " + std::to_string(a.numel()) +
+                " elements, given " + std::to_string(count) + " values");
 }
 
 Array Array::uninitialized(DType dtype, std::vector<int64_t> shape) {
   Array a;
-  a.dtype_ = dtype;
-  a.shape_ = std::move(shape);
+  a.set_shape(dtype, std::move(shape));
   auto mem = allocate(a.nbytes());
   a.data_ = mem.get();
   a.owner_ = std::move(mem);
@@ -78,8 +85,7 @@ Array::Array(DType dtype, std::vector<int64_t> shape) {
 Array Array::view(DType dtype, std::vector<int64_t> shape, void* data,
                   std::shared_ptr<const void> owner) {
   Array a;
-  a.dtype_ = dtype;
-  a.shape_ = std::move(shape);
+  a.set_shape(dtype, std::move(shape));
   a.data_ = data;
   a.owner_ = std::move(owner);
   return a;

@@ -21,6 +21,13 @@ Bytes InProcessChannel::call(const std::string& site, const Bytes& request) {
   }
   if (!reply) throw SiteError(site, "sent no reply");
   bytes_received_ += reply->size();
+  // A reply is bytes from a peer: checked here with decode's limits (size, lengths, counts,
+  // shapes) so a corrupt one is this site's failure, reported by name, like a network error.
+  try {
+    decode(reply);
+  } catch (const Error& e) {
+    throw SiteError(site, std::string("sent a corrupt reply: ") + e.what());
+  }
   return reply;
 }
 

@@ -2,6 +2,8 @@
 #include <concord/harmonizer.h>
 #include <concord/message.h>
 
+#include <cmath>
+
 namespace concord {
 
 static const char* const kWeight = "__weight";
@@ -15,12 +17,18 @@ Message stats_message(Stats stats, const std::string& type) {
   return m;
 }
 
+// The message may come from a peer or a file: its sizes were checked by decode(); the weight (a
+// number of images) must be there and be a finite, non-negative number.
 Stats stats_from_message(Message&& m) {
+  auto w = m.scalars.find(kWeight);
+  if (w == m.scalars.end()) throw Error("statistics without a weight ('" + m.type + "' message)");
+  if (!std::isfinite(w->second) || w->second < 0)
+    throw Error("statistics with an invalid weight " + std::to_string(w->second));
   Stats s;
+  s.weight = w->second;
+  m.scalars.erase(w);
   s.arrays = std::move(m.arrays);
   s.scalars = std::move(m.scalars);
-  s.weight = s.scalars[kWeight];
-  s.scalars.erase(kWeight);
   return s;
 }
 
@@ -32,15 +40,17 @@ void save_stats(const Stats& stats, const std::string& file, const std::string& 
 }
 
 Stats load_stats(const std::string& file, std::string* method) {
-  Message m;
+  // read_file refuses folders and files above max_message_bytes(), naming the file;
+  // decode checks every size the bytes declare.
+  Bytes bytes = read_file(file);
   try {
-    m = decode(read_file(file));
+    Message m = decode(bytes);
+    if (m.type != "harmonizer-stats") throw Error("not a harmonizer statistics file");
+    if (method) *method = m.text["method"];
+    return stats_from_message(std::move(m));
   } catch (const Error& e) {
     throw Error(file + ": " + e.what());
   }
-  if (m.type != "harmonizer-stats") throw Error(file + ": not a harmonizer statistics file");
-  if (method) *method = m.text["method"];
-  return stats_from_message(std::move(m));
 }
 
 }  // namespace concord

@@ -1,3 +1,4 @@
+#include <concord/checked.h>
 #include <concord/error.h>
 #include <concord/image.h>
 #include <concord/tensor_bridge.h>
@@ -60,6 +61,10 @@ at::Tensor image_to_tensor(const Image& image) {
   if (image.dim == 3) shape.push_back(image.size[2]);
   shape.push_back(image.size[1]);
   shape.push_back(image.size[0]);
+  // from_blob reads numel(shape) floats: the declared size must match what the image holds.
+  if (size_t(checked_numel(shape, "image")) != image.data.size())
+    throw Error("image of shape " + shape_str(shape) + " holds " +
+                std::to_string(image.data.size()) + " values");
   return torch::from_blob(const_cast<float*>(image.data.data()), shape, torch::kFloat).clone();
 }
 

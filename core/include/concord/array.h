@@ -4,6 +4,7 @@
 // LibTorch headers. tensor_bridge.h converts to and from at::Tensor without copying.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -57,12 +58,16 @@ void visit_dtype(DType t, F&& f) {
   }
 }
 
+// Every constructor checks its shape (no negative dimension, element and byte counts that fit
+// without overflow; concord/checked.h) and throws Error otherwise, so numel() and nbytes() of an
+// existing Array are always exact.
 class Array {
  public:
   Array() = default;
   // Allocates zero-filled, 64-byte aligned storage.
   Array(DType dtype, std::vector<int64_t> shape);
-  // A view of memory owned by `owner` (kept alive as long as the Array): no copy.
+  // A view of memory owned by `owner` (kept alive as long as the Array): no copy. The caller
+  // guarantees `data` holds nbytes() bytes.
   static Array view(DType dtype, std::vector<int64_t> shape, void* data,
                     std::shared_ptr<const void> owner);
   // Allocates without zero-filling (for buffers about to be overwritten).
@@ -72,8 +77,8 @@ class Array {
 
   DType dtype() const { return dtype_; }
   const std::vector<int64_t>& shape() const { return shape_; }
-  int64_t numel() const;
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  int64_t numel() const { return numel_; }
+  size_t nbytes() const { return static_cast<size_t>(numel_) * dtype_size(dtype_); }
   bool empty() const { return data_ == nullptr; }
   void* raw() { return data_; }
   const void* raw() const { return data_; }
@@ -93,10 +98,15 @@ class Array {
  private:
   DType dtype_ = DType::F32;
   std::vector<int64_t> shape_;
+  int64_t numel_ = 1;  // of shape_, checked when the Array is made
   std::shared_ptr<const void> owner_;
   void* data_ = nullptr;
   void check(DType wanted) const;
+  void set_shape(DType dtype, std::vector<int64_t> shape);
 };
+
+// Throws Error unless `a` holds exactly `count` elements (Array::from with a mismatched shape).
+void check_element_count(const Array& a, size_t count);
 
 // Named arrays in a stable (sorted) order: model state, statistics, message payloads.
 using NamedArrays = std::map<std::string, Array>;
@@ -115,6 +125,7 @@ template <class T>
 Array Array::from(const std::vector<T>& values, std::vector<int64_t> shape) {
   if (shape.empty()) shape = {static_cast<int64_t>(values.size())};
   Array a = uninitialized(dtype_of<T>(), std::move(shape));
+  check_element_count(a, values.size());
   std::copy(values.begin(), values.end(), a.data<T>());
   return a;
 }

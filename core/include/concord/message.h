@@ -14,10 +14,13 @@
 
 namespace concord {
 
-// An immutable, 64-byte aligned byte buffer.
+// An immutable, 64-byte aligned byte buffer. Its memory may be recycled from an earlier
+// message (the pool), so it is zero-filled unless the caller promises to write every byte.
 class Buffer {
  public:
-  explicit Buffer(size_t size);
+  struct ForOverwrite {};        // tag: the caller overwrites all size() bytes before anyone reads
+  explicit Buffer(size_t size);  // zero-filled
+  Buffer(size_t size, ForOverwrite);
   ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -40,13 +43,23 @@ struct Message {
   std::map<std::string, std::string> text;
 };
 
+// The largest message, statistics file or checkpoint Concord accepts, in bytes:
+// CONCORD_MAX_MESSAGE_MB MiB (default 4096). Checked before anything is allocated for it.
+size_t max_message_bytes();
+
+// Every byte of the result is written (padding is zero): equal messages give equal bytes.
 Bytes encode(const Message& m);
-// Throws Error on a truncated or corrupt buffer.
+// The bytes may come from an untrusted peer or file: every length, count, dtype and shape is
+// checked against the buffer (and the size against max_message_bytes()) with overflow-checked
+// arithmetic before anything is allocated. Throws Error on a truncated or corrupt buffer.
 Message decode(const Bytes& bytes);
 
 // Atomic file helpers: write to a temporary file in the same folder, fsync, rename.
 void write_file_atomic(const std::string& file, const void* data, size_t size);
 void write_file_atomic(const std::string& file, const std::string& text);
+// The whole of a regular file (a folder, device or pipe is refused), at most max_message_bytes()
+// or `max_bytes`: the size is checked before the buffer is allocated.
 Bytes read_file(const std::string& file);
+Bytes read_file(const std::string& file, size_t max_bytes);
 
 }  // namespace concord
