@@ -218,6 +218,7 @@ TEST(Coordinator, RejectsNonFiniteUpdatesNamingTheSite) {
       m.type = "update";
       m.arrays["w"] = Array::from(std::vector<float>{v, 1});
       m.scalars["num_samples"] = 1;
+      m.scalars["train_loss"] = 0.5;
       return encode(m);
     };
   };
@@ -232,4 +233,351 @@ TEST(Coordinator, RejectsNonFiniteUpdatesNamingTheSite) {
   ASSERT_EQ(out.failures.size(), 1u);
   EXPECT_NE(out.failures[0].find("'bad'"), std::string::npos);
   EXPECT_NE(out.failures[0].find("non-finite"), std::string::npos);
+}
+
+// ---- misbehaving sites and careless pipelines (issue 8) -----------------------------------
+
+namespace {
+
+NamedArrays sample_global() {
+  return {{"w", Array::from(std::vector<float>{0, 0})},
+          {"n", Array::from(std::vector<int64_t>{0})}};
+}
+
+// A site replying to "train" with `edit` applied to an otherwise good upload.
+SiteHandler replying(const std::function<void(Message&)>& edit) {
+  return [edit](const Bytes&) {
+    Message m;
+    m.type = "update";
+    m.arrays = sample_global();
+    m.arrays["w"] = Array::from(std::vector<float>{1, 2});
+    m.scalars["num_samples"] = 4;
+    m.scalars["train_loss"] = 0.5;
+    if (edit) edit(m);
+    return encode(m);
+  };
+}
+
+class Counting : public Aggregator {
+ public:
+  std::vector<std::string> seen;
+  NamedArrays aggregate(const NamedArrays& g, const std::vector<SiteUpdate>& updates,
+                        const RoundInfo&) override {
+    for (const auto& u : updates) seen.push_back(u.site);
+    return g;
+  }
+};
+
+}  // namespace
+
+TEST(Coordinator, RejectsEveryMalformedUploadByNameAndAggregatesTheOthers) {
+  const std::vector<std::pair<std::string, std::function<void(Message&)>>> cases = {
+      {"expected float32 [2]", [](Message& m) { m.arrays["w"] = Array::from(std::vector<float>{1}); }},
+      {"expected float32 [2]",
+       [](Message& m) {
+         m.arrays["w"] = Array::from(std::vector<float>{1, 2}, {1, 2});
+       }},
+      {"expected float32 [2]",
+       [](Message& m) {
+         m.arrays["w"] = Array::from(std::vector<double>{1, 2});
+       }},
+      {"lacks entry 'n'", [](Message& m) { m.arrays.erase("n"); }},
+      {"unexpected entry 'extra'",
+       [](Message& m) { m.arrays["extra"] = Array::from(std::vector<float>{1}); }},
+      {"num_samples", [](Message& m) { m.scalars["num_samples"] = -3; }},
+      {"num_samples", [](Message& m) { m.scalars["num_samples"] = NAN; }},
+      {"num_samples", [](Message& m) { m.scalars["num_samples"] = 1e300; }},
+      {"num_samples", [](Message& m) { m.scalars["num_samples"] = 2.5; }},
+      {"num_samples", [](Message& m) { m.scalars.erase("num_samples"); }},
+      {"non-finite train_loss", [](Message& m) { m.scalars["train_loss"] = INFINITY; }},
+      {"no train_loss", [](Message& m) { m.scalars.erase("train_loss"); }},
+      {"replied 'metrics'", [](Message& m) { m.type = "metrics"; }},
+  };
+  for (const auto& [expect, edit] : cases) {
+    SCOPED_TRACE(expect);
+    InProcessChannel ch;
+    ch.connect("good-1", replying(nullptr));
+    ch.connect("bad", replying(edit));
+    ch.connect("good-2", replying(nullptr));
+    Counting agg;
+    Coordinator c(ch, agg, 1);
+    c.set_global(sample_global());
+    auto out = c.train_round(1, 1, {"good-1", "bad", "good-2"}, {}, 2);
+    EXPECT_TRUE(out.aggregated) << out.not_aggregated;
+    EXPECT_EQ(agg.seen, (std::vector<std::string>{"good-1", "good-2"}));
+    ASSERT_EQ(out.failures.size(), 1u);
+    EXPECT_NE(out.failures[0].find("site 'bad'"), std::string::npos) << out.failures[0];
+    EXPECT_NE(out.failures[0].find(expect), std::string::npos) << out.failures[0];
+  }
+}
+
+TEST(Coordinator, ZeroSampleUploadIsSkippedNotWeighed) {
+  InProcessChannel ch;
+  ch.connect("good", replying(nullptr));
+  ch.connect("empty", replying([](Message& m) { m.scalars["num_samples"] = 0; }));
+  Counting agg;
+  Coordinator c(ch, agg, 1);
+  c.set_global(sample_global());
+  auto out = c.train_round(1, 1, {"good", "empty"}, {}, 1);
+  EXPECT_TRUE(out.aggregated);
+  EXPECT_EQ(agg.seen, std::vector<std::string>{"good"});
+  EXPECT_EQ(out.skipped, std::vector<std::string>{"empty"});
+  EXPECT_TRUE(out.failures.empty());
+}
+
+TEST(Coordinator, AFailingAggregatorCostsTheRoundNotTheRun) {
+  struct Throwing : Aggregator {
+    NamedArrays aggregate(const NamedArrays&, const std::vector<SiteUpdate>&,
+                          const RoundInfo&) override {
+      throw std::runtime_error("shapes disagree");
+    }
+  };
+  struct Misshapen : Aggregator {
+    NamedArrays aggregate(const NamedArrays& g, const std::vector<SiteUpdate>&,
+                          const RoundInfo&) override {
+      NamedArrays out = g;
+      out["w"] = Array::from(std::vector<float>{1, 2, 3});
+      return out;
+    }
+  };
+  struct NonFinite : Aggregator {
+    NamedArrays aggregate(const NamedArrays& g, const std::vector<SiteUpdate>&,
+                          const RoundInfo&) override {
+      NamedArrays out = g;
+      out["w"] = Array::from(std::vector<float>{NAN, 2});
+      return out;
+    }
+  };
+  Throwing t;
+  Misshapen m;
+  NonFinite n;
+  for (auto [agg, expect] : std::vector<std::pair<Aggregator*, std::string>>{
+           {&t, "shapes disagree"}, {&m, "expected float32 [2]"}, {&n, "non-finite"}}) {
+    SCOPED_TRACE(expect);
+    InProcessChannel ch;
+    ch.connect("a", replying(nullptr));
+    Coordinator c(ch, *agg, 1);
+    c.set_global(sample_global());
+    auto out = c.train_round(1, 1, {"a"}, {}, 1);
+    EXPECT_FALSE(out.aggregated);
+    EXPECT_NE(out.not_aggregated.find("aggregation failed"), std::string::npos);
+    EXPECT_NE(out.not_aggregated.find(expect), std::string::npos) << out.not_aggregated;
+    EXPECT_TRUE(bit_identical(c.global(), sample_global()));  // unchanged
+  }
+}
+
+// Through the whole engine: a site uploads a tensor of the wrong shape in round 1. The run
+// completes, the site is named, the other two sites were aggregated that round.
+TEST(Engine, MisshapenUploadIsRejectedAndTheRunCompletes) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  Experiment exp(config(pipeline(2, 2)), testkit::builtin_registry());
+  FaultPlan plan;
+  const std::string bad = names[1];
+  plan.tamper = [bad](const std::string& site, Message& reply) {
+    if (site == bad && reply.type == "update" && reply.round == 1)
+      reply.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3});
+  };
+  exp.inject_faults(plan);
+  RunOptions o;
+  o.run_dir = dir.str();
+  RunSummary s = exp.run(o);
+  EXPECT_EQ(s.rounds_completed, 2);
+  ASSERT_EQ(s.failures.size(), 1u);
+  EXPECT_NE(s.failures[0].find("round 1: site '" + bad + "'"), std::string::npos) << s.failures[0];
+  EXPECT_NE(s.failures[0].find("(rejected)"), std::string::npos) << s.failures[0];
+  int trained_round1 = 0;
+  for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
+    EXPECT_TRUE(j["aggregated"].get<bool>()) << j.dump();
+    if (j["round"] == 1 && j.contains("train_loss")) ++trained_round1;
+  }
+  EXPECT_EQ(trained_round1, 2);
+  auto summary = nlohmann::json::parse(std::ifstream(dir.path() / "summary.json"));
+  EXPECT_FALSE(summary["ok"].get<bool>());
+  EXPECT_EQ(summary["failures"].size(), 1u);
+}
+
+// A site sending harmonizer statistics of another shape than the others is left out of the
+// combination, by name; the run goes on with the rest.
+TEST(Engine, MisshapenHarmonizerStatisticsAreLeftOutByName) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  Experiment exp(config(pipeline(1, 1, "harmonizers:\n  - {type: histogram-match}\n")),
+                 testkit::builtin_registry());
+  FaultPlan plan;
+  const std::string bad = names[2];
+  plan.tamper = [bad](const std::string& site, Message& reply) {
+    if (site == bad && reply.type == "stats") {
+      ASSERT_FALSE(reply.arrays.empty());
+      reply.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3, 4, 5});
+    }
+  };
+  exp.inject_faults(plan);
+  RunOptions o;
+  o.run_dir = dir.str();
+  RunSummary s = exp.run(o);
+  EXPECT_EQ(s.rounds_completed, 1);
+  ASSERT_EQ(s.failures.size(), 1u) << testing::PrintToString(s.failures);
+  EXPECT_NE(s.failures[0].find("fit: harmonizer 0 (histogram-match): site '" + bad + "'"),
+            std::string::npos)
+      << s.failures[0];
+  EXPECT_NE(s.failures[0].find("left out"), std::string::npos) << s.failures[0];
+}
+
+// Evaluation replies are checked too, and a site failing its evaluation is a failure.
+TEST(Engine, BadEvaluationRepliesAreNamedFailures) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  Experiment exp(config(pipeline(1, 1)), testkit::builtin_registry());
+  FaultPlan plan;
+  const std::string bad = names[0];
+  plan.tamper = [bad](const std::string& site, Message& reply) {
+    if (site == bad && reply.type == "metrics") reply.scalars["accuracy"] = INFINITY;
+  };
+  exp.inject_faults(plan);
+  RunOptions o;
+  o.run_dir = dir.str();
+  RunSummary s = exp.run(o);
+  ASSERT_FALSE(s.failures.empty());
+  EXPECT_NE(s.failures[0].find("evaluate (global): site '" + bad + "'"), std::string::npos)
+      << s.failures[0];
+  EXPECT_NE(s.failures[0].find("infinite"), std::string::npos) << s.failures[0];
+}
+
+// Site names and failure messages come from data and peers: bytes that are not UTF-8 must not
+// stop summary.json (and its failure list) from being written.
+TEST(Engine, InvalidUtf8InFailuresStillWritesTheSummary) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  Experiment exp(config(pipeline(1, 1)), testkit::builtin_registry());
+  FaultPlan plan;
+  plan.fail[{names[0], 1}] = "cannot read scan-\xff\xfe.nii";
+  exp.inject_faults(plan);
+  RunOptions o;
+  o.run_dir = dir.str();
+  RunSummary s = exp.run(o);
+  ASSERT_EQ(s.failures.size(), 1u);
+  auto summary = nlohmann::json::parse(std::ifstream(dir.path() / "summary.json"));
+  ASSERT_EQ(summary["failures"].size(), 1u);
+  EXPECT_NE(summary["failures"][0].get<std::string>().find("cannot read scan-"), std::string::npos);
+}
+
+// A round in which nothing was aggregated is a failure of the run, not a quiet no-op.
+TEST(Engine, RoundsThatAggregateNothingAreFailures) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  std::string never = "  site_availability:\n";
+  for (const auto& n : names) never += "    " + n + ": 0\n";
+  PipelineConfig c = config(
+      "name: engine-test\nseed: 11\n"
+      "data:\n  dataset: {type: brainsim, args: {sites: 3, train_per_site: 12, "
+      "test_per_site: 6, size: 32}}\n"
+      "model: {type: cnn, args: {width: 8, depth: 2}}\n"
+      "training: {local_epochs: 1, batch_size: 6, lr: 0.01}\n"
+      "federation:\n  rounds: 2\n" +
+      never);
+  Experiment exp(c, testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = dir.str();
+  RunSummary s = exp.run(o);
+  ASSERT_EQ(s.failures.size(), 2u) << testing::PrintToString(s.failures);
+  EXPECT_NE(s.failures[0].find("round 1: not aggregated: no site was available"), std::string::npos)
+      << s.failures[0];
+  EXPECT_NE(s.failures[1].find("round 2: not aggregated"), std::string::npos) << s.failures[1];
+}
+
+TEST(Engine, ZeroSampleUploadIsReportedAsSkippedWithoutALoss) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  Experiment exp(config(pipeline(1, 1)), testkit::builtin_registry());
+  FaultPlan plan;
+  const std::string empty = names[0];
+  plan.tamper = [empty](const std::string& site, Message& reply) {
+    if (site == empty && reply.type == "update") reply.scalars["num_samples"] = 0;
+  };
+  exp.inject_faults(plan);
+  RunOptions o;
+  o.run_dir = dir.str();
+  RunSummary s = exp.run(o);
+  EXPECT_TRUE(s.failures.empty()) << testing::PrintToString(s.failures);
+  for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
+    if (j["site"] != empty) continue;
+    EXPECT_FALSE(j.contains("train_loss")) << j.dump();
+    EXPECT_EQ(j.value("skipped", ""), "no training samples") << j.dump();
+  }
+}
+
+TEST(Engine, FailedSetUpLeavesNoRunFolder) {
+  testkit::TempDir dir;
+  Experiment exp(config(pipeline(1, 1, "evaluation: {held_out: [nowhere]}\n")),
+                 testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = dir.str() + "/run";
+  EXPECT_THROW(exp.run(o), Error);
+  EXPECT_FALSE(fs::exists(o.run_dir));
+}
+
+// Killed before its first checkpoint: the folder holds pipeline.yaml and nothing to restore.
+// Resuming starts again from round 1 and ends where an uninterrupted run ends.
+TEST(Engine, ResumeBeforeTheFirstCheckpointStartsFromRoundOne) {
+  testkit::TempDir full_dir, cut_dir;
+  PipelineConfig c = config(pipeline(2, 1));
+  Experiment full(c, testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = full_dir.str();
+  full.run(o);
+  fs::create_directories(cut_dir.path() / "checkpoints");
+  std::ofstream(cut_dir.path() / "pipeline.yaml") << c.resolved_yaml;
+  std::ofstream(cut_dir.path() / "metrics.jsonl") << "{\"round\": 1, \"site\": \"x\"";  // cut
+  Experiment resumed(c, testkit::builtin_registry());
+  RunOptions r;
+  r.run_dir = cut_dir.str();
+  r.resume = true;
+  RunSummary s = resumed.run(r);
+  EXPECT_EQ(s.rounds_completed, 2);
+  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+  EXPECT_EQ(read_jsonl(full_dir.path() / "metrics.jsonl").size(),
+            read_jsonl(cut_dir.path() / "metrics.jsonl").size());
+}
+
+// A truncated latest checkpoint is named and the previous one used; the result is the same as
+// an uninterrupted run. With every checkpoint unreadable, the error names each file.
+TEST(Engine, TruncatedLatestCheckpointFallsBackToThePreviousOne) {
+  testkit::TempDir full_dir, cut_dir;
+  PipelineConfig c = config(pipeline(3, 1));
+  Experiment full(c, testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = full_dir.str();
+  full.run(o);
+  {
+    Experiment first(c, testkit::builtin_registry());
+    RunOptions cut;
+    cut.run_dir = cut_dir.str();
+    cut.stop_after_round = 2;
+    first.run(cut);
+  }
+  const fs::path ckpt = cut_dir.path() / "checkpoints";
+  fs::resize_file(ckpt / "round-0002.ckpt", fs::file_size(ckpt / "round-0002.ckpt") / 2);
+  testkit::TempDir copy_dir;
+  const fs::path copy = copy_dir.path() / "run";
+  fs::copy(cut_dir.path(), copy, fs::copy_options::recursive);
+  Experiment resumed(c, testkit::builtin_registry());
+  RunOptions r;
+  r.run_dir = cut_dir.str();
+  r.resume = true;
+  RunSummary s = resumed.run(r);
+  EXPECT_EQ(s.rounds_completed, 3);
+  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+
+  fs::resize_file(copy / "checkpoints" / "round-0001.ckpt", 10);
+  Experiment none(c, testkit::builtin_registry());
+  r.run_dir = copy.string();
+  try {
+    none.run(r);
+    FAIL() << "no readable checkpoint must be an error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("round-0002.ckpt"), std::string::npos) << m;
+    EXPECT_NE(m.find("round-0001.ckpt"), std::string::npos) << m;
+  }
 }
