@@ -258,6 +258,26 @@ SiteHandler replying(const std::function<void(Message&)>& edit) {
   };
 }
 
+// Runs `c` into `dir` with the faults of `plan`.
+RunSummary run_with(const PipelineConfig& c, FaultPlan plan, const testkit::TempDir& dir) {
+  Experiment exp(c, testkit::builtin_registry());
+  exp.inject_faults(std::move(plan));
+  RunOptions o;
+  o.run_dir = dir.str();
+  return exp.run(o);
+}
+
+// A fault plan in which `site` rewrites its replies of `type` (in round `round`; -1: any) with
+// `edit`: a misbehaving peer.
+FaultPlan tampering(const std::string& site, const std::string& type,
+                    std::function<void(Message&)> edit, int round = -1) {
+  FaultPlan plan;
+  plan.tamper = [=](const std::string& from, Message& reply) {
+    if (from == site && reply.type == type && (round < 0 || reply.round == round)) edit(reply);
+  };
+  return plan;
+}
+
 class Counting : public Aggregator {
  public:
   std::vector<std::string> seen;
@@ -272,7 +292,8 @@ class Counting : public Aggregator {
 
 TEST(Coordinator, RejectsEveryMalformedUploadByNameAndAggregatesTheOthers) {
   const std::vector<std::pair<std::string, std::function<void(Message&)>>> cases = {
-      {"expected float32 [2]", [](Message& m) { m.arrays["w"] = Array::from(std::vector<float>{1}); }},
+      {"expected float32 [2]",
+       [](Message& m) { m.arrays["w"] = Array::from(std::vector<float>{1}); }},
       {"expected float32 [2]",
        [](Message& m) {
          m.arrays["w"] = Array::from(std::vector<float>{1, 2}, {1, 2});
@@ -371,17 +392,14 @@ TEST(Coordinator, AFailingAggregatorCostsTheRoundNotTheRun) {
 TEST(Engine, MisshapenUploadIsRejectedAndTheRunCompletes) {
   auto names = site_names();
   testkit::TempDir dir;
-  Experiment exp(config(pipeline(2, 2)), testkit::builtin_registry());
-  FaultPlan plan;
   const std::string bad = names[1];
-  plan.tamper = [bad](const std::string& site, Message& reply) {
-    if (site == bad && reply.type == "update" && reply.round == 1)
-      reply.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3});
-  };
-  exp.inject_faults(plan);
-  RunOptions o;
-  o.run_dir = dir.str();
-  RunSummary s = exp.run(o);
+  FaultPlan plan = tampering(
+      bad, "update",
+      [](Message& m) {
+        m.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3});
+      },
+      1);
+  RunSummary s = run_with(config(pipeline(2, 2)), plan, dir);
   EXPECT_EQ(s.rounds_completed, 2);
   ASSERT_EQ(s.failures.size(), 1u);
   EXPECT_NE(s.failures[0].find("round 1: site '" + bad + "'"), std::string::npos) << s.failures[0];
@@ -402,20 +420,13 @@ TEST(Engine, MisshapenUploadIsRejectedAndTheRunCompletes) {
 TEST(Engine, MisshapenHarmonizerStatisticsAreLeftOutByName) {
   auto names = site_names();
   testkit::TempDir dir;
-  Experiment exp(config(pipeline(1, 1, "harmonizers:\n  - {type: histogram-match}\n")),
-                 testkit::builtin_registry());
-  FaultPlan plan;
   const std::string bad = names[2];
-  plan.tamper = [bad](const std::string& site, Message& reply) {
-    if (site == bad && reply.type == "stats") {
-      ASSERT_FALSE(reply.arrays.empty());
-      reply.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3, 4, 5});
-    }
-  };
-  exp.inject_faults(plan);
-  RunOptions o;
-  o.run_dir = dir.str();
-  RunSummary s = exp.run(o);
+  FaultPlan plan = tampering(bad, "stats", [](Message& m) {
+    ASSERT_FALSE(m.arrays.empty());
+    m.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3, 4, 5});
+  });
+  RunSummary s =
+      run_with(config(pipeline(1, 1, "harmonizers:\n  - {type: histogram-match}\n")), plan, dir);
   EXPECT_EQ(s.rounds_completed, 1);
   ASSERT_EQ(s.failures.size(), 1u) << testing::PrintToString(s.failures);
   EXPECT_NE(s.failures[0].find("fit: harmonizer 0 (histogram-match): site '" + bad + "'"),
@@ -428,16 +439,9 @@ TEST(Engine, MisshapenHarmonizerStatisticsAreLeftOutByName) {
 TEST(Engine, BadEvaluationRepliesAreNamedFailures) {
   auto names = site_names();
   testkit::TempDir dir;
-  Experiment exp(config(pipeline(1, 1)), testkit::builtin_registry());
-  FaultPlan plan;
   const std::string bad = names[0];
-  plan.tamper = [bad](const std::string& site, Message& reply) {
-    if (site == bad && reply.type == "metrics") reply.scalars["accuracy"] = INFINITY;
-  };
-  exp.inject_faults(plan);
-  RunOptions o;
-  o.run_dir = dir.str();
-  RunSummary s = exp.run(o);
+  FaultPlan plan = tampering(bad, "metrics", [](Message& m) { m.scalars["accuracy"] = INFINITY; });
+  RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
   ASSERT_FALSE(s.failures.empty());
   EXPECT_NE(s.failures[0].find("evaluate (global): site '" + bad + "'"), std::string::npos)
       << s.failures[0];
@@ -449,13 +453,9 @@ TEST(Engine, BadEvaluationRepliesAreNamedFailures) {
 TEST(Engine, InvalidUtf8InFailuresStillWritesTheSummary) {
   auto names = site_names();
   testkit::TempDir dir;
-  Experiment exp(config(pipeline(1, 1)), testkit::builtin_registry());
   FaultPlan plan;
   plan.fail[{names[0], 1}] = "cannot read scan-\xff\xfe.nii";
-  exp.inject_faults(plan);
-  RunOptions o;
-  o.run_dir = dir.str();
-  RunSummary s = exp.run(o);
+  RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
   ASSERT_EQ(s.failures.size(), 1u);
   auto summary = nlohmann::json::parse(std::ifstream(dir.path() / "summary.json"));
   ASSERT_EQ(summary["failures"].size(), 1u);
@@ -466,20 +466,9 @@ TEST(Engine, InvalidUtf8InFailuresStillWritesTheSummary) {
 TEST(Engine, RoundsThatAggregateNothingAreFailures) {
   auto names = site_names();
   testkit::TempDir dir;
-  std::string never = "  site_availability:\n";
-  for (const auto& n : names) never += "    " + n + ": 0\n";
-  PipelineConfig c = config(
-      "name: engine-test\nseed: 11\n"
-      "data:\n  dataset: {type: brainsim, args: {sites: 3, train_per_site: 12, "
-      "test_per_site: 6, size: 32}}\n"
-      "model: {type: cnn, args: {width: 8, depth: 2}}\n"
-      "training: {local_epochs: 1, batch_size: 6, lr: 0.01}\n"
-      "federation:\n  rounds: 2\n" +
-      never);
-  Experiment exp(c, testkit::builtin_registry());
-  RunOptions o;
-  o.run_dir = dir.str();
-  RunSummary s = exp.run(o);
+  std::string never = "federation.site_availability={";
+  for (const auto& n : names) never += n + ": 0, ";
+  RunSummary s = run_with(config(pipeline(2, 1), {never + "}"}), {}, dir);
   ASSERT_EQ(s.failures.size(), 2u) << testing::PrintToString(s.failures);
   EXPECT_NE(s.failures[0].find("round 1: not aggregated: no site was available"), std::string::npos)
       << s.failures[0];
@@ -489,16 +478,9 @@ TEST(Engine, RoundsThatAggregateNothingAreFailures) {
 TEST(Engine, ZeroSampleUploadIsReportedAsSkippedWithoutALoss) {
   auto names = site_names();
   testkit::TempDir dir;
-  Experiment exp(config(pipeline(1, 1)), testkit::builtin_registry());
-  FaultPlan plan;
   const std::string empty = names[0];
-  plan.tamper = [empty](const std::string& site, Message& reply) {
-    if (site == empty && reply.type == "update") reply.scalars["num_samples"] = 0;
-  };
-  exp.inject_faults(plan);
-  RunOptions o;
-  o.run_dir = dir.str();
-  RunSummary s = exp.run(o);
+  FaultPlan plan = tampering(empty, "update", [](Message& m) { m.scalars["num_samples"] = 0; });
+  RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
   EXPECT_TRUE(s.failures.empty()) << testing::PrintToString(s.failures);
   for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
     if (j["site"] != empty) continue;
