@@ -961,7 +961,9 @@ struct Experiment::Impl {
       throw Error("global state " + why);
     if (std::string bad = non_finite_entry(global); !bad.empty())
       throw Error("global state: non-finite values in '" + bad + "'");
-    json past = json::parse(m.text["failures"], nullptr, /*allow_exceptions=*/false);
+    // Checkpoints from before failures were stored have none.
+    const std::string& stored = m.text["failures"];
+    json past = stored.empty() ? json::array() : json::parse(stored, nullptr, false);
     if (!past.is_array()) throw Error("no readable failure list");
     aggregator->load_state(agg);
     failures.clear();  // the replayed fit phase logged its failures again

@@ -441,11 +441,21 @@ TEST(Engine, BadEvaluationRepliesAreNamedFailures) {
   testkit::TempDir dir;
   const std::string bad = names[0];
   FaultPlan plan = tampering(bad, "metrics", [](Message& m) { m.scalars["accuracy"] = INFINITY; });
+  const std::string crashing = names[1];  // and one whose evaluation throws
+  plan.tamper = [crashing, inf = plan.tamper](const std::string& site, Message& reply) {
+    if (site == crashing && reply.type == "metrics") throw std::runtime_error("out of memory");
+    inf(site, reply);
+  };
   RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
-  ASSERT_FALSE(s.failures.empty());
+  ASSERT_EQ(s.failures.size(), 2u) << testing::PrintToString(s.failures);
   EXPECT_NE(s.failures[0].find("evaluate (global): site '" + bad + "'"), std::string::npos)
       << s.failures[0];
   EXPECT_NE(s.failures[0].find("infinite"), std::string::npos) << s.failures[0];
+  EXPECT_NE(s.failures[1].find("evaluate (global): site '" + crashing + "': out of memory"),
+            std::string::npos)
+      << s.failures[1];
+  ASSERT_EQ(s.sites.size(), 3u);  // the third site's results are there
+  EXPECT_TRUE(s.sites[2].metrics.count("accuracy"));
 }
 
 // Site names and failure messages come from data and peers: bytes that are not UTF-8 must not
@@ -562,4 +572,29 @@ TEST(Engine, TruncatedLatestCheckpointFallsBackToThePreviousOne) {
     EXPECT_NE(m.find("round-0002.ckpt"), std::string::npos) << m;
     EXPECT_NE(m.find("round-0001.ckpt"), std::string::npos) << m;
   }
+}
+
+// A partition can leave a site without training samples: it trains nothing, uploads nothing to
+// weigh, and metrics.jsonl says it was skipped instead of claiming a loss of 0.
+TEST(Engine, SiteWithoutTrainingSamplesIsSkipped) {
+  testkit::TempDir dir;
+  PipelineConfig c =
+      config(pipeline(1, 1), {"data.partition={scheme: dirichlet, sites: 8, alpha: 0.01, "
+                              "min_samples: 0}",
+                              "data.dataset.args.sites=2", "data.dataset.args.train_per_site=6"});
+  RunSummary s = run_with(c, {}, dir);
+  EXPECT_TRUE(s.failures.empty()) << testing::PrintToString(s.failures);
+  int skipped = 0, trained = 0;
+  for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
+    if (j.contains("skipped")) {
+      ++skipped;
+      EXPECT_FALSE(j.contains("train_loss")) << j.dump();
+    }
+    if (j.contains("train_loss")) {
+      ++trained;
+      EXPECT_GT(j["num_samples"].get<double>(), 0) << j.dump();
+    }
+  }
+  EXPECT_GT(skipped, 0) << "the partition must leave a site without training samples";
+  EXPECT_GT(trained, 0);
 }
