@@ -897,8 +897,6 @@ struct Experiment::Impl {
     for (const auto& file : candidates) {
       try {
         return restore_checkpoint(file);
-      } catch (const PipelineChanged&) {
-        throw;
       } catch (const std::exception& e) {
         spdlog::warn("checkpoint {} is unusable ({}); trying the previous one", file.string(),
                      e.what());
@@ -909,17 +907,13 @@ struct Experiment::Impl {
     throw Error("cannot resume: no usable checkpoint in " + dir.string() + ":" + problems);
   }
 
-  struct PipelineChanged : Error {
-    using Error::Error;
-  };
-
   // Reads one checkpoint, checks it against this experiment, and only then installs it.
   int restore_checkpoint(const fs::path& file) {
     Message m = decode(read_file(file.string()));
     if (m.type != "checkpoint") throw Error("not a checkpoint (message type '" + m.type + "')");
+    // run() checked that the stored pipeline.yaml is this pipeline.
     if (m.text["pipeline"] != config.resolved_yaml)
-      throw PipelineChanged("cannot resume " + file.parent_path().parent_path().string() +
-                            ": the pipeline differs from the one the run started with");
+      throw Error("written for another pipeline than the run folder's pipeline.yaml");
     if (m.round < 1 || m.round > config.federation.rounds)
       throw Error("round " + std::to_string(m.round) + " is outside 1.." +
                   std::to_string(config.federation.rounds));
