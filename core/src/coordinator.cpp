@@ -183,7 +183,10 @@ Coordinator::RoundOutcome Coordinator::train_round(
     return out;
   }
   // The aggregator is a plugin: whatever it throws or returns, a bad result costs this round
-  // only, never the run or the global model.
+  // only, never the run or the global model; its server state (e.g. FedOpt's moments) is put
+  // back as it was, so a resumed run and this one agree.
+  NamedArrays server_state;
+  for (const auto& [k, v] : aggregator_.state()) server_state[k] = v.clone();
   try {
     NamedArrays next = aggregator_.aggregate(global_, out.updates, RoundInfo{round, rounds, seed_});
     if (std::string s = state_mismatch(global_, next); !s.empty()) throw Error("its result " + s);
@@ -193,6 +196,11 @@ Coordinator::RoundOutcome Coordinator::train_round(
     out.aggregated = true;
   } catch (const std::exception& e) {
     out.not_aggregated = std::string("aggregation failed: ") + e.what();
+    try {
+      if (!server_state.empty()) aggregator_.load_state(server_state);
+    } catch (const std::exception& again) {
+      out.not_aggregated += std::string("; restoring its state failed too: ") + again.what();
+    }
     spdlog::error("round {}: {}; global model unchanged", round, out.not_aggregated);
   }
   return out;

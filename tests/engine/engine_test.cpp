@@ -347,11 +347,17 @@ TEST(Coordinator, ZeroSampleUploadIsSkippedNotWeighed) {
 }
 
 TEST(Coordinator, AFailingAggregatorCostsTheRoundNotTheRun) {
-  struct Throwing : Aggregator {
+  struct Throwing : Aggregator {  // with server state it advances before throwing
+    int64_t steps = 0;
     NamedArrays aggregate(const NamedArrays&, const std::vector<SiteUpdate>&,
                           const RoundInfo&) override {
+      ++steps;
       throw std::runtime_error("shapes disagree");
     }
+    NamedArrays state() const override {
+      return {{"steps", Array::from(std::vector<int64_t>{steps})}};
+    }
+    void load_state(const NamedArrays& s) override { steps = s.at("steps").data<int64_t>()[0]; }
   };
   struct Misshapen : Aggregator {
     NamedArrays aggregate(const NamedArrays& g, const std::vector<SiteUpdate>&,
@@ -385,6 +391,7 @@ TEST(Coordinator, AFailingAggregatorCostsTheRoundNotTheRun) {
     EXPECT_NE(out.not_aggregated.find(expect), std::string::npos) << out.not_aggregated;
     EXPECT_TRUE(bit_identical(c.global(), sample_global()));  // unchanged
   }
+  EXPECT_EQ(t.steps, 0) << "the aggregator's server state is put back after a failed round";
 }
 
 // Through the whole engine: a site uploads a tensor of the wrong shape in round 1. The run
