@@ -89,7 +89,7 @@ void add_run_command(CLI::App& app, Globals& g) {
   sub->footer(
       "Exit status: 0 when every round aggregated and every site did its part; 1 when the run "
       "could not start or stopped, or when it completed with failures (a site failed or was "
-      "rejected, a round aggregated nothing): summary.json then lists them under 'failures'.");
+      "rejected, a round aggregated nothing): summary.json then lists them under 'failures'.\n");
   struct Opts {
     std::string file, run_dir, resume;
     std::vector<std::string> sets;
