@@ -635,6 +635,10 @@ struct Experiment::Impl {
     for (const auto& [k, v] : fed.notes)
       if (k.rfind("scanner.", 0) == 0) spdlog::info("{} scanner: {}", k.substr(8), v);
     LocalConfig lc{&config, fed.task, fed.num_classes};
+    for (const auto& sd : fed.sites)
+      if (sd.test.empty() && (held.count(sd.name) || sd.train.empty()))
+        spdlog::warn("site '{}' has no {}images: it will report nothing", sd.name,
+                     held.count(sd.name) ? "test " : "");
     for (auto& sd : fed.sites) {
       std::vector<std::unique_ptr<Harmonizer>> hs = site_harmonizers(sd.name);
       std::vector<std::unique_ptr<Filter>> fs;
