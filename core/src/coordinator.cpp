@@ -108,6 +108,8 @@ std::string upload_problem(const Message& reply, const NamedArrays& global) {
 std::string stats_problem(const Message& reply, const Message* reference) {
   if (reply.type != "stats") return "replied '" + reply.type + "' to fit";
   if (std::string s = non_finite_scalar(reply.scalars); !s.empty()) return "statistics: " + s;
+  if (auto w = reply.scalars.find("__weight"); w != reply.scalars.end() && w->second < 0)
+    return "statistics: negative weight " + std::to_string(w->second);
   if (std::string bad = non_finite_entry(reply.arrays); !bad.empty())
     return "statistics: non-finite values in '" + bad + "'";
   if (reference) {

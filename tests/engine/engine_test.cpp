@@ -605,3 +605,39 @@ TEST(Engine, SiteWithoutTrainingSamplesIsSkipped) {
   EXPECT_GT(skipped, 0) << "the partition must leave a site without training samples";
   EXPECT_GT(trained, 0);
 }
+
+TEST(Protocol, StatisticsAndMetricsRepliesAreChecked) {
+  Message good;
+  good.type = "stats";
+  good.arrays["mean"] = Array::from(std::vector<double>{1, 2, 3});
+  good.scalars["__weight"] = 2;
+  EXPECT_EQ(stats_problem(good, nullptr), "");
+  EXPECT_EQ(stats_problem(good, &good), "");
+  const std::vector<std::pair<std::string, std::function<void(Message&)>>> cases = {
+      {"replied 'ack'", [](Message& m) { m.type = "ack"; }},
+      {"non-finite values in 'mean'",
+       [](Message& m) {
+         m.arrays["mean"] = Array::from(std::vector<double>{1, NAN, 3});
+       }},
+      {"negative weight", [](Message& m) { m.scalars["__weight"] = -1; }},
+      {"non-finite __weight", [](Message& m) { m.scalars["__weight"] = INFINITY; }},
+      {"entry 'mean' is float64 [2], expected float64 [3]",
+       [](Message& m) {
+         m.arrays["mean"] = Array::from(std::vector<double>{1, 2});
+       }},
+      {"unexpected scalar 'x'", [](Message& m) { m.scalars["x"] = 1; }},
+      {"lack scalar '__weight'", [](Message& m) { m.scalars.clear(); }},
+  };
+  for (const auto& [expect, edit] : cases) {
+    Message bad = good;
+    edit(bad);
+    EXPECT_NE(stats_problem(bad, &good).find(expect), std::string::npos)
+        << expect << ": " << stats_problem(bad, &good);
+  }
+  Message metrics;
+  metrics.type = "metrics";
+  metrics.scalars["roc-auc"] = NAN;  // undefined (one class): allowed
+  EXPECT_EQ(metrics_problem(metrics), "");
+  metrics.scalars["accuracy"] = -INFINITY;
+  EXPECT_NE(metrics_problem(metrics).find("accuracy is infinite"), std::string::npos);
+}

@@ -77,8 +77,8 @@ std::string upload_problem(const Message& reply, const NamedArrays& global);
 std::string site_failure(const std::string& site, const std::exception& e);
 // The most samples one upload may claim: weights beyond it would let one site outvote the rest.
 constexpr double kMaxUploadSamples = 1e9;
-// A site's reply to a harmonizer "fit": type "stats", finite values, and the same entries (names,
-// dtypes, shapes) as `reference` (the first site's statistics) when one is given.
+// A site's reply to a harmonizer "fit": type "stats", finite values, a weight >= 0, and the same
+// entries and scalars (names, dtypes, shapes) as `reference` (what most sites send) if given.
 std::string stats_problem(const Message& reply, const Message* reference);
 // A site's reply to "evaluate": type "metrics", scalars NaN (undefined) or finite.
 std::string metrics_problem(const Message& reply);
