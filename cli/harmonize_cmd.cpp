@@ -355,7 +355,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   rep["failed"] = json::array();
   for (const auto& [what, reason] : failures.list()) rep["failed"].push_back(reason);
   print_site_shift(report, rep, o.preview, o.preview_per_site);
-  if (!o.report.empty()) write_file_atomic(o.report, rep.dump(2) + "\n");
+  if (!o.report.empty()) write_file_atomic(o.report, json_text(rep, 2) + "\n");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ void save_stats_with_sidecar(const Stats& stats, const std::string& file, const 
   side["images"] = images;
   side["failed"] = failed;
   side["sites"] = sites;
-  write_file_atomic(file + ".json", side.dump(2) + "\n");
+  write_file_atomic(file + ".json", json_text(side, 2) + "\n");
 }
 
 namespace {
@@ -175,7 +175,7 @@ void claim_output_folder(const std::string& out, const json& mine, bool overwrit
                   theirs.value("stats", std::string("?")) +
                   "); use another --out, or --overwrite to redo every output");
   }
-  write_file_atomic(marker.string(), mine.dump(2) + "\n");
+  write_file_atomic(marker.string(), json_text(mine, 2) + "\n");
   remove_leftover_temporaries(out);
 }
 

@@ -8,6 +8,7 @@
 #include "progress.h"
 
 #include <concord/harmonizer.h>
+#include <concord/json_text.h>
 #include <concord/pipeline.h>
 #include <concord/registry.h>
 

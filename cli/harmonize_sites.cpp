@@ -283,7 +283,7 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
   if (!manifest.empty())
     std::cout << "manifest: " << manifest << " (train on it with the csv dataset: {type: csv, "
               << "args: {file: " << manifest << ", normalize: none}})\n";
-  if (!o.report.empty()) write_file_atomic(o.report, rep.dump(2) + "\n");
+  if (!o.report.empty()) write_file_atomic(o.report, json_text(rep, 2) + "\n");
   if (failures.size()) {
     print_failures(failures, items.size(), "write");
     throw Exit{1};

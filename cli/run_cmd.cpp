@@ -79,13 +79,17 @@ static void print_table(const RunSummary& s) {
   row("worst site", s.worst, nullptr);
   std::cout << "\nresults: " << s.run_dir << "/summary.json, metrics.jsonl, model.pt\n";
   if (!s.failures.empty()) {
-    std::cout << s.failures.size() << " site failure(s):\n";
+    std::cout << s.failures.size() << " failure(s) (exit status 1):\n";
     for (const auto& f : s.failures) std::cout << "  " << f << "\n";
   }
 }
 
 void add_run_command(CLI::App& app, Globals& g) {
   auto* sub = app.add_subcommand("run", "Run a federated pipeline");
+  sub->footer(
+      "Exit status: 0 when every round aggregated and every site did its part; 1 when the run "
+      "could not start or stopped, or when it completed with failures (a site failed or was "
+      "rejected, a round aggregated nothing): summary.json then lists them under 'failures'.\n");
   struct Opts {
     std::string file, run_dir, resume;
     std::vector<std::string> sets;
@@ -138,6 +142,7 @@ void add_run_command(CLI::App& app, Globals& g) {
     RunSummary s = exp.run(opts);
     bar->finish();
     print_table(s);
+    if (!s.failures.empty()) throw Exit{1};
   });
 }
 

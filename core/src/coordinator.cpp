@@ -46,7 +46,25 @@ std::vector<std::string> Coordinator::select(
   return out;
 }
 
-static bool all_finite(const NamedArrays& state, std::string* bad) {
+static std::string shape_str(const Array& a) {
+  std::string s = std::string(dtype_name(a.dtype())) + " [";
+  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? "," : "") + std::to_string(a.shape()[i]);
+  return s + "]";
+}
+
+std::string state_mismatch(const NamedArrays& reference, const NamedArrays& state) {
+  for (const auto& [name, want] : reference) {
+    auto it = state.find(name);
+    if (it == state.end()) return "lacks entry '" + name + "'";
+    if (it->second.dtype() != want.dtype() || it->second.shape() != want.shape())
+      return "entry '" + name + "' is " + shape_str(it->second) + ", expected " + shape_str(want);
+  }
+  for (const auto& [name, a] : state)
+    if (!reference.count(name)) return "unexpected entry '" + name + "'";
+  return "";
+}
+
+std::string non_finite_entry(const NamedArrays& state) {
   for (const auto& [name, a] : state) {
     if (a.dtype() == DType::F32) {
       // Exponent bits all ones <=> Inf or NaN; an OR-reduction over integers vectorises.
@@ -54,14 +72,67 @@ static bool all_finite(const NamedArrays& state, std::string* bad) {
       uint32_t any = 0;
       for (int64_t i = 0, n = a.numel(); i < n; ++i)
         any |= uint32_t((p[i] & 0x7f800000u) == 0x7f800000u);
-      if (any) return *bad = name, false;
+      if (any) return name;
     } else if (a.dtype() == DType::F64) {
       const double* p = a.data<double>();
       for (int64_t i = 0, n = a.numel(); i < n; ++i)
-        if (!std::isfinite(p[i])) return *bad = name, false;
+        if (!std::isfinite(p[i])) return name;
     }
   }
-  return true;
+  return "";
+}
+
+static std::string non_finite_scalar(const std::map<std::string, double>& scalars) {
+  for (const auto& [k, v] : scalars)
+    if (!std::isfinite(v)) return "non-finite " + k + " (" + std::to_string(v) + ")";
+  return "";
+}
+
+std::string upload_problem(const Message& reply, const NamedArrays& global) {
+  if (reply.type != "update") return "replied '" + reply.type + "' to train";
+  auto n = reply.scalars.find("num_samples");
+  if (n == reply.scalars.end()) return "no num_samples";
+  const double samples = n->second;
+  if (!(samples >= 0 && samples <= kMaxUploadSamples) || samples != std::floor(samples))
+    return "num_samples " + std::to_string(samples) + " is not a whole number in [0, " +
+           std::to_string(int64_t(kMaxUploadSamples)) + "]";
+  if (samples == 0) return "";  // skipped: nothing trained, nothing to check
+  if (!reply.scalars.count("train_loss")) return "no train_loss";
+  if (std::string s = non_finite_scalar(reply.scalars); !s.empty()) return s;
+  if (std::string s = state_mismatch(global, reply.arrays); !s.empty()) return "update " + s;
+  if (std::string bad = non_finite_entry(reply.arrays); !bad.empty())
+    return "non-finite values in '" + bad + "'";
+  return "";
+}
+
+std::string stats_problem(const Message& reply, const Message* reference) {
+  if (reply.type != "stats") return "replied '" + reply.type + "' to fit";
+  if (std::string s = non_finite_scalar(reply.scalars); !s.empty()) return "statistics: " + s;
+  if (auto w = reply.scalars.find("__weight"); w != reply.scalars.end() && w->second < 0)
+    return "statistics: negative weight " + std::to_string(w->second);
+  if (std::string bad = non_finite_entry(reply.arrays); !bad.empty())
+    return "statistics: non-finite values in '" + bad + "'";
+  if (reference) {
+    if (std::string s = state_mismatch(reference->arrays, reply.arrays); !s.empty())
+      return "statistics " + s + " (as the other sites send them)";
+    for (const auto& [k, v] : reference->scalars)
+      if (!reply.scalars.count(k)) return "statistics lack scalar '" + k + "'";
+    for (const auto& [k, v] : reply.scalars)
+      if (!reference->scalars.count(k)) return "statistics have unexpected scalar '" + k + "'";
+  }
+  return "";
+}
+
+std::string metrics_problem(const Message& reply) {
+  if (reply.type != "metrics") return "replied '" + reply.type + "' to evaluate";
+  for (const auto& [k, v] : reply.scalars)
+    if (std::isinf(v)) return "metric " + k + " is infinite";
+  return "";
+}
+
+std::string site_failure(const std::string& site, const std::exception& e) {
+  if (auto* se = dynamic_cast<const SiteError*>(&e); se && se->site() == site) return e.what();
+  return "site '" + site + "': " + e.what();
 }
 
 Coordinator::RoundOutcome Coordinator::train_round(
@@ -80,18 +151,16 @@ Coordinator::RoundOutcome Coordinator::train_round(
     // Step 2 (local training) runs at the site; step 3 (upload) is its reply.
     try {
       Message reply = decode(channel_.call(site, request));
-      if (reply.type != "update") throw SiteError(site, "replied '" + reply.type + "' to train");
-      std::string bad;
-      if (!all_finite(reply.arrays, &bad)) {
-        spdlog::error("round {}: rejected the update of site '{}': non-finite values in '{}'",
-                      round, site, bad);
-        out.failures.push_back("site '" + site + "': non-finite values in '" + bad +
-                               "' (rejected)");
+      if (std::string why = upload_problem(reply, global_); !why.empty()) {
+        spdlog::error("round {}: rejected the update of site '{}': {}", round, site, why);
+        out.failures.push_back("site '" + site + "': " + why + " (rejected)");
         continue;
       }
-      for (const auto& [name, g] : global_)
-        if (!reply.arrays.count(name))
-          throw SiteError(site, "update lacks shared entry '" + name + "'");
+      if (reply.scalars["num_samples"] == 0) {
+        spdlog::warn("round {}: site '{}' has no training samples; skipped", round, site);
+        out.skipped.push_back(site);
+        continue;
+      }
       SiteUpdate u;
       u.site = site;
       u.state = std::move(reply.arrays);
@@ -100,23 +169,47 @@ Coordinator::RoundOutcome Coordinator::train_round(
       u.scalars = std::move(reply.scalars);
       out.updates.push_back(std::move(u));
     } catch (const std::exception& e) {
-      std::string what = e.what();
-      spdlog::error("round {}: {}", round, what);
-      out.failures.push_back(what);
+      out.failures.push_back(site_failure(site, e));
+      spdlog::error("round {}: {}", round, out.failures.back());
     }
   }
-  // Step 4: aggregate, only with enough replies.
-  if (int(out.updates.size()) < min_sites) {
-    spdlog::warn("round {}: only {} of the required {} sites replied; global model unchanged",
-                 round, out.updates.size(), min_sites);
+  // Step 4: aggregate, only with enough usable uploads.
+  if (out.updates.empty() || int(out.updates.size()) < min_sites) {
+    out.not_aggregated = selected.empty() ? "no site was available"
+                                          : std::to_string(out.updates.size()) + " of " +
+                                                std::to_string(selected.size()) +
+                                                " selected sites sent a usable update; at least " +
+                                                std::to_string(std::max(min_sites, 1)) + " needed";
+    spdlog::warn("round {}: not aggregated ({}); global model unchanged", round,
+                 out.not_aggregated);
     return out;
   }
-  global_ = aggregator_.aggregate(global_, out.updates, RoundInfo{round, rounds, seed_});
-  out.aggregated = true;
+  // The aggregator is a plugin: whatever it throws or returns, a bad result costs this round
+  // only, never the run or the global model; its server state (e.g. FedOpt's moments) is put
+  // back as it was, so a resumed run and this one agree.
+  NamedArrays server_state;
+  for (const auto& [k, v] : aggregator_.state()) server_state[k] = v.clone();
+  try {
+    NamedArrays next = aggregator_.aggregate(global_, out.updates, RoundInfo{round, rounds, seed_});
+    if (std::string s = state_mismatch(global_, next); !s.empty()) throw Error("its result " + s);
+    if (std::string bad = non_finite_entry(next); !bad.empty())
+      throw Error("its result has non-finite values in '" + bad + "'");
+    global_ = std::move(next);
+    out.aggregated = true;
+  } catch (const std::exception& e) {
+    out.not_aggregated = std::string("aggregation failed: ") + e.what();
+    try {
+      if (!server_state.empty()) aggregator_.load_state(server_state);
+    } catch (const std::exception& again) {
+      out.not_aggregated += std::string("; restoring its state failed too: ") + again.what();
+    }
+    spdlog::error("round {}: {}; global model unchanged", round, out.not_aggregated);
+  }
   return out;
 }
 
-void Coordinator::broadcast(int round, const std::vector<std::string>& sites) {
+std::vector<std::string> Coordinator::broadcast(int round, const std::vector<std::string>& sites) {
+  std::vector<std::string> failures;
   Message m;
   m.type = "broadcast";
   m.round = round;
@@ -126,9 +219,11 @@ void Coordinator::broadcast(int round, const std::vector<std::string>& sites) {
     try {
       channel_.call(site, bytes);
     } catch (const std::exception& e) {
-      spdlog::error("round {}: broadcast to {}", round, e.what());
+      failures.push_back(site_failure(site, e));
+      spdlog::error("round {}: broadcast: {}", round, failures.back());
     }
   }
+  return failures;
 }
 
 Message Coordinator::call(const std::string& site, const Message& request) {

@@ -5,6 +5,7 @@
 #include <concord/engine.h>
 #include <concord/filter.h>
 #include <concord/harmonizer.h>
+#include <concord/json_text.h>
 #include <concord/metric.h>
 #include <concord/model.h>
 #include <concord/tensor_bridge.h>
@@ -132,6 +133,7 @@ class Site : public LocalTrainer {
     } else {
       throw SiteError(name_, "unknown request '" + in.type + "'");
     }
+    if (faults_.tamper) faults_.tamper(name_, out);
     return encode(out);
   }
 
@@ -291,6 +293,17 @@ class Site : public LocalTrainer {
 
  private:
   Message train_round(Message& in) {
+    if (data_.train.empty()) {
+      // Nothing to learn from: no upload to weigh, and no loss to claim (the coordinator skips
+      // the site). The local state is left as it was: re-estimating BatchNorm statistics from no
+      // images would reset them.
+      Message out;
+      out.type = "update";
+      out.site = name_;
+      out.round = round_;
+      out.scalars["num_samples"] = 0;
+      return out;
+    }
     settings_ = in.scalars;
     calls_ = 0;  // per-round stream of shuffling seeds: a resumed run replays it exactly
     load_model_state();
@@ -430,8 +443,16 @@ class Site : public LocalTrainer {
   int64_t calls_ = 0;
 };
 
+// The whole text of `file`, or "" when it cannot be read.
+std::string read_text_or_empty(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 std::string jsonl_line(const json& j) {
-  return j.dump() + "\n";
+  return json_text(j) + "\n";
 }
 
 // Metric values as JSON: NaN (undefined, e.g. AUC with one class) as null; the test-set size
@@ -462,6 +483,10 @@ struct Experiment::Impl {
   std::unique_ptr<Coordinator> coordinator;
   Federation federation_info;  // task, classes, notes (images live in the sites)
   NamedArrays final_global;
+  // Everything that went wrong at a site or in a round, in order (RunSummary::failures).
+  std::vector<std::string> failures;
+  // Sites that could not take the harmonizer statistics: out of the rest of the run.
+  std::set<std::string> dropped;
 
   Impl(PipelineConfig c, const Registry& r) : config(std::move(c)), registry(r) {}
 
@@ -610,6 +635,10 @@ struct Experiment::Impl {
     for (const auto& [k, v] : fed.notes)
       if (k.rfind("scanner.", 0) == 0) spdlog::info("{} scanner: {}", k.substr(8), v);
     LocalConfig lc{&config, fed.task, fed.num_classes};
+    for (const auto& sd : fed.sites)
+      if (sd.test.empty() && (held.count(sd.name) || sd.train.empty()))
+        spdlog::warn("site '{}' has no {}images: it will report nothing", sd.name,
+                     held.count(sd.name) ? "test " : "");
     for (auto& sd : fed.sites) {
       std::vector<std::unique_ptr<Harmonizer>> hs = site_harmonizers(sd.name);
       std::vector<std::unique_ptr<Filter>> fs;
@@ -623,6 +652,13 @@ struct Experiment::Impl {
       channel.connect(name, [raw](const Bytes& b) { return raw->handle(b); });
       sites.push_back(std::move(site));
     }
+    const size_t trainers = site_names(false).size();
+    if (trainers == 0)
+      throw Error(config.file + ": evaluation.held_out names every site: none is left to train");
+    if (size_t(config.federation.min_sites) > trainers)
+      throw Error(
+          config.file + ": federation.min_sites = " + std::to_string(config.federation.min_sites) +
+          " but only " + std::to_string(trainers) + " sites train: no round could ever aggregate");
     coordinator = std::make_unique<Coordinator>(channel, *aggregator, config.seed);
     coordinator->set_global(std::move(global));
   }
@@ -630,7 +666,7 @@ struct Experiment::Impl {
   std::vector<std::string> site_names(bool include_held_out) const {
     std::vector<std::string> out;
     for (const auto& s : site_order)
-      if (include_held_out || !held.count(s)) out.push_back(s);
+      if ((include_held_out || !held.count(s)) && !dropped.count(s)) out.push_back(s);
     return out;
   }
 
@@ -644,45 +680,100 @@ struct Experiment::Impl {
 
   // Federated fit phase of harmonizers[0..last] (all when last < 0), in order; `given`
   // replaces the fit of harmonizers[last]. Returns the global statistics each one broadcast.
+  // A site whose fit fails or whose statistics stats_problem() refuses is left out of the
+  // combination; a site that cannot take the combined statistics is dropped from the run. Both
+  // are listed in `failures`.
   std::vector<Stats> fit_harmonizers(const RunOptions& o, int last = -1,
                                      const std::optional<Stats>& given = std::nullopt) {
     const size_t n = last < 0 ? config.harmonizers.size() : size_t(last) + 1;
     std::vector<Stats> broadcast;
     for (size_t i = 0; i < n; ++i) {
       const auto& hc = config.harmonizers[i];
+      const std::string label = "harmonizer " + std::to_string(i) + " (" + hc.type + ")";
       progress(o, "harmonizer " + hc.type, int(i), int(config.harmonizers.size()));
       auto combiner =
           registry.create<Harmonizer>(Kind::Harmonizer, hc.type, hc.args, ctx("coordinator"));
       const bool from_given = given && i + 1 == n;
       const bool fit = !from_given && combiner->needs_fit();
       Stats global;
+      size_t contributed = 0;
       if (from_given) {
         global = *given;
       } else if (fit) {
-        std::vector<Stats> parts;
-        for (const auto& name : site_names(false)) {  // held-out sites do not contribute
-          Message req;
-          req.type = "fit";
-          req.text["harmonizer"] = std::to_string(i);
-          Stats s = stats_from_message(decode(channel.call(name, encode(req))));
-          s.site = name;
-          parts.push_back(std::move(s));
+        std::vector<Stats> parts = site_statistics(i, label);
+        contributed = parts.size();
+        if (parts.empty())
+          throw Error(label + ": no site sent usable statistics (see the errors above)");
+        try {
+          global = combiner->combine(parts);
+        } catch (const std::exception& e) {
+          throw Error(label + ": combining the statistics of " + std::to_string(parts.size()) +
+                      " sites failed: " + e.what());
         }
-        global = combiner->combine(parts);
       }
       broadcast.push_back(global);
       Message set = stats_message(std::move(global), "harmonizer-stats");
       set.text["harmonizer"] = std::to_string(i);
       Bytes bytes = encode(set);
-      for (const auto& name : site_names(true)) decode(channel.call(name, bytes));
-      const std::string how =
-          from_given ? "given statistics"
-          : fit      ? "fitted on " + std::to_string(site_names(false).size()) + " sites"
-                     : "site-local (nothing to fit)";
-      spdlog::info("harmonizer {} ({}): {}, applied at {} sites", i, hc.type, how,
-                   site_order.size());
+      for (const auto& name : site_names(true)) {
+        try {
+          Message reply = decode(channel.call(name, bytes));
+          if (reply.type != "ack") throw Error("replied '" + reply.type + "'");
+        } catch (const std::exception& e) {
+          fail("fit: " + label + ": site '" + name +
+               "' could not apply the statistics: " + e.what() + " (site dropped from the run)");
+          dropped.insert(name);
+        }
+      }
+      const std::string how = from_given ? "given statistics"
+                              : fit      ? "fitted on " + std::to_string(contributed) + " sites"
+                                         : "site-local (nothing to fit)";
+      spdlog::info("{}: {}, applied at {} sites", label, how, site_names(true).size());
     }
     return broadcast;
+  }
+
+  // Every training site's fit_site() statistics for harmonizers[i], minus the ones that fail or
+  // that stats_problem() refuses. The entries most sites agree on (names, dtypes, shapes) are the
+  // reference, so one odd site cannot make the others look wrong.
+  std::vector<Stats> site_statistics(size_t i, const std::string& label) {
+    Message req;
+    req.type = "fit";
+    req.text["harmonizer"] = std::to_string(i);
+    const Bytes request = encode(req);
+    std::vector<std::pair<std::string, Message>> replies;
+    for (const auto& name : site_names(false)) {  // held-out sites do not contribute
+      try {
+        Message reply = decode(channel.call(name, request));
+        if (std::string why = stats_problem(reply, nullptr); !why.empty()) throw Error(why);
+        replies.emplace_back(name, std::move(reply));
+      } catch (const std::exception& e) {
+        fail("fit: " + label + ": site '" + name + "': " + e.what() + " (left out)");
+      }
+    }
+    const Message* reference = nullptr;
+    size_t best = 0;
+    for (const auto& [name, candidate] : replies) {
+      size_t agree = 0;
+      for (const auto& [other, m] : replies) agree += stats_problem(m, &candidate).empty();
+      if (agree > best) best = agree, reference = &candidate;
+    }
+    std::vector<Stats> parts;
+    for (auto& [name, reply] : replies) {
+      if (std::string why = stats_problem(reply, reference); !why.empty()) {
+        fail("fit: " + label + ": site '" + name + "': " + why + " (left out)");
+        continue;
+      }
+      Stats s = stats_from_message(Message(reply));
+      s.site = name;
+      parts.push_back(std::move(s));
+    }
+    return parts;
+  }
+
+  void fail(const std::string& what) {
+    spdlog::error("{}", what);
+    failures.push_back(what);
   }
 
   // Experiment::harmonize: the dataset and the harmonizer phase only. Each site is its images
@@ -729,6 +820,12 @@ struct Experiment::Impl {
       });
     }
     result.stats = fit_harmonizers(RunOptions{}, last, o.last_stats);
+    // Harmonizing files must not leave a site's images out quietly: any site problem is fatal.
+    if (!failures.empty()) {
+      std::string all;
+      for (const auto& f : failures) all += "\n  " + f;
+      throw Error("the harmonizer fit failed at some sites:" + all);
+    }
     return result;
   }
 
@@ -742,9 +839,11 @@ struct Experiment::Impl {
       req.text["phase"] = phase;
       try {
         Message rep = coordinator->call(name, req);
+        if (std::string why = metrics_problem(rep); !why.empty()) throw SiteError(name, why);
         out[name] = rep.scalars;
       } catch (const std::exception& e) {
-        spdlog::error("round {}: evaluation at {}", round, e.what());
+        fail("round " + std::to_string(round) + ": evaluate (" + phase +
+             "): " + site_failure(name, e));
       }
     }
     return out;
@@ -763,6 +862,7 @@ struct Experiment::Impl {
       m.scalars["site/" + s->site() + "/trained"] = s->has_trained() ? 1 : 0;
     }
     m.text["pipeline"] = config.resolved_yaml;
+    m.text["failures"] = json_text(json(failures));  // the summary of a resumed run keeps them
     Bytes b = encode(m);
     char fname[64];
     std::snprintf(fname, sizeof(fname), "round-%04d.ckpt", round);
@@ -776,38 +876,103 @@ struct Experiment::Impl {
     for (size_t i = 0; i + 2 < all.size(); ++i) fs::remove(all[i]);
   }
 
+  // Restores the newest readable checkpoint in `dir` and returns its round; 0 when the run
+  // has none yet (killed before its first checkpoint: it starts again from round 1). A checkpoint
+  // that cannot be read or does not fit this experiment is named in a warning and the previous
+  // one is tried; when none can be read, every file and its problem is in the error.
   int load_checkpoint(const fs::path& dir) {
-    std::ifstream latest(dir / "latest");
-    std::string fname;
-    if (!latest || !(latest >> fname))
-      throw Error("cannot resume: no checkpoint in " + dir.string());
-    Message m = decode(read_file((dir / fname).string()));
+    std::vector<fs::path> candidates;
+    {
+      std::ifstream latest(dir / "latest");
+      std::string fname;
+      if (latest >> fname && fs::path(fname).filename() == fs::path(fname))
+        candidates.push_back(dir / fname);
+    }
+    std::vector<fs::path> all;
+    std::error_code ec;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+      if (it->path().extension() == ".ckpt") all.push_back(it->path());
+    std::sort(all.rbegin(), all.rend());  // newest first (round-NNNN)
+    for (const auto& f : all)
+      if (std::find(candidates.begin(), candidates.end(), f) == candidates.end())
+        candidates.push_back(f);
+    if (candidates.empty() && !fs::exists(dir / "latest")) return 0;
+    std::string problems;
+    for (const auto& file : candidates) {
+      try {
+        return restore_checkpoint(file);
+      } catch (const std::exception& e) {
+        spdlog::warn("checkpoint {} is unusable ({}); trying the previous one", file.string(),
+                     e.what());
+        problems += "\n  " + file.string() + ": " + e.what();
+      }
+    }
+    if (candidates.empty()) problems = "\n  " + (dir / "latest").string() + " names no checkpoint";
+    throw Error("cannot resume: no usable checkpoint in " + dir.string() + ":" + problems);
+  }
+
+  // Reads one checkpoint, checks it against this experiment, and only then installs it.
+  int restore_checkpoint(const fs::path& file) {
+    Message m = decode(read_file(file.string()));
+    if (m.type != "checkpoint") throw Error("not a checkpoint (message type '" + m.type + "')");
+    // run() checked that the stored pipeline.yaml is this pipeline.
     if (m.text["pipeline"] != config.resolved_yaml)
-      throw Error("cannot resume " + dir.string() +
-                  ": the pipeline differs from the one the run started with");
+      throw Error("written for another pipeline than the run folder's pipeline.yaml");
+    if (m.round < 1 || m.round > config.federation.rounds)
+      throw Error("round " + std::to_string(m.round) + " is outside 1.." +
+                  std::to_string(config.federation.rounds));
     NamedArrays global, agg;
+    std::map<std::string, NamedArrays> local, store;
     std::map<std::string, Site*> by_name;
     for (auto& s : sites) by_name[s->site()] = s.get();
     for (auto& [k, v] : m.arrays) {
       Array copy = v.clone();  // do not pin the whole file buffer
-      if (k.rfind("global/", 0) == 0)
+      if (k.rfind("global/", 0) == 0) {
         global[k.substr(7)] = copy;
-      else if (k.rfind("aggregator/", 0) == 0)
+      } else if (k.rfind("aggregator/", 0) == 0) {
         agg[k.substr(11)] = copy;
-      else if (k.rfind("site/", 0) == 0) {
-        std::string rest = k.substr(5);
+      } else if (k.rfind("site/", 0) == 0) {
+        const std::string rest = k.substr(5);
+        bool known = false;
         for (auto& [name, site] : by_name) {
-          if (rest.rfind(name + "/local/", 0) == 0)
-            site->local_state()[rest.substr(name.size() + 7)] = copy;
-          else if (rest.rfind(name + "/store/", 0) == 0)
-            site->site_store()[rest.substr(name.size() + 7)] = copy;
+          if (rest.rfind(name + "/local/", 0) == 0) {
+            const std::string entry = rest.substr(name.size() + 7);
+            auto init = initial.find(entry);
+            if (init == initial.end() || shared.count(entry))
+              throw Error("site '" + name + "' has unexpected local entry '" + entry + "'");
+            if (std::string why = state_mismatch({{entry, init->second}}, {{entry, copy}});
+                !why.empty())
+              throw Error("site '" + name + "' local state: " + why);
+            local[name][entry] = copy;
+            known = true;
+          } else if (rest.rfind(name + "/store/", 0) == 0) {
+            store[name][rest.substr(name.size() + 7)] = copy;
+            known = true;
+          }
         }
+        if (!known) throw Error("entry '" + k + "' names no site of this run");
+      } else {
+        throw Error("unexpected entry '" + k + "'");
       }
     }
-    for (auto& [name, site] : by_name)
-      site->set_trained(m.scalars["site/" + name + "/trained"] > 0);
-    coordinator->set_global(std::move(global));
+    if (std::string why = state_mismatch(coordinator->global(), global); !why.empty())
+      throw Error("global state " + why);
+    if (std::string bad = non_finite_entry(global); !bad.empty())
+      throw Error("global state: non-finite values in '" + bad + "'");
+    // Checkpoints from before failures were stored have none.
+    const std::string& stored = m.text["failures"];
+    json past = stored.empty() ? json::array() : json::parse(stored, nullptr, false);
+    if (!past.is_array()) throw Error("no readable failure list");
     aggregator->load_state(agg);
+    failures.clear();  // the replayed fit phase logged its failures again
+    for (const auto& f : past)
+      failures.push_back(f.is_string() ? f.get<std::string>() : json_text(f));
+    for (auto& [name, site] : by_name) {
+      site->local_state() = local[name];
+      site->site_store() = store[name];
+      site->set_trained(m.scalars["site/" + name + "/trained"] > 0);
+    }
+    coordinator->set_global(std::move(global));
     return int(m.round);
   }
 };
@@ -848,27 +1013,39 @@ RunSummary Experiment::run(const RunOptions& options) {
   fs::path run_dir =
       options.run_dir.empty() ? fs::path(cfg.output) / cfg.name : fs::path(options.run_dir);
   fs::path ckpt_dir = run_dir / "checkpoints";
-  if (!options.resume && fs::exists(ckpt_dir / "latest"))
+  const fs::path stored_pipeline = run_dir / "pipeline.yaml";
+  if (!options.resume && (fs::exists(ckpt_dir / "latest") || fs::exists(stored_pipeline)))
     throw Error("run folder " + run_dir.string() +
                 " already holds a run; use --resume to continue it or choose another folder");
-  fs::create_directories(ckpt_dir);
-  write_file_atomic((run_dir / "pipeline.yaml").string(), cfg.resolved_yaml);
+  if (options.resume && read_text_or_empty(stored_pipeline) != cfg.resolved_yaml)
+    throw Error("cannot resume " + run_dir.string() + ": " +
+                (fs::exists(stored_pipeline)
+                     ? "the pipeline differs from the one the run started with"
+                     : std::string("no pipeline.yaml (is it a run folder?)")));
 
+  // Set-up first: a run that cannot start leaves no run folder behind.
   auto t0 = std::chrono::steady_clock::now();
   x.setup(options);
   x.fit_harmonizers(options);
+  fs::create_directories(ckpt_dir);
+  if (!options.resume) write_file_atomic(stored_pipeline.string(), cfg.resolved_yaml);
   int start_round = 1;
   fs::path metrics_file = run_dir / "metrics.jsonl";
   if (options.resume) {
-    int done = x.load_checkpoint(ckpt_dir);
+    const int done = x.load_checkpoint(ckpt_dir);
     start_round = done + 1;
-    // Drop metric lines written after the checkpoint (an interrupted round).
+    // Drop metric lines written after the checkpoint (an interrupted round, perhaps cut short).
     std::ifstream in(metrics_file);
     std::string kept, line;
-    while (std::getline(in, line))
-      if (!line.empty() && json::parse(line).value("round", 0) <= done) kept += line + "\n";
+    while (std::getline(in, line)) {
+      json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_object() && j.value("round", 0) <= done) kept += line + "\n";
+    }
     write_file_atomic(metrics_file.string(), kept);
-    spdlog::info("resuming {} after round {}", run_dir.string(), done);
+    if (done == 0)
+      spdlog::warn("{} has no checkpoint yet: starting again from round 1", run_dir.string());
+    else
+      spdlog::info("resuming {} after round {}", run_dir.string(), done);
   } else {
     write_file_atomic(metrics_file.string(), std::string());
   }
@@ -878,7 +1055,8 @@ RunSummary Experiment::run(const RunOptions& options) {
   summary.run_dir = run_dir.string();
   const auto train_sites = x.site_names(false);
   const auto all_sites = x.site_names(true);
-  x.coordinator->broadcast(start_round - 1, all_sites);  // initial (or restored) model
+  for (const auto& f : x.coordinator->broadcast(start_round - 1, all_sites))  // initial model
+    x.fail("round " + std::to_string(start_round - 1) + ": broadcast: " + f);
 
   std::map<std::string, std::map<std::string, double>> last_eval;
   std::map<std::string, double> settings = x.aggregator->client_settings();
@@ -903,7 +1081,10 @@ RunSummary Experiment::run(const RunOptions& options) {
                      int(k), int(n));
         });
     for (const auto& f : outcome.failures)
-      summary.failures.push_back("round " + std::to_string(round) + ": " + f);
+      x.failures.push_back("round " + std::to_string(round) + ": " + f);
+    if (!outcome.aggregated)
+      x.failures.push_back("round " + std::to_string(round) +
+                           ": not aggregated: " + outcome.not_aggregated);
     if (!outcome.updates.empty()) {
       double loss = 0, n = 0;
       for (const auto& u : outcome.updates)
@@ -913,13 +1094,15 @@ RunSummary Experiment::run(const RunOptions& options) {
     }
     x.progress(options, phase, 1, 3);
     // 5. broadcast
-    x.coordinator->broadcast(round, all_sites);
+    for (const auto& f : x.coordinator->broadcast(round, all_sites))
+      x.failures.push_back("round " + std::to_string(round) + ": broadcast: " + f);
     x.progress(options, phase, 2, 3);
     // evaluation
     bool eval_now = round % cfg.evaluation.every == 0 || round == cfg.federation.rounds;
     if (eval_now) last_eval = x.evaluate(round, "global");
     std::map<std::string, const SiteUpdate*> by_site;
     for (const auto& u : outcome.updates) by_site[u.site] = &u;
+    const std::set<std::string> skipped(outcome.skipped.begin(), outcome.skipped.end());
     std::string lines;
     for (const auto& name : all_sites) {
       json j{{"round", round},
@@ -932,6 +1115,7 @@ RunSummary Experiment::run(const RunOptions& options) {
         j["train_loss"] = by_site[name]->train_loss;
         j["num_samples"] = by_site[name]->num_samples;
       }
+      if (skipped.count(name)) j["skipped"] = "no training samples";
       if (eval_now && last_eval.count(name)) {
         j["metrics"] = metrics_json(last_eval[name]);
       }
@@ -955,6 +1139,7 @@ RunSummary Experiment::run(const RunOptions& options) {
     if (options.on_round) options.on_round(round);
     if (options.stop_after_round == round) {
       x.final_global = x.coordinator->global();
+      summary.failures = x.failures;
       return summary;
     }
   }
@@ -968,7 +1153,11 @@ RunSummary Experiment::run(const RunOptions& options) {
       Message req;
       req.type = "personalize";
       req.round = cfg.federation.rounds;
-      x.coordinator->call(name, req);
+      try {
+        x.coordinator->call(name, req);
+      } catch (const std::exception& e) {
+        x.fail("personalize: " + site_failure(name, e));
+      }
     }
     personalized = x.evaluate(cfg.federation.rounds, "personalized");
     std::string lines;
@@ -994,6 +1183,7 @@ RunSummary Experiment::run(const RunOptions& options) {
     summary.sites.push_back(r);
   }
   summarise(summary, metric_names);
+  summary.failures = x.failures;
 
   // Final model: load the global state (and no site's local part) and write it.
   x.final_global = x.coordinator->global();
@@ -1028,6 +1218,7 @@ RunSummary Experiment::run(const RunOptions& options) {
   js["mean"] = metrics_json(summary.mean);
   js["worst"] = metrics_json(summary.worst);
   js["failures"] = summary.failures;
+  js["ok"] = summary.failures.empty();
   json notes = json::object();
   for (const auto& [k, v] : x.federation_info.notes) {
     try {
@@ -1037,7 +1228,7 @@ RunSummary Experiment::run(const RunOptions& options) {
     }
   }
   js["data_notes"] = notes;
-  write_file_atomic((run_dir / "summary.json").string(), js.dump(2) + "\n");
+  write_file_atomic((run_dir / "summary.json").string(), json_text(js, 2) + "\n");
   return summary;
 }
 

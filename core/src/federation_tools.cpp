@@ -26,6 +26,7 @@
 // slice (bias field in 3D, blur and spectrum in-plane).
 #include <concord/error.h>
 #include <concord/federation_tools.h>
+#include <concord/json_text.h>
 
 #include <nlohmann/json.hpp>
 #include <opencv2/core.hpp>
@@ -323,7 +324,7 @@ Federation partition(Federation pooled, const PartitionSpec& spec, uint64_t seed
     if (!(hist.size() == 1 && hist.count(-1)))
       for (const auto& [label, n] : hist) j["train_labels"][std::to_string(label)] = n;
   }
-  out.notes["partition"] = note.dump();
+  out.notes["partition"] = json_text(note);  // site names come from data
   return out;
 }
 

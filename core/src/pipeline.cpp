@@ -106,8 +106,37 @@ struct Parser {
     } catch (const Error& e) {
       error(n, path, e.what());
       return false;
+    } catch (const std::filesystem::filesystem_error& e) {
+      // A path that cannot even be examined (a symlink loop, no permission) is one error among
+      // the others, not the end of validation.
+      error(n, path,
+            "'" + path + "': cannot examine path '" + n.Scalar() + "': " + e.code().message());
+      return false;
     }
     return true;
+  }
+
+  // Every key that appears twice in one map, anywhere in the document (yaml-cpp keeps the
+  // first silently). Aliased maps are visited once: their marks repeat.
+  void duplicate_keys(const YAML::Node& n, std::set<std::pair<int, int>>& visited) {
+    if (!n.IsDefined() || (!n.IsMap() && !n.IsSequence())) return;
+    if (!visited.insert({n.Mark().line, n.Mark().column}).second) return;
+    if (n.IsSequence()) {
+      for (const auto& item : n) duplicate_keys(item, visited);
+      return;
+    }
+    std::map<std::string, YAML::Mark> first;
+    for (const auto& kv : n) {
+      if (kv.first.IsScalar()) {
+        auto [it, fresh] = first.emplace(kv.first.Scalar(), kv.first.Mark());
+        if (!fresh)
+          error(kv.first, "",
+                "duplicate key '" + kv.first.Scalar() + "' (first at line " +
+                    std::to_string(it->second.line + 1) + ", column " +
+                    std::to_string(it->second.column + 1) + "; only one may be given)");
+      }
+      duplicate_keys(kv.second, visited);
+    }
   }
 
   // Validates a map against specs; fills `resolved` with every value (defaults included).
@@ -289,6 +318,18 @@ struct Parser {
   }
 };
 
+// Why `name` cannot be a single folder name made under the output folder, or "".
+std::string unsafe_folder_name(const std::string& name) {
+  if (name.empty()) return "it is empty";
+  if (name.size() > 255) return "it is longer than 255 bytes";
+  if (name.front() == '.') return "it starts with '.' ('..' would leave the output folder)";
+  for (unsigned char ch : name) {
+    if (ch == '/' || ch == '\\') return "it holds a path separator";
+    if (ch < 0x20 || ch == 0x7f) return "it holds a control character";
+  }
+  return "";
+}
+
 void apply_override(YAML::Node root, const std::string& expr, std::set<std::string>& paths) {
   size_t eq = expr.find('=');
   if (eq == std::string::npos || eq == 0)
@@ -348,6 +389,10 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
   if (!root.IsMap())
     throw ValidationError({{SourceLoc{file, 1, 1}, "a pipeline file must be a YAML map"}});
   Parser p{file, registry, {}, {}};
+  {
+    std::set<std::pair<int, int>> visited;
+    p.duplicate_keys(root, visited);  // before the overrides: their nodes have no position
+  }
   for (const auto& o : overrides) apply_override(root, o, p.overridden);
 
   PipelineConfig c;
@@ -376,6 +421,10 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
       c.name = std::filesystem::path(file).stem().string();
       out["name"] = c.name;
     }
+    if (std::string why = unsafe_folder_name(c.name); !why.empty())
+      p.error(
+          root["name"] ? root["name"] : root, "name",
+          "'name' names the run folder under 'output' and must be one plain folder name: " + why);
   }
 
   // data
@@ -466,6 +515,12 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
     YAML::Node f = root["federation"];
     YAML::Node r(YAML::NodeType::Map);
     auto v = p.section(f, "federation", federation_specs(), r, {"site_availability"});
+    // A round with no site selected aggregates nothing: these must leave someone in.
+    for (const char* key : {"fraction", "availability"})
+      if (v.count(key) && v[key].f <= 0)
+        p.error(f && f.IsMap() ? f[key] : f, std::string("federation.") + key,
+                std::string("'federation.") + key + "' must be above 0 (range (0, 1]): with 0 " +
+                    "no site takes part in any round");
     if (v.size() == federation_specs().size()) {
       c.federation.rounds = int(v["rounds"].i);
       c.federation.fraction = v["fraction"].f;

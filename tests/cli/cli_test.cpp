@@ -129,3 +129,31 @@ TEST(Cli, HarmonizeTakesMethodAndArgumentsFromAPipeline) {
             0);
   EXPECT_NE(out.find("out of range"), std::string::npos) << out;
 }
+
+// A run that completes but aggregates nothing (no site is ever available) writes its summary
+// with the failures and exits 1; a run that cannot start leaves no run folder and exits 1.
+TEST(Cli, RunExitStatusSaysWhetherEverythingWorked) {
+  testkit::TempDir dir;
+  const std::string base = "run " + testkit::source_dir() +
+                           "/pipelines/quickstart.yaml --no-progress --set federation.rounds=1" +
+                           " --set data.dataset.args.train_per_site=8" +
+                           " --set data.dataset.args.test_per_site=4" +
+                           " --set data.dataset.args.size=32 --set model.args.width=8";
+  std::string out;
+  EXPECT_EQ(run(base + " --run-dir " + dir.str() + "/never" +
+                    " --set 'federation.site_availability={site-A: 0, site-B: 0, site-C: 0, "
+                    "site-D: 0}'",
+                &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("round 1: not aggregated: no site was available"), std::string::npos) << out;
+  std::ifstream summary(dir.path() / "never" / "summary.json");
+  std::string text((std::istreambuf_iterator<char>(summary)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("\"ok\": false"), std::string::npos) << text;
+  EXPECT_NE(text.find("not aggregated"), std::string::npos) << text;
+
+  EXPECT_EQ(run(base + " --run-dir " + dir.str() + "/bad --set 'data.sites=[site-Z]'", &out), 1)
+      << out;
+  EXPECT_NE(out.find("site-Z"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(dir.path() / "bad")) << "a failed set-up must leave no run folder";
+}

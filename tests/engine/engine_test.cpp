@@ -218,6 +218,7 @@ TEST(Coordinator, RejectsNonFiniteUpdatesNamingTheSite) {
       m.type = "update";
       m.arrays["w"] = Array::from(std::vector<float>{v, 1});
       m.scalars["num_samples"] = 1;
+      m.scalars["train_loss"] = 0.5;
       return encode(m);
     };
   };
@@ -232,4 +233,411 @@ TEST(Coordinator, RejectsNonFiniteUpdatesNamingTheSite) {
   ASSERT_EQ(out.failures.size(), 1u);
   EXPECT_NE(out.failures[0].find("'bad'"), std::string::npos);
   EXPECT_NE(out.failures[0].find("non-finite"), std::string::npos);
+}
+
+// ---- misbehaving sites and careless pipelines (issue 8) -----------------------------------
+
+namespace {
+
+NamedArrays sample_global() {
+  return {{"w", Array::from(std::vector<float>{0, 0})},
+          {"n", Array::from(std::vector<int64_t>{0})}};
+}
+
+// A site replying to "train" with `edit` applied to an otherwise good upload.
+SiteHandler replying(const std::function<void(Message&)>& edit) {
+  return [edit](const Bytes&) {
+    Message m;
+    m.type = "update";
+    m.arrays = sample_global();
+    m.arrays["w"] = Array::from(std::vector<float>{1, 2});
+    m.scalars["num_samples"] = 4;
+    m.scalars["train_loss"] = 0.5;
+    if (edit) edit(m);
+    return encode(m);
+  };
+}
+
+// Runs `c` into `dir` with the faults of `plan`.
+RunSummary run_with(const PipelineConfig& c, FaultPlan plan, const testkit::TempDir& dir) {
+  Experiment exp(c, testkit::builtin_registry());
+  exp.inject_faults(std::move(plan));
+  RunOptions o;
+  o.run_dir = dir.str();
+  return exp.run(o);
+}
+
+// A fault plan in which `site` rewrites its replies of `type` (in round `round`; -1: any) with
+// `edit`: a misbehaving peer.
+FaultPlan tampering(const std::string& site, const std::string& type,
+                    std::function<void(Message&)> edit, int round = -1) {
+  FaultPlan plan;
+  plan.tamper = [=](const std::string& from, Message& reply) {
+    if (from == site && reply.type == type && (round < 0 || reply.round == round)) edit(reply);
+  };
+  return plan;
+}
+
+class Counting : public Aggregator {
+ public:
+  std::vector<std::string> seen;
+  NamedArrays aggregate(const NamedArrays& g, const std::vector<SiteUpdate>& updates,
+                        const RoundInfo&) override {
+    for (const auto& u : updates) seen.push_back(u.site);
+    return g;
+  }
+};
+
+}  // namespace
+
+TEST(Coordinator, RejectsEveryMalformedUploadByNameAndAggregatesTheOthers) {
+  const std::vector<std::pair<std::string, std::function<void(Message&)>>> cases = {
+      {"expected float32 [2]",
+       [](Message& m) { m.arrays["w"] = Array::from(std::vector<float>{1}); }},
+      {"expected float32 [2]",
+       [](Message& m) {
+         m.arrays["w"] = Array::from(std::vector<float>{1, 2}, {1, 2});
+       }},
+      {"expected float32 [2]",
+       [](Message& m) {
+         m.arrays["w"] = Array::from(std::vector<double>{1, 2});
+       }},
+      {"lacks entry 'n'", [](Message& m) { m.arrays.erase("n"); }},
+      {"unexpected entry 'extra'",
+       [](Message& m) { m.arrays["extra"] = Array::from(std::vector<float>{1}); }},
+      {"num_samples", [](Message& m) { m.scalars["num_samples"] = -3; }},
+      {"num_samples", [](Message& m) { m.scalars["num_samples"] = NAN; }},
+      {"num_samples", [](Message& m) { m.scalars["num_samples"] = 1e300; }},
+      {"num_samples", [](Message& m) { m.scalars["num_samples"] = 2.5; }},
+      {"num_samples", [](Message& m) { m.scalars.erase("num_samples"); }},
+      {"non-finite train_loss", [](Message& m) { m.scalars["train_loss"] = INFINITY; }},
+      {"no train_loss", [](Message& m) { m.scalars.erase("train_loss"); }},
+      {"replied 'metrics'", [](Message& m) { m.type = "metrics"; }},
+  };
+  for (const auto& [expect, edit] : cases) {
+    SCOPED_TRACE(expect);
+    InProcessChannel ch;
+    ch.connect("good-1", replying(nullptr));
+    ch.connect("bad", replying(edit));
+    ch.connect("good-2", replying(nullptr));
+    Counting agg;
+    Coordinator c(ch, agg, 1);
+    c.set_global(sample_global());
+    auto out = c.train_round(1, 1, {"good-1", "bad", "good-2"}, {}, 2);
+    EXPECT_TRUE(out.aggregated) << out.not_aggregated;
+    EXPECT_EQ(agg.seen, (std::vector<std::string>{"good-1", "good-2"}));
+    ASSERT_EQ(out.failures.size(), 1u);
+    EXPECT_NE(out.failures[0].find("site 'bad'"), std::string::npos) << out.failures[0];
+    EXPECT_NE(out.failures[0].find(expect), std::string::npos) << out.failures[0];
+  }
+}
+
+TEST(Coordinator, ZeroSampleUploadIsSkippedNotWeighed) {
+  InProcessChannel ch;
+  ch.connect("good", replying(nullptr));
+  ch.connect("empty", replying([](Message& m) { m.scalars["num_samples"] = 0; }));
+  Counting agg;
+  Coordinator c(ch, agg, 1);
+  c.set_global(sample_global());
+  auto out = c.train_round(1, 1, {"good", "empty"}, {}, 1);
+  EXPECT_TRUE(out.aggregated);
+  EXPECT_EQ(agg.seen, std::vector<std::string>{"good"});
+  EXPECT_EQ(out.skipped, std::vector<std::string>{"empty"});
+  EXPECT_TRUE(out.failures.empty());
+}
+
+TEST(Coordinator, AFailingAggregatorCostsTheRoundNotTheRun) {
+  struct Throwing : Aggregator {  // with server state it advances before throwing
+    int64_t steps = 0;
+    NamedArrays aggregate(const NamedArrays&, const std::vector<SiteUpdate>&,
+                          const RoundInfo&) override {
+      ++steps;
+      throw std::runtime_error("shapes disagree");
+    }
+    NamedArrays state() const override {
+      return {{"steps", Array::from(std::vector<int64_t>{steps})}};
+    }
+    void load_state(const NamedArrays& s) override { steps = s.at("steps").data<int64_t>()[0]; }
+  };
+  struct Misshapen : Aggregator {
+    NamedArrays aggregate(const NamedArrays& g, const std::vector<SiteUpdate>&,
+                          const RoundInfo&) override {
+      NamedArrays out = g;
+      out["w"] = Array::from(std::vector<float>{1, 2, 3});
+      return out;
+    }
+  };
+  struct NonFinite : Aggregator {
+    NamedArrays aggregate(const NamedArrays& g, const std::vector<SiteUpdate>&,
+                          const RoundInfo&) override {
+      NamedArrays out = g;
+      out["w"] = Array::from(std::vector<float>{NAN, 2});
+      return out;
+    }
+  };
+  Throwing t;
+  Misshapen m;
+  NonFinite n;
+  for (auto [agg, expect] : std::vector<std::pair<Aggregator*, std::string>>{
+           {&t, "shapes disagree"}, {&m, "expected float32 [2]"}, {&n, "non-finite"}}) {
+    SCOPED_TRACE(expect);
+    InProcessChannel ch;
+    ch.connect("a", replying(nullptr));
+    Coordinator c(ch, *agg, 1);
+    c.set_global(sample_global());
+    auto out = c.train_round(1, 1, {"a"}, {}, 1);
+    EXPECT_FALSE(out.aggregated);
+    EXPECT_NE(out.not_aggregated.find("aggregation failed"), std::string::npos);
+    EXPECT_NE(out.not_aggregated.find(expect), std::string::npos) << out.not_aggregated;
+    EXPECT_TRUE(bit_identical(c.global(), sample_global()));  // unchanged
+  }
+  EXPECT_EQ(t.steps, 0) << "the aggregator's server state is put back after a failed round";
+}
+
+// Through the whole engine: a site uploads a tensor of the wrong shape in round 1. The run
+// completes, the site is named, the other two sites were aggregated that round.
+TEST(Engine, MisshapenUploadIsRejectedAndTheRunCompletes) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  const std::string bad = names[1];
+  FaultPlan plan = tampering(
+      bad, "update",
+      [](Message& m) {
+        m.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3});
+      },
+      1);
+  RunSummary s = run_with(config(pipeline(2, 2)), plan, dir);
+  EXPECT_EQ(s.rounds_completed, 2);
+  ASSERT_EQ(s.failures.size(), 1u);
+  EXPECT_NE(s.failures[0].find("round 1: site '" + bad + "'"), std::string::npos) << s.failures[0];
+  EXPECT_NE(s.failures[0].find("(rejected)"), std::string::npos) << s.failures[0];
+  int trained_round1 = 0;
+  for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
+    EXPECT_TRUE(j["aggregated"].get<bool>()) << j.dump();
+    if (j["round"] == 1 && j.contains("train_loss")) ++trained_round1;
+  }
+  EXPECT_EQ(trained_round1, 2);
+  auto summary = nlohmann::json::parse(std::ifstream(dir.path() / "summary.json"));
+  EXPECT_FALSE(summary["ok"].get<bool>());
+  EXPECT_EQ(summary["failures"].size(), 1u);
+}
+
+// A site sending harmonizer statistics of another shape than the others is left out of the
+// combination, by name; the run goes on with the rest.
+TEST(Engine, MisshapenHarmonizerStatisticsAreLeftOutByName) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  const std::string bad = names[2];
+  FaultPlan plan = tampering(bad, "stats", [](Message& m) {
+    ASSERT_FALSE(m.arrays.empty());
+    m.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3, 4, 5});
+  });
+  RunSummary s =
+      run_with(config(pipeline(1, 1, "harmonizers:\n  - {type: histogram-match}\n")), plan, dir);
+  EXPECT_EQ(s.rounds_completed, 1);
+  ASSERT_EQ(s.failures.size(), 1u) << testing::PrintToString(s.failures);
+  EXPECT_NE(s.failures[0].find("fit: harmonizer 0 (histogram-match): site '" + bad + "'"),
+            std::string::npos)
+      << s.failures[0];
+  EXPECT_NE(s.failures[0].find("left out"), std::string::npos) << s.failures[0];
+}
+
+// Evaluation replies are checked too, and a site failing its evaluation is a failure.
+TEST(Engine, BadEvaluationRepliesAreNamedFailures) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  const std::string bad = names[0];
+  FaultPlan plan = tampering(bad, "metrics", [](Message& m) { m.scalars["accuracy"] = INFINITY; });
+  const std::string crashing = names[1];  // and one whose evaluation throws
+  plan.tamper = [crashing, inf = plan.tamper](const std::string& site, Message& reply) {
+    if (site == crashing && reply.type == "metrics") throw std::runtime_error("out of memory");
+    inf(site, reply);
+  };
+  RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
+  ASSERT_EQ(s.failures.size(), 2u) << testing::PrintToString(s.failures);
+  EXPECT_NE(s.failures[0].find("evaluate (global): site '" + bad + "'"), std::string::npos)
+      << s.failures[0];
+  EXPECT_NE(s.failures[0].find("infinite"), std::string::npos) << s.failures[0];
+  EXPECT_NE(s.failures[1].find("evaluate (global): site '" + crashing + "': out of memory"),
+            std::string::npos)
+      << s.failures[1];
+  ASSERT_EQ(s.sites.size(), 3u);  // the third site's results are there
+  EXPECT_TRUE(s.sites[2].metrics.count("accuracy"));
+}
+
+// Site names and failure messages come from data and peers: bytes that are not UTF-8 must not
+// stop summary.json (and its failure list) from being written.
+TEST(Engine, InvalidUtf8InFailuresStillWritesTheSummary) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  FaultPlan plan;
+  plan.fail[{names[0], 1}] = "cannot read scan-\xff\xfe.nii";
+  RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
+  ASSERT_EQ(s.failures.size(), 1u);
+  auto summary = nlohmann::json::parse(std::ifstream(dir.path() / "summary.json"));
+  ASSERT_EQ(summary["failures"].size(), 1u);
+  EXPECT_NE(summary["failures"][0].get<std::string>().find("cannot read scan-"), std::string::npos);
+}
+
+// A round in which nothing was aggregated is a failure of the run, not a quiet no-op.
+TEST(Engine, RoundsThatAggregateNothingAreFailures) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  std::string never = "federation.site_availability={";
+  for (const auto& n : names) never += n + ": 0, ";
+  RunSummary s = run_with(config(pipeline(2, 1), {never + "}"}), {}, dir);
+  ASSERT_EQ(s.failures.size(), 2u) << testing::PrintToString(s.failures);
+  EXPECT_NE(s.failures[0].find("round 1: not aggregated: no site was available"), std::string::npos)
+      << s.failures[0];
+  EXPECT_NE(s.failures[1].find("round 2: not aggregated"), std::string::npos) << s.failures[1];
+}
+
+TEST(Engine, ZeroSampleUploadIsReportedAsSkippedWithoutALoss) {
+  auto names = site_names();
+  testkit::TempDir dir;
+  const std::string empty = names[0];
+  FaultPlan plan = tampering(empty, "update", [](Message& m) { m.scalars["num_samples"] = 0; });
+  RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
+  EXPECT_TRUE(s.failures.empty()) << testing::PrintToString(s.failures);
+  for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
+    if (j["site"] != empty) continue;
+    EXPECT_FALSE(j.contains("train_loss")) << j.dump();
+    EXPECT_EQ(j.value("skipped", ""), "no training samples") << j.dump();
+  }
+}
+
+TEST(Engine, FailedSetUpLeavesNoRunFolder) {
+  testkit::TempDir dir;
+  Experiment exp(config(pipeline(1, 1, "evaluation: {held_out: [nowhere]}\n")),
+                 testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = dir.str() + "/run";
+  EXPECT_THROW(exp.run(o), Error);
+  EXPECT_FALSE(fs::exists(o.run_dir));
+}
+
+// Killed before its first checkpoint: the folder holds pipeline.yaml and nothing to restore.
+// Resuming starts again from round 1 and ends where an uninterrupted run ends.
+TEST(Engine, ResumeBeforeTheFirstCheckpointStartsFromRoundOne) {
+  testkit::TempDir full_dir, cut_dir;
+  PipelineConfig c = config(pipeline(2, 1));
+  Experiment full(c, testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = full_dir.str();
+  full.run(o);
+  fs::create_directories(cut_dir.path() / "checkpoints");
+  std::ofstream(cut_dir.path() / "pipeline.yaml") << c.resolved_yaml;
+  std::ofstream(cut_dir.path() / "metrics.jsonl") << "{\"round\": 1, \"site\": \"x\"";  // cut
+  Experiment resumed(c, testkit::builtin_registry());
+  RunOptions r;
+  r.run_dir = cut_dir.str();
+  r.resume = true;
+  RunSummary s = resumed.run(r);
+  EXPECT_EQ(s.rounds_completed, 2);
+  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+  EXPECT_EQ(read_jsonl(full_dir.path() / "metrics.jsonl").size(),
+            read_jsonl(cut_dir.path() / "metrics.jsonl").size());
+}
+
+// A truncated latest checkpoint is named and the previous one used; the result is the same as
+// an uninterrupted run. With every checkpoint unreadable, the error names each file.
+TEST(Engine, TruncatedLatestCheckpointFallsBackToThePreviousOne) {
+  testkit::TempDir full_dir, cut_dir;
+  PipelineConfig c = config(pipeline(3, 1));
+  Experiment full(c, testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = full_dir.str();
+  full.run(o);
+  {
+    Experiment first(c, testkit::builtin_registry());
+    RunOptions cut;
+    cut.run_dir = cut_dir.str();
+    cut.stop_after_round = 2;
+    first.run(cut);
+  }
+  const fs::path ckpt = cut_dir.path() / "checkpoints";
+  fs::resize_file(ckpt / "round-0002.ckpt", fs::file_size(ckpt / "round-0002.ckpt") / 2);
+  testkit::TempDir copy_dir;
+  const fs::path copy = copy_dir.path() / "run";
+  fs::copy(cut_dir.path(), copy, fs::copy_options::recursive);
+  Experiment resumed(c, testkit::builtin_registry());
+  RunOptions r;
+  r.run_dir = cut_dir.str();
+  r.resume = true;
+  RunSummary s = resumed.run(r);
+  EXPECT_EQ(s.rounds_completed, 3);
+  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+
+  fs::resize_file(copy / "checkpoints" / "round-0001.ckpt", 10);
+  Experiment none(c, testkit::builtin_registry());
+  r.run_dir = copy.string();
+  try {
+    none.run(r);
+    FAIL() << "no readable checkpoint must be an error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("round-0002.ckpt"), std::string::npos) << m;
+    EXPECT_NE(m.find("round-0001.ckpt"), std::string::npos) << m;
+  }
+}
+
+// A partition can leave a site without training samples: it trains nothing, uploads nothing to
+// weigh, and metrics.jsonl says it was skipped instead of claiming a loss of 0.
+TEST(Engine, SiteWithoutTrainingSamplesIsSkipped) {
+  testkit::TempDir dir;
+  PipelineConfig c =
+      config(pipeline(1, 1), {"data.partition={scheme: dirichlet, sites: 8, alpha: 0.01, "
+                              "min_samples: 0}",
+                              "data.dataset.args.sites=2", "data.dataset.args.train_per_site=6"});
+  RunSummary s = run_with(c, {}, dir);
+  EXPECT_TRUE(s.failures.empty()) << testing::PrintToString(s.failures);
+  int skipped = 0, trained = 0;
+  for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
+    if (j.contains("skipped")) {
+      ++skipped;
+      EXPECT_FALSE(j.contains("train_loss")) << j.dump();
+    }
+    if (j.contains("train_loss")) {
+      ++trained;
+      EXPECT_GT(j["num_samples"].get<double>(), 0) << j.dump();
+    }
+  }
+  EXPECT_GT(skipped, 0) << "the partition must leave a site without training samples";
+  EXPECT_GT(trained, 0);
+}
+
+TEST(Protocol, StatisticsAndMetricsRepliesAreChecked) {
+  Message good;
+  good.type = "stats";
+  good.arrays["mean"] = Array::from(std::vector<double>{1, 2, 3});
+  good.scalars["__weight"] = 2;
+  EXPECT_EQ(stats_problem(good, nullptr), "");
+  EXPECT_EQ(stats_problem(good, &good), "");
+  const std::vector<std::pair<std::string, std::function<void(Message&)>>> cases = {
+      {"replied 'ack'", [](Message& m) { m.type = "ack"; }},
+      {"non-finite values in 'mean'",
+       [](Message& m) {
+         m.arrays["mean"] = Array::from(std::vector<double>{1, NAN, 3});
+       }},
+      {"negative weight", [](Message& m) { m.scalars["__weight"] = -1; }},
+      {"non-finite __weight", [](Message& m) { m.scalars["__weight"] = INFINITY; }},
+      {"entry 'mean' is float64 [2], expected float64 [3]",
+       [](Message& m) {
+         m.arrays["mean"] = Array::from(std::vector<double>{1, 2});
+       }},
+      {"unexpected scalar 'x'", [](Message& m) { m.scalars["x"] = 1; }},
+      {"lack scalar '__weight'", [](Message& m) { m.scalars.clear(); }},
+  };
+  for (const auto& [expect, edit] : cases) {
+    Message bad = good;
+    edit(bad);
+    EXPECT_NE(stats_problem(bad, &good).find(expect), std::string::npos)
+        << expect << ": " << stats_problem(bad, &good);
+  }
+  Message metrics;
+  metrics.type = "metrics";
+  metrics.scalars["roc-auc"] = NAN;  // undefined (one class): allowed
+  EXPECT_EQ(metrics_problem(metrics), "");
+  metrics.scalars["accuracy"] = -INFINITY;
+  EXPECT_NE(metrics_problem(metrics).find("accuracy is infinite"), std::string::npos);
 }

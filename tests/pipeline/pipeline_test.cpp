@@ -184,3 +184,63 @@ TEST(ParseValue, TypesRangesChoicesListsAndPaths) {
   EXPECT_EQ(parse_value(ArgSpec::path("out", "").output(), "/no/such/dir").s, "/no/such/dir");
   EXPECT_EQ(parse_value(ArgSpec::string("s", "", ""), "a,b").s, "a,b");  // strings keep commas
 }
+
+// yaml-cpp keeps the first of two equal keys silently; every duplicate is an error with the
+// position of the second and of the first, at any depth, together with the other errors.
+TEST(Pipeline, DuplicateKeysAreErrorsWithTheirPositions) {
+  const std::string text = R"(name: t
+seed: 3
+data:
+  dataset: {type: brainsim, args: {sites: 3, sites: 4}}
+model: {type: cnn}
+training: {lr: 0.01, batch_size: 4}
+training: {lr: 0.5}
+federation: {rounds: 0}
+)";
+  auto d = errors_of(text);
+  EXPECT_TRUE(has(d, 4, 46, "duplicate key 'sites' (first at line 4, column 36")) << dump(d);
+  EXPECT_TRUE(has(d, 7, 1, "duplicate key 'training' (first at line 6, column 1")) << dump(d);
+  EXPECT_TRUE(has(d, 8, 0, "rounds")) << dump(d);  // the other errors are still reported
+  // Aliases share a map: it is not reported (or walked) twice.
+  EXPECT_TRUE(errors_of(std::string(kGood) + "evaluation: &e {every: 1}\n").empty());
+}
+
+// `name` becomes a folder under `output`: it must be one plain folder name.
+TEST(Pipeline, NameMustBeOneSafeFolderName) {
+  for (const std::string bad : {"../../x", "a/b", "..", ".hidden", "tab\\there", "nul\\0byte"}) {
+    SCOPED_TRACE(bad);
+    std::string text = kGood;
+    text.replace(text.find("name: t"), 7, "name: \"" + bad + "\"");
+    auto d = errors_of(text);
+    EXPECT_TRUE(has(d, 1, 7, "'name' names the run folder")) << dump(d);
+  }
+  EXPECT_TRUE(has(errors_of(kGood, {"name=../up"}), 0, 0, "one plain folder name"));
+  EXPECT_TRUE(errors_of(std::string(kGood).replace(0, 7, "name: ok-run_2.b")).empty());
+}
+
+// A fraction or availability of 0 selects no site in any round: refused before the run.
+TEST(Pipeline, FractionAndAvailabilityMustLeaveSomeoneIn) {
+  auto d = errors_of(std::string(kGood) + "", {"federation.fraction=0"});
+  EXPECT_EQ(d.size(), 1u) << dump(d);
+  EXPECT_TRUE(has(d, 0, 0, "'federation.fraction' must be above 0")) << dump(d);
+  std::string text = kGood;
+  text.replace(text.find("federation: {rounds: 2, min_sites: 2}"), 37,
+               "federation: {rounds: 2, availability: 0}");
+  d = errors_of(text);
+  EXPECT_TRUE(has(d, 9, 39, "'federation.availability' must be above 0")) << dump(d);
+  EXPECT_TRUE(errors_of(kGood, {"federation.fraction=0.01"}).empty());
+}
+
+// A path argument that is a symlink loop is one error among the others, not the end of
+// validation.
+TEST(Pipeline, SymlinkLoopInAPathIsOneErrorAmongOthers) {
+  testkit::TempDir dir;
+  const std::filesystem::path loop = dir.path() / "loop";
+  std::filesystem::create_symlink(loop, loop);
+  const std::string text = "name: t\ndata:\n  dataset: {type: npz, args: {path: " + loop.string() +
+                           "}}\nmodel: {type: cnm}\n";
+  auto d = errors_of(text);
+  EXPECT_TRUE(has(d, 3, 0, "cannot examine path")) << dump(d);
+  EXPECT_TRUE(has(d, 3, 0, "symbolic links")) << dump(d);
+  EXPECT_TRUE(has(d, 4, 0, "unknown model plugin 'cnm'")) << dump(d);
+}

@@ -31,17 +31,22 @@ class Coordinator {
   struct RoundOutcome {
     std::vector<SiteUpdate> updates;    // accepted uploads
     std::vector<std::string> failures;  // "site 'x': reason", one per failed or rejected site
+    std::vector<std::string> skipped;   // sites with no training samples: nothing to aggregate
     bool aggregated = false;            // false when fewer than min_sites replied
+    std::string not_aggregated;         // why not (too few usable uploads, aggregator failed)
   };
   // Steps 2-4: ask each selected site to train (the request carries `settings`), collect the
-  // uploads (rejecting non-finite ones), aggregate when at least `min_sites` replied.
+  // uploads (rejecting, by site, any that upload_problem() refuses), aggregate when at least
+  // `min_sites` are usable. An aggregator that throws or returns a state unlike the global one
+  // leaves the global model unchanged (aggregated = false, not_aggregated says why).
   // `on_site(site, i, n)` is called before each site's exchange (for progress display).
   RoundOutcome train_round(
       int round, int rounds, const std::vector<std::string>& selected,
       const std::map<std::string, double>& settings, int min_sites,
       const std::function<void(const std::string&, size_t, size_t)>& on_site = nullptr);
-  // Step 5: send the global state to `sites` (encoded once; one call per site).
-  void broadcast(int round, const std::vector<std::string>& sites);
+  // Step 5: send the global state to `sites` (encoded once; one call per site). Returns a
+  // failure line per site that did not take it.
+  std::vector<std::string> broadcast(int round, const std::vector<std::string>& sites);
 
   // Other exchanges (evaluation, harmonizer fit) use the same Channel.
   Message call(const std::string& site, const Message& request);
@@ -55,6 +60,28 @@ class Coordinator {
   uint64_t seed_;
   NamedArrays global_;
 };
+
+// The checks the coordinator applies to what a site sends before anything uses it. Each returns
+// why the input is unusable ("" when it is fine); the engine reports that with the site's name.
+//
+// `state` has exactly the entries of `reference`, each with the same dtype and shape.
+std::string state_mismatch(const NamedArrays& reference, const NamedArrays& state);
+// The first floating-point entry holding a NaN or an infinity ("" when none does).
+std::string non_finite_entry(const NamedArrays& state);
+// A site's reply to "train": type "update", the shared state as `global` has it (names, dtypes,
+// shapes, finite values), num_samples a whole number in [1, kMaxUploadSamples], every scalar
+// (train_loss included) finite. A reply with num_samples 0 is not checked further: the site had
+// nothing to train on and is skipped.
+std::string upload_problem(const Message& reply, const NamedArrays& global);
+// The failure line for an exception from an exchange with `site`, naming the site once.
+std::string site_failure(const std::string& site, const std::exception& e);
+// The most samples one upload may claim: weights beyond it would let one site outvote the rest.
+constexpr double kMaxUploadSamples = 1e9;
+// A site's reply to a harmonizer "fit": type "stats", finite values, a weight >= 0, and the same
+// entries and scalars (names, dtypes, shapes) as `reference` (what most sites send) if given.
+std::string stats_problem(const Message& reply, const Message* reference);
+// A site's reply to "evaluate": type "metrics", scalars NaN (undefined) or finite.
+std::string metrics_problem(const Message& reply);
 
 // A seed derived from the pipeline seed and labels (round, site, purpose): every random
 // choice in a run flows from the pipeline's seed through this.
@@ -72,7 +99,9 @@ struct RunSummary {
   int rounds_completed = 0;
   std::vector<SiteResult> sites;
   std::map<std::string, double> mean, worst;  // over non-held-out sites, per metric
-  std::vector<std::string> failures;          // "round 3: site 'x': reason"
+  // "round 3: site 'x': reason", "round 3: not aggregated: reason", "fit: ...", "evaluate: ...".
+  // Empty when every selected site trained and every round aggregated (exit status 0).
+  std::vector<std::string> failures;
 };
 
 struct RunOptions {
@@ -86,9 +115,11 @@ struct RunOptions {
   std::function<void(const std::string& phase, int done, int total)> on_progress;
 };
 
-// Fault injection for tests: makes a site throw in a given round.
+// Fault injection for tests: makes a site throw in a given round, or lets a test rewrite any
+// reply a site sends (a misbehaving peer: wrong shapes, bogus scalars) before it is encoded.
 struct FaultPlan {
   std::map<std::pair<std::string, int>, std::string> fail;  // (site, round) -> message
+  std::function<void(const std::string& site, Message& reply)> tamper;
 };
 
 // The harmonization phase of a run on its own (Experiment::harmonize; `concord harmonize
