@@ -355,8 +355,9 @@ const char* pixel_type_name(PixelType t) {
 // are left out. `fit_failures` are merged into the report.
 void apply(const std::string& method, const Args& args, const std::vector<std::string>& arg_pairs,
            const Stats& stats, const std::string& stats_id, const Options& o,
-           const std::vector<InputItem>& items, Failures& failures, const Failures& fit_failures,
+           const Discovery& found, Failures& failures, const Failures& fit_failures,
            const WorkerState& state, size_t* processed) {
+  const std::vector<InputItem>& items = found.items;
   const bool keep = o.pixel_type != "float32", strict = o.pixel_type == "keep-strict";
   json mine;
   mine["method"] = method;
@@ -508,6 +509,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   rep["skipped"] = size_t(counts.skipped);
   rep["masks_copied"] = size_t(counts.copied);
   rep["written_as_float32"] = switched;
+  rep["ignored"] = found.ignored;  // files that are not images: neither written nor failed
   add_failures_to_report(failures, rep);
   print_site_shift(report, rep, o.preview, o.preview_per_site);
   if (!o.report.empty()) write_file_atomic(o.report, json_text(rep));
@@ -586,8 +588,12 @@ Discovery discover(const Options& o) {
   }
   std::string list;
   for (const auto& s : sites) list += (list.empty() ? "" : ", ") + s;
-  spdlog::info("{} images, {} masks in {} sites ({}); {} other files ignored", images, masks,
-               sites.size(), list, found.ignored.size());
+  std::string ignored;
+  for (size_t i = 0; i < found.ignored.size() && i < 3; ++i)
+    ignored += (i ? ", " : " (") + found.ignored[i];
+  if (!ignored.empty()) ignored += found.ignored.size() > 3 ? ", ...)" : ")";
+  spdlog::info("{} images, {} masks in {} sites ({}); {} other files ignored{}", images, masks,
+               sites.size(), list, found.ignored.size(), ignored);
   return found;
 }
 
@@ -759,7 +765,7 @@ void run_apply(const Globals& g, Options o) {
   if (o.stats.empty() && !probe->needs_fit()) stats_id = "site-local";
   // An image that failed during fit fails again in apply: report it once.
   size_t processed = 0;
-  apply(method, args, arg_pairs, stats, stats_id, o, found.items, apply_failures, failures, state,
+  apply(method, args, arg_pairs, stats, stats_id, o, found, apply_failures, failures, state,
         &processed);
   if (apply_failures.size()) {
     print_failures(apply_failures, processed, "harmonize");

@@ -620,6 +620,8 @@ TEST(HarmonizeInputs, DicomFolderWithOtherImagesKeepsEveryImage) {
   EXPECT_EQ(read_image((out / "siteA/mixed/dicom-series").string()).data,
             read_image(mixed.string()).data);
   EXPECT_EQ(read_json(tmp.path() / "r.json")["written"], 4);
+  EXPECT_EQ(read_json(tmp.path() / "r.json")["ignored"],
+            nlohmann::json({(mixed / "notes.txt").string()}));
   EXPECT_EQ(count_outputs(out), 4u);
 
   // Two series in one folder: that folder fails by name, the others are written.
