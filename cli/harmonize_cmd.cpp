@@ -433,7 +433,10 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
         Image im = read_input(it.path, o);
         std::optional<Image> before;
         if (report_pick[i] || it.dicom) before = im;
-        const bool integer = keep && is_integer_type(im.pixel_type);
+        // Written as integers: the input's integer type (keep), or a format that has no floats.
+        const bool integer_only = is_integer_only_format(out);
+        const bool integer = (keep && is_integer_type(im.pixel_type)) || integer_only;
+        const PixelType in_type = im.pixel_type;
         const size_t levels_in = integer ? integer_levels(im) : 0;
         w.h->apply(im);
         if (im.data.size() != size_t(im.channels) * size_t(im.voxels()))
@@ -444,15 +447,19 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
         wo.keep_pixel_type = keep;
         const size_t levels_out = integer ? integer_levels(im) : 0;
         if (integer && integer_type_destroys(levels_in, levels_out)) {
-          const std::string what = std::string("harmonized values span ") +
-                                   std::to_string(levels_out) + " levels of " +
-                                   pixel_type_name(im.pixel_type) + " (the input " +
-                                   std::to_string(levels_in) + (levels_in >= 4096 ? "+" : "") +
-                                   "): stored in the input's pixel type the image is destroyed";
-          if (strict || is_integer_only_format(out))
-            throw Error(it.path + ": " + what + (strict ? " (--pixel-type keep-strict)" : "") +
-                        "; harmonize to a format that holds float32 (NIfTI, NRRD, MHA, DICOM) "
-                        "with --pixel-type float32");
+          const std::string what =
+              "harmonized values span " + std::to_string(levels_out) + " levels of " +
+              (keep ? pixel_type_name(in_type) : "the format's integers") + " (the input " +
+              std::to_string(levels_in) + (levels_in >= 4096 ? "+" : "") +
+              "): stored as integers the image is destroyed";
+          if (integer_only)
+            throw Error(it.path + ": " + what +
+                        "; PNG, JPEG and BMP hold integers only: convert the inputs to NIfTI "
+                        "(then float32 is written), or use a harmonizer whose output keeps the "
+                        "intensity range (e.g. histogram-match)");
+          if (strict)
+            throw Error(it.path + ": " + what +
+                        " (--pixel-type keep-strict); use --pixel-type keep or float32");
           wo.keep_pixel_type = false;
           bar.print("warning: " + it.path + ": " + what + "; written as float32");
           std::lock_guard<std::mutex> lock(switched_mutex);

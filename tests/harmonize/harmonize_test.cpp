@@ -227,6 +227,9 @@ TEST(Harmonize, ChangingMethodWritesFloatAndRenewsDicomUids) {
   if (!have_tools({"zscore"})) return;
   Tree t;
   fs::remove(t.in / "siteB/bad.nii.gz");
+  // zscore's output cannot be stored in PNG's integers (HarmonizePixelType tests that).
+  fs::remove(t.in / "siteA/img1.png");
+  fs::remove(t.in / "siteB/img2.png");
   const fs::path out = t.tmp.path() / "out";
   Result r = run_concord("harmonize apply --method zscore " + t.in.string() + " --out " +
                          out.string() + " --pixel-type float32 -j 2 --no-progress");
@@ -767,6 +770,13 @@ TEST(HarmonizePixelType, IntegerTypeThatWouldDestroyTheImageIsNotKept) {
   EXPECT_EQ(rep["written_as_float32"], nlohmann::json({"s/vol.nii.gz"}));
   ASSERT_EQ(rep["failed"].size(), 1u);
   EXPECT_NE(rep["failed"][0].get<std::string>().find("img.png"), std::string::npos);
+  // float32 cannot help a PNG (it holds integers only): still a failure, not 9 grey levels.
+  Result f = run_concord("harmonize apply --method zscore " + in.string() + " --out " + tmp.str() +
+                         "/f --pixel-type float32 --no-progress");
+  EXPECT_NE(f.code, 0) << f.out;
+  EXPECT_NE(f.out.find("img.png"), std::string::npos) << f.out;
+  EXPECT_FALSE(fs::exists(tmp.path() / "f/s/img.png"));
+  EXPECT_TRUE(fs::exists(tmp.path() / "f/s/vol.nii.gz"));
 
   fs::remove(in / "s/img.png");
   const fs::path strict = tmp.path() / "strict";
