@@ -217,6 +217,9 @@ void remove_leftover_temporaries(const std::string& out) {
 }  // namespace
 
 void claim_output_folder(const std::string& out, const json& mine, bool overwrite) {
+  auto compact = [](const json& j) {
+    return j.dump(-1, ' ', false, json::error_handler_t::replace);
+  };
   fs::create_directories(out);
   // Refuse to mix outputs of different harmonizations in one folder (resume must be safe).
   const fs::path marker = fs::path(out) / ".concord-harmonize.json";
@@ -232,8 +235,8 @@ void claim_output_folder(const std::string& out, const json& mine, bool overwrit
       for (const auto& [key, value] : mine.items())
         if (!theirs.is_object() || !theirs.contains(key) || theirs[key] != value)
           what += std::string(what.empty() ? "" : "; ") + key + " " +
-                  (theirs.is_object() && theirs.contains(key) ? theirs[key].dump() : "(none)") +
-                  " -> " + value.dump();
+                  (theirs.is_object() && theirs.contains(key) ? compact(theirs[key]) : "(none)") +
+                  " -> " + compact(value);
       if (mine.contains("stats") && theirs.is_object() &&
           theirs.value("stats", json()) != mine["stats"])
         what +=
