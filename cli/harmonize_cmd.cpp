@@ -358,6 +358,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
            const Discovery& found, Failures& failures, const Failures& fit_failures,
            const WorkerState& state, size_t* processed) {
   const std::vector<InputItem>& items = found.items;
+  const size_t failed_before = failures.size();
   const bool keep = o.pixel_type != "float32", strict = o.pixel_type == "keep-strict";
   json mine;
   mine["method"] = method;
@@ -485,7 +486,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   publisher.finish();
   bar.finish();
   records.compact();
-  *processed = items.size();
+  *processed = items.size() + failed_before;
   // An input that failed only while fitting is still a failed input.
   for (const auto& [what, reason] : fit_failures.list())
     if (!failures.has(what)) failures.add(what, reason, nullptr);

@@ -28,6 +28,7 @@ using json = nlohmann::json;
 void Failures::add(const std::string& what, const std::string& reason, ProgressBar* bar) {
   std::lock_guard<std::mutex> lock(mutex_);
   list_.push_back({what, reason});
+  inputs_.insert(what);
   if (bar)
     bar->print("error: " + reason);
   else
@@ -46,7 +47,7 @@ std::vector<std::pair<std::string, std::string>> Failures::list() const {
 
 bool Failures::has(const std::string& what) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return std::any_of(list_.begin(), list_.end(), [&](const auto& f) { return f.first == what; });
+  return inputs_.count(what) > 0;
 }
 
 std::vector<Failures::Group> Failures::by_cause() const {

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -43,6 +44,7 @@ class Failures {
  private:
   mutable std::mutex mutex_;
   std::vector<std::pair<std::string, std::string>> list_;
+  std::set<std::string> inputs_;  // the `what` of every failure, for has()
 };
 
 // Plugin arguments from --arg key=value pairs over `base` values, typed and checked against the
