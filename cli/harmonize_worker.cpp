@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -80,11 +81,16 @@ void write_crashed(const fs::path& file, const std::map<std::string, std::string
   write_file_atomic(file.string(), text);
 }
 
+// TMPDIR/concord-harmonize-PID-XXXXXX, removed at the end. A supervisor killed outright
+// (SIGKILL) cannot remove its own: the next one removes those whose process is gone.
 struct TempFolder {
   fs::path path;
   TempFolder() {
     const char* tmp = std::getenv("TMPDIR");
-    std::string pattern = std::string(tmp && *tmp ? tmp : "/tmp") + "/concord-harmonize-XXXXXX";
+    const fs::path base = tmp && *tmp ? tmp : "/tmp";
+    remove_orphans(base);
+    std::string pattern =
+        (base / ("concord-harmonize-" + std::to_string(getpid()) + "-XXXXXX")).string();
     if (!mkdtemp(pattern.data()))
       throw Error("cannot make a scratch folder " + pattern + ": " + std::strerror(errno));
     path = pattern;
@@ -92,6 +98,26 @@ struct TempFolder {
   ~TempFolder() {
     std::error_code ec;
     fs::remove_all(path, ec);
+  }
+  static void remove_orphans(const fs::path& base) {
+    std::error_code ec;
+    const std::string prefix = "concord-harmonize-";
+    for (fs::directory_iterator it(base, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      if (name.rfind(prefix, 0) != 0 || !it->is_directory(ec) || fs::is_symlink(it->path(), ec))
+        continue;
+      const std::string rest = name.substr(prefix.size());
+      const size_t dash = rest.find('-');
+      if (dash == std::string::npos || dash == 0 || rest.find_first_not_of("0123456789") != dash)
+        continue;
+      const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
+      struct stat st {};
+      if (::lstat(it->path().c_str(), &st) != 0 || st.st_uid != getuid()) continue;
+      if (pid > 0 && ::kill(pid_t(pid), 0) != 0 && errno == ESRCH) {
+        std::error_code rm;
+        fs::remove_all(it->path(), rm);
+      }
+    }
   }
 };
 
