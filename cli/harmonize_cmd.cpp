@@ -679,6 +679,7 @@ void run_fit(const Globals& g, Options o) {
   if (o.worker_state.empty()) throw Exit{supervise_worker()};
   const WorkerState state(o.worker_state);
   enter_worker(state);
+  if (!o.probe.empty()) spdlog::set_level(spdlog::level::warn);  // only whether it crashes
   check_inputs(o);
   use_pipeline(g, o);
   if (o.method.empty()) throw Error("fit needs --method M or --pipeline FILE");
@@ -708,6 +709,7 @@ void run_apply(const Globals& g, Options o) {
   if (o.worker_state.empty()) throw Exit{supervise_worker()};
   const WorkerState state(o.worker_state);
   enter_worker(state);
+  if (!o.probe.empty()) spdlog::set_level(spdlog::level::warn);  // only whether it crashes
   check_inputs(o);
   use_pipeline(g, o);
   if (o.stats.empty() && o.method.empty())

@@ -816,6 +816,7 @@ TEST(HarmonizeCrash, CrashingFileIsIsolatedAndTheBatchGoesOn) {
                           " --out " + out.string() + " -j 2 --no-progress --save-stats " +
                           tmp.str() + "/crash.stats --report " + tmp.str() + "/r.json";
   Result r = run_concord(cmd);
+  std::cout << r.out;  // the supervisor's account of the crashes, for people reading the log
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("boom.nii.gz: decoder crashed: SIGABRT"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("segv.nii.gz: decoder crashed: SIGSEGV"), std::string::npos) << r.out;
