@@ -407,11 +407,12 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
     InProgress busy(state, it.path);
     try {
       // An output is complete when it exists and its record names the input as it is now; a
-      // stale output goes before the new record, so that the record never vouches for it.
+      // stale output (also one of another harmonization, --overwrite) goes before the new record,
+      // so that the record never vouches for it, and an input that now fails has no output.
       const std::string identity = input_identity(it.path);
       const bool done = fs::exists(out) && !o.overwrite && records.matches(it.relative, identity);
       if (!done && (it.role == InputItem::Role::Image || o.masks == "copy")) {
-        if (fs::exists(out) && !o.overwrite) fs::remove_all(out);
+        if (fs::exists(out)) fs::remove_all(out);
         records.record(it.relative, identity);
       }
       if (it.role == InputItem::Role::Mask) {

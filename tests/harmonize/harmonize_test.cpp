@@ -745,6 +745,14 @@ TEST(HarmonizeResume, ChangedInputsAreRedoneAndChangedStatisticsRefused) {
   Result redo = run_concord(one_shot + " --overwrite");
   ASSERT_EQ(redo.code, 0) << redo.out;
   EXPECT_NE(redo.out.find("4 written"), std::string::npos) << redo.out;
+
+  // An input that became unreadable is listed as failed, and its old output is gone.
+  std::ofstream(in / "s0/v2.nii.gz", std::ios::trunc) << "no longer a NIfTI file";
+  Result broken = run_concord(with_stats);
+  EXPECT_NE(broken.code, 0) << broken.out;
+  EXPECT_NE(broken.out.find("v2.nii.gz"), std::string::npos) << broken.out;
+  EXPECT_FALSE(fs::exists(out / "s0/v2.nii.gz"));
+  EXPECT_TRUE(fs::exists(out / "s0/v0.nii.gz"));
 }
 
 // zscore on int16 with the default --pixel-type keep left 9 distinct values: such a file is
