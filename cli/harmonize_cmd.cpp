@@ -103,6 +103,9 @@ std::string with_path(const std::string& path, const std::string& reason) {
 // read_image, then the --non-finite and --channels policies: NaN/Inf voxels refuse the file
 // (or become 0); a colour file whose channels are all equal is grey (auto), every colour file
 // becomes grey (grey: Rec. 601 luma of RGB, the mean otherwise), or channels stay (keep).
+// TODO(merge with hard/readers): read_image(path, ReadOptions{non_finite, channels}) does both
+// in the reader; this body then becomes that call (the reader refuses NaN by default, so
+// --non-finite zero must reach it).
 Image read_input(const std::string& path, const Options& o) {
   Image im = read_image(path);
   size_t bad = 0;
@@ -113,7 +116,7 @@ Image read_input(const std::string& path, const Options& o) {
     }
   if (bad && o.non_finite != "zero")
     throw Error(path + ": " + std::to_string(bad) + " of " + std::to_string(im.data.size()) +
-                " values are NaN or infinite; --non-finite zero replaces them with 0");
+                " voxels are not finite (NaN or Inf); --non-finite zero replaces them with 0");
   if (im.channels > 1 && o.channels != "keep") {
     const int64_t n = im.voxels();
     bool same = true;
