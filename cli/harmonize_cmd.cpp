@@ -640,6 +640,10 @@ SitesOptions sites_options(const Options& o) {
         "pipeline's dataset names the sites and samples");
   if (o.seed != 0)
     throw Error("with --sites the pipeline's seed is used: change it with --set seed=N");
+  if (o.channels != "auto" || o.non_finite != "error")
+    throw Error(
+        "--channels and --non-finite choose how files are read; with --sites the pipeline's "
+        "dataset plugin reads the images (set its own arguments with --set)");
   SitesOptions s;
   s.pipeline = o.pipeline;
   s.sets = o.pipeline_sets;
