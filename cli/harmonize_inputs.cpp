@@ -178,12 +178,23 @@ struct Builder {
       if (lineno == 1 && lower(path) == "path") continue;  // header row
       fs::path p = fs::path(path).is_absolute() ? fs::path(path) : base / path;
       const std::string where = file.string() + ":" + std::to_string(lineno);
-      if (!fs::exists(p)) throw Error(where + ": " + p.string() + " does not exist");
+      // A listed input that is not there, or not an image, is a failed input, not a failed run.
+      auto skip = [&](const std::string& why) {
+        out.skipped.push_back({p.string(), where + ": " + p.string() + " " + why});
+      };
+      if (!fs::exists(p)) {
+        skip("does not exist");
+        continue;
+      }
       const bool dicom = fs::is_directory(p);
-      if (dicom && !is_dicom_dir(p.string()))
-        throw Error(where + ": " + p.string() + " is a folder without DICOM files");
-      if (!dicom && !is_image_file(p.string()))
-        throw Error(where + ": " + p.string() + " is not an image file Concord reads");
+      if (dicom && !is_dicom_dir(p.string())) {
+        skip("is a folder without DICOM files");
+        continue;
+      }
+      if (!dicom && !is_image_file(p.string())) {
+        skip("is not an image file Concord reads");
+        continue;
+      }
       std::string rel = p.lexically_relative(base).string();
       if (rel.empty() || rel.rfind("..", 0) == 0) rel = p.filename().string();
       if (site.empty()) {

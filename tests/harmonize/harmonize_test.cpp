@@ -932,4 +932,18 @@ TEST(HarmonizeInputs, OddFilesNeverSinkTheOthers) {
   ASSERT_EQ(xrep["failure_causes"].size(), 1u) << xrep.dump(2);
   EXPECT_EQ(xrep["failure_causes"][0]["count"], 3);
   expect_no_temporaries(xout);
+
+  // A manifest line naming a missing file is one failed input; the listed others are written.
+  const fs::path list = tmp.path() / "list.txt";
+  std::ofstream(list) << (in / "s/good.nii.gz").string() << "\n"
+                      << (tmp.path() / "gone.nii.gz").string() << "\n"
+                      << (xr / "h1/a0.png").string() << "\n";
+  const fs::path mout = tmp.path() / "mout";
+  Result m = run_concord("harmonize apply --method identity " + list.string() + " --out " +
+                         mout.string() + " --no-progress");
+  EXPECT_NE(m.code, 0) << m.out;
+  EXPECT_NE(m.out.find("list.txt:2: " + (tmp.path() / "gone.nii.gz").string() + " does not exist"),
+            std::string::npos)
+      << m.out;
+  EXPECT_EQ(count_outputs(mout), 2u) << m.out;
 }
