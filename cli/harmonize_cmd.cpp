@@ -20,6 +20,7 @@
 #include "harmonize_inputs.h"
 #include "harmonize_report.h"
 #include "harmonize_sites.h"
+#include "harmonize_worker.h"
 #include "progress.h"
 
 #include <concord/error.h>
@@ -43,6 +44,7 @@
 #include <optional>
 #include <random>
 #include <thread>
+#include <unordered_set>
 
 namespace concord::cli {
 
@@ -66,13 +68,17 @@ struct Options {
   int site_depth = -1;
   std::vector<std::string> exclude, mask_globs;
   std::string masks = "copy";
-  std::string pixel_type = "keep";
+  std::string pixel_type = "keep";   // keep | keep-strict | float32
+  std::string channels = "auto";     // auto | grey | keep
+  std::string non_finite = "error";  // error | zero
   bool overwrite = false;
   std::string preview;
   int preview_per_site = 4;
   std::string report;
   uint64_t seed = 0;
   bool no_progress = false;
+  std::string worker_state;  // hidden: this process is a supervised worker (harmonize_worker.h)
+  std::string probe;         // hidden: with worker_state, decode and harmonize this input alone
 };
 
 const PluginDesc& harmonizer_desc(const Globals& g, const std::string& method) {
@@ -94,6 +100,58 @@ std::string with_path(const std::string& path, const std::string& reason) {
   return reason.find(path) != std::string::npos ? reason : path + ": " + reason;
 }
 
+// read_image, then the --non-finite and --channels policies: NaN/Inf voxels refuse the file
+// (or become 0); a colour file whose channels are all equal is grey (auto), every colour file
+// becomes grey (grey: Rec. 601 luma of RGB, the mean otherwise), or channels stay (keep).
+// TODO(merge with hard/readers): read_image(path, ReadOptions{non_finite, channels}) does both
+// in the reader; this body then becomes that call (the reader refuses NaN by default, so
+// --non-finite zero must reach it).
+Image read_input(const std::string& path, const Options& o) {
+  Image im = read_image(path);
+  size_t bad = 0;
+  for (float& v : im.data)
+    if (!std::isfinite(v)) {
+      ++bad;
+      if (o.non_finite == "zero") v = 0;
+    }
+  if (bad && o.non_finite != "zero")
+    throw Error(path + ": " + std::to_string(bad) + " of " + std::to_string(im.data.size()) +
+                " voxels are not finite (NaN or Inf); --non-finite zero replaces them with 0");
+  if (im.channels > 1 && o.channels != "keep") {
+    const int64_t n = im.voxels();
+    bool same = true;
+    for (int c = 1; c < im.channels && same; ++c)
+      same = std::equal(im.channel(0), im.channel(0) + n, im.channel(c));
+    if (same || o.channels == "grey") {
+      std::vector<float> grey(im.channel(0), im.channel(0) + n);
+      if (!same) {
+        const bool rgb = im.channels == 3 || im.channels == 4;
+        for (int64_t i = 0; i < n; ++i) {
+          double v = 0;
+          if (rgb)
+            v = 0.299 * im.channel(0)[i] + 0.587 * im.channel(1)[i] + 0.114 * im.channel(2)[i];
+          else
+            for (int c = 0; c < im.channels; ++c) v += im.channel(c)[i] / double(im.channels);
+          grey[size_t(i)] = float(v);
+        }
+      }
+      im.data = std::move(grey);
+      im.channels = 1;
+    }
+  }
+  return im;
+}
+
+// Marks an input in progress in the supervisor's journal for the lifetime of the object.
+struct InProgress {
+  const WorkerState& state;
+  std::string path;
+  InProgress(const WorkerState& s, std::string p) : state(s), path(std::move(p)) {
+    state.begin(path);
+  }
+  ~InProgress() { state.end(path); }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Fit: one fit_site() per site, as a federated site would compute it, sites on worker threads.
 // (Chunks within a site are not combined: harmonizers that key statistics by site, such as
@@ -107,7 +165,7 @@ struct FitResult {
 };
 
 FitResult fit(const std::string& method, const Args& args, const Options& o,
-              const std::vector<InputItem>& items, Failures& failures) {
+              const std::vector<InputItem>& items, Failures& failures, const WorkerState& state) {
   std::map<std::string, std::vector<const InputItem*>> by_site;
   size_t total = 0;
   for (const auto& it : items)
@@ -121,11 +179,14 @@ FitResult fit(const std::string& method, const Args& args, const Options& o,
   ProgressBar bar("fit " + method, int64_t(total), !o.no_progress);
   std::vector<std::optional<Stats>> parts(sites.size());
   std::atomic<size_t> read_ok{0};
-  parallel_for(sites.size(), worker_count(o.jobs), [&](size_t k) {
+  const bool serial = state.serial();
+  parallel_for(sites.size(), serial ? 1 : worker_count(o.jobs), [&](size_t k) {
     const auto& [site, list] = sites[k];
+    // Begun in the journal before decoding, ended once the harmonizer has seen the image.
     auto load = [&](size_t i) -> std::optional<Image> {
+      state.begin(list[i]->path);
       try {
-        return read_image(list[i]->path);
+        return read_input(list[i]->path, o);
       } catch (const std::exception& e) {
         failures.add(list[i]->path, with_path(list[i]->path, e.what()), &bar);
         return std::nullopt;
@@ -134,10 +195,19 @@ FitResult fit(const std::string& method, const Args& args, const Options& o,
     try {
       auto h = make_harmonizer(method, args, o.seed);
       ImageSource source = [&](const ImageVisitor& visit) {
-        std::future<std::optional<Image>> next = std::async(std::launch::async, load, 0);
+        // Serial (finding which input crashes a worker): no read-ahead.
+        auto start = [&](size_t i) {
+          return std::async(serial ? std::launch::deferred : std::launch::async, load, i);
+        };
+        std::future<std::optional<Image>> next = start(0);
         for (size_t i = 0; i < list.size(); ++i) {
           std::optional<Image> im = next.get();
-          if (i + 1 < list.size()) next = std::async(std::launch::async, load, i + 1);
+          if (i + 1 < list.size()) next = start(i + 1);
+          struct End {
+            const WorkerState& s;
+            const std::string& p;
+            ~End() { s.end(p); }
+          } end{state, list[i]->path};
           if (im) {
             try {
               visit(*im);
@@ -241,23 +311,74 @@ struct ApplyCounts {
   std::atomic<size_t> written{0}, skipped{0}, copied{0}, clamped{0}, rounded{0};
 };
 
+bool is_integer_type(PixelType t) {
+  return t == PixelType::U8 || t == PixelType::I8 || t == PixelType::U16 || t == PixelType::I16 ||
+         t == PixelType::U32 || t == PixelType::I32;
+}
+
+// Distinct integer values (after rounding) among up to 65536 evenly spaced values, counted up
+// to 4096: how many levels an integer pixel type keeps of an image.
+size_t integer_levels(const Image& im) {
+  std::unordered_set<float> seen;
+  const size_t step = std::max<size_t>(1, im.data.size() / 65536);
+  for (size_t i = 0; i < im.data.size() && seen.size() < 4096; i += step)
+    seen.insert(std::nearbyint(im.data[i]));
+  return seen.size();
+}
+
+// Stored in the input's integer type, the harmonized image would keep almost nothing of the
+// input (zscore leaves values in [-4, 4]: 9 levels of int16 where the input had hundreds).
+bool integer_type_destroys(size_t levels_in, size_t levels_out) {
+  return levels_out < 64 && levels_out * 4 < levels_in;
+}
+
+const char* pixel_type_name(PixelType t) {
+  switch (t) {
+    case PixelType::U8:
+      return "uint8";
+    case PixelType::I8:
+      return "int8";
+    case PixelType::U16:
+      return "uint16";
+    case PixelType::I16:
+      return "int16";
+    case PixelType::U32:
+      return "uint32";
+    case PixelType::I32:
+      return "int32";
+    case PixelType::F32:
+      return "float32";
+    case PixelType::F64:
+      return "float64";
+  }
+  return "?";
+}
+
+// `failures` holds, on entry, the inputs that already failed (discovery, crashed workers): they
+// are left out. `fit_failures` are merged into the report.
 void apply(const std::string& method, const Args& args, const std::vector<std::string>& arg_pairs,
            const Stats& stats, const std::string& stats_id, const Options& o,
-           const std::vector<InputItem>& items, Failures& failures, size_t* processed) {
-  const bool keep = o.pixel_type == "keep";
+           const Discovery& found, Failures& failures, const Failures& fit_failures,
+           const WorkerState& state, size_t* processed) {
+  const std::vector<InputItem>& items = found.items;
+  const size_t failed_before = failures.size();
+  const bool keep = o.pixel_type != "float32", strict = o.pixel_type == "keep-strict";
   json mine;
   mine["method"] = method;
   mine["args"] = arg_pairs;
   mine["stats"] = stats_id;
   mine["pixel_type"] = o.pixel_type;
   claim_output_folder(o.out, mine, o.overwrite);
+  OutputRecords records(o.out);
 
-  const int jobs = worker_count(o.jobs);
+  const int jobs = state.serial() ? 1 : worker_count(o.jobs);
   std::vector<std::string> site_of;
   for (const auto& it : items) site_of.push_back(it.role == InputItem::Role::Image ? it.site : "");
   const std::vector<bool> report_pick = pick_report_items(site_of, 16, o.seed);
   SiteShiftReport report;
   ApplyCounts counts;
+  std::mutex switched_mutex;
+  std::vector<std::string> switched;  // outputs written as float32 instead of the input's type
   ProgressBar bar("apply " + method, int64_t(items.size()), !o.no_progress);
 
   // One harmonizer per worker thread, its site statistics set when the site changes.
@@ -284,36 +405,73 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   });
   parallel_for(items.size(), jobs, [&](size_t i) {
     const InputItem& it = items[i];
+    if (failures.has(it.path)) return bar.advance();
     const std::string out = (fs::path(o.out) / it.relative).string();
+    InProgress busy(state, it.path);
     try {
+      // An output is complete when it exists and its record names the input as it is now; a
+      // stale output (also one of another harmonization, --overwrite) goes before the new record,
+      // so that the record never vouches for it, and an input that now fails has no output.
+      const std::string identity = input_identity(it.path);
+      const bool done = fs::exists(out) && !o.overwrite && records.matches(it.relative, identity);
+      if (!done && (it.role == InputItem::Role::Image || o.masks == "copy")) {
+        if (fs::exists(out)) fs::remove_all(out);
+        records.record(it.relative, identity);
+      }
       if (it.role == InputItem::Role::Mask) {
         if (o.masks == "copy") {
-          if (fs::exists(out) && !o.overwrite)
+          if (done)
             ++counts.skipped;
           else
             copy_atomic(it.path, out, it.dicom), ++counts.copied;
         }
-      } else if (fs::exists(out) && !o.overwrite) {
+      } else if (done) {
         ++counts.skipped;
-        if (report_pick[i]) report.add(it.site, it.relative, read_image(it.path), read_image(out));
+        if (report_pick[i])
+          report.add(it.site, it.relative, read_input(it.path, o), read_image(out));
       } else {
         Worker& w = worker();
         if (w.site != it.site) {
           w.h->set_statistics(stats, it.site);
           w.site = it.site;
         }
-        Image im = read_image(it.path);
+        Image im = read_input(it.path, o);
         std::optional<Image> before;
         if (report_pick[i] || it.dicom) before = im;
+        // Written as integers: the input's integer type (keep), or a format that has no floats.
+        const bool integer_only = is_integer_only_format(out);
+        const bool integer = (keep && is_integer_type(im.pixel_type)) || integer_only;
+        const PixelType in_type = im.pixel_type;
+        const size_t levels_in = integer ? integer_levels(im) : 0;
         w.h->apply(im);
         if (im.data.size() != size_t(im.channels) * size_t(im.voxels()))
           throw Error("harmonizer '" + method +
                       "' returned an image whose buffer does not match "
                       "its size");
-        if (keep && clamps(im)) ++counts.clamped;
-        if (!keep && is_integer_only_format(out)) ++counts.rounded;
         WriteOptions wo;
         wo.keep_pixel_type = keep;
+        const size_t levels_out = integer ? integer_levels(im) : 0;
+        if (integer && integer_type_destroys(levels_in, levels_out)) {
+          const std::string what =
+              "harmonized values span " + std::to_string(levels_out) + " levels of " +
+              (keep ? pixel_type_name(in_type) : "the format's integers") + " (the input " +
+              std::to_string(levels_in) + (levels_in >= 4096 ? "+" : "") +
+              "): stored as integers the image is destroyed";
+          if (integer_only)
+            throw Error(it.path + ": " + what +
+                        "; PNG, JPEG and BMP hold integers only: convert the inputs to NIfTI "
+                        "(then float32 is written), or use a harmonizer whose output keeps the "
+                        "intensity range (e.g. histogram-match)");
+          if (strict)
+            throw Error(it.path + ": " + what +
+                        " (--pixel-type keep-strict); use --pixel-type keep or float32");
+          wo.keep_pixel_type = false;
+          bar.print("warning: " + it.path + ": " + what + "; written as float32");
+          std::lock_guard<std::mutex> lock(switched_mutex);
+          switched.push_back(it.relative);
+        }
+        if (wo.keep_pixel_type && clamps(im)) ++counts.clamped;
+        if (!keep && is_integer_only_format(out)) ++counts.rounded;
         wo.new_uids = !before || before->data != im.data;
         wo.publisher = &publisher;
         write_image(im, out, wo);
@@ -331,7 +489,11 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   });
   publisher.finish();
   bar.finish();
-  *processed = items.size();
+  records.compact();
+  *processed = items.size() + failed_before;
+  // An input that failed only while fitting is still a failed input.
+  for (const auto& [what, reason] : fit_failures.list())
+    if (!failures.has(what)) failures.add(what, reason, nullptr);
 
   std::cout << "harmonize apply: " << counts.written << " written, " << counts.skipped
             << " already complete (skipped), " << counts.copied << " masks copied, "
@@ -347,15 +509,42 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
         "{} outputs are PNG/JPEG/BMP, which cannot hold float32: their values were "
         "rounded (and clamped) to 16-bit (PNG) or 8-bit integers",
         size_t(counts.rounded));
+  std::sort(switched.begin(), switched.end());
+  if (!switched.empty())
+    spdlog::warn(
+        "{} outputs were written as float32 instead of the input's integer pixel type, which "
+        "would have destroyed them (--pixel-type keep-strict refuses them instead)",
+        switched.size());
   json rep;
   rep["method"] = method;
   rep["written"] = size_t(counts.written);
   rep["skipped"] = size_t(counts.skipped);
   rep["masks_copied"] = size_t(counts.copied);
-  rep["failed"] = json::array();
-  for (const auto& [what, reason] : failures.list()) rep["failed"].push_back(reason);
+  rep["written_as_float32"] = switched;
+  rep["ignored"] = found.ignored;  // files that are not images: neither written nor failed
+  add_failures_to_report(failures, rep);
   print_site_shift(report, rep, o.preview, o.preview_per_site);
   if (!o.report.empty()) write_file_atomic(o.report, json_text(rep, 2) + "\n");
+}
+
+// `--probe PATH` in a worker: that input alone, one thread, as fit and apply would treat it.
+// The supervisor only asks whether this process crashes; errors are not its business.
+void probe_input(const std::string& method, const Args& args, const Options& o,
+                 const std::vector<InputItem>& items, const Stats* stats) {
+  for (const auto& it : items) {
+    if (it.path != o.probe || it.role != InputItem::Role::Image) continue;
+    try {
+      Image im = read_input(it.path, o);
+      auto h = make_harmonizer(method, args, o.seed);
+      if (h->needs_fit()) h->fit_site([&](const ImageVisitor& visit) { visit(im); });
+      if (stats || !h->needs_fit()) {
+        auto a = make_harmonizer(method, args, o.seed);
+        a->set_statistics(stats ? *stats : Stats{}, it.site);
+        a->apply(im);
+      }
+    } catch (const std::exception&) {
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,6 +573,16 @@ void add_common(CLI::App* sub, Options& o) {
                   "mask(s)/label(s)/seg are masks already)")
       ->allow_extra_args(false);
   sub->add_option("--seed", o.seed, "Seed for the plugins and for choosing report images");
+  sub->add_option("--channels", o.channels,
+                  "Colour inputs: auto (equal channels are grey), grey (every colour file to "
+                  "grey), keep")
+      ->check(CLI::IsMember({"auto", "grey", "keep"}));
+  sub->add_option("--non-finite", o.non_finite,
+                  "NaN/Inf values: error (the file fails) or zero (replaced by 0)")
+      ->check(CLI::IsMember({"error", "zero"}));
+  // The supervisor's worker (harmonize_worker.h); not for people.
+  sub->add_option("--worker-state", o.worker_state)->group("");
+  sub->add_option("--probe", o.probe)->group("");
   sub->add_flag("--no-progress", o.no_progress, "No progress bar");
 }
 
@@ -401,8 +600,12 @@ Discovery discover(const Options& o) {
   }
   std::string list;
   for (const auto& s : sites) list += (list.empty() ? "" : ", ") + s;
-  spdlog::info("{} images, {} masks in {} sites ({}); {} other files ignored", images, masks,
-               sites.size(), list, found.ignored.size());
+  std::string ignored;
+  for (size_t i = 0; i < found.ignored.size() && i < 3; ++i)
+    ignored += (i ? ", " : " (") + found.ignored[i];
+  if (!ignored.empty()) ignored += found.ignored.size() > 3 ? ", ...)" : ")";
+  spdlog::info("{} images, {} masks in {} sites ({}); {} other files ignored{}", images, masks,
+               sites.size(), list, found.ignored.size(), ignored);
   return found;
 }
 
@@ -437,6 +640,10 @@ SitesOptions sites_options(const Options& o) {
         "pipeline's dataset names the sites and samples");
   if (o.seed != 0)
     throw Error("with --sites the pipeline's seed is used: change it with --set seed=N");
+  if (o.channels != "auto" || o.non_finite != "error")
+    throw Error(
+        "--channels and --non-finite choose how files are read; with --sites the pipeline's "
+        "dataset plugin reads the images (set its own arguments with --set)");
   SitesOptions s;
   s.pipeline = o.pipeline;
   s.sets = o.pipeline_sets;
@@ -460,8 +667,27 @@ void check_inputs(const Options& o) {
     throw Error("no inputs: give folders, image files or manifests, or --pipeline FILE --sites");
 }
 
+// Inputs that failed before any work: found but not taken (discovery), or known to crash a
+// worker process (supervised runs). They are removed from `items`.
+void add_early_failures(const Discovery& found, const WorkerState& state,
+                        std::vector<InputItem>& items, Failures& failures) {
+  for (const auto& [path, reason] : found.skipped) failures.add(path, reason, nullptr);
+  for (const auto& [path, sig] : state.crashed())
+    failures.add(path,
+                 path + ": decoder crashed: " + sig +
+                     " (the worker process died on this input; the others went on without it)",
+                 nullptr);
+  items.erase(std::remove_if(items.begin(), items.end(),
+                             [&](const InputItem& it) { return state.crashed().count(it.path); }),
+              items.end());
+}
+
 void run_fit(const Globals& g, Options o) {
   if (o.sites) return run_sites_fit(g, sites_options(o));
+  if (o.worker_state.empty()) throw Exit{supervise_worker()};
+  const WorkerState state(o.worker_state);
+  enter_worker(state);
+  if (!o.probe.empty()) spdlog::set_level(spdlog::level::warn);  // only whether it crashes
   check_inputs(o);
   use_pipeline(g, o);
   if (o.method.empty()) throw Error("fit needs --method M or --pipeline FILE");
@@ -473,8 +699,10 @@ void run_fit(const Globals& g, Options o) {
                 "`concord harmonize apply --method " +
                 o.method + "`");
   Discovery found = discover(o);
+  if (!o.probe.empty()) return probe_input(o.method, args, o, found.items, nullptr);
   Failures failures;
-  FitResult r = fit(o.method, args, o, found.items, failures);
+  add_early_failures(found, state, found.items, failures);
+  FitResult r = fit(o.method, args, o, found.items, failures, state);
   save_fit(r, o.stats, o.method, o, failures.size());
   std::cout << "fitted '" << o.method << "' on " << r.images << " images from " << r.sites.size()
             << " sites -> " << o.stats << "\n";
@@ -486,12 +714,16 @@ void run_fit(const Globals& g, Options o) {
 
 void run_apply(const Globals& g, Options o) {
   if (o.sites) return run_sites_apply(g, sites_options(o));
+  if (o.worker_state.empty()) throw Exit{supervise_worker()};
+  const WorkerState state(o.worker_state);
+  enter_worker(state);
+  if (!o.probe.empty()) spdlog::set_level(spdlog::level::warn);  // only whether it crashes
   check_inputs(o);
   use_pipeline(g, o);
   if (o.stats.empty() && o.method.empty())
     throw Error("apply needs --stats FILE (from `harmonize fit`) or --method M (fit, then apply)");
-  if (o.pixel_type != "keep" && o.pixel_type != "float32")
-    throw Error("--pixel-type must be keep or float32, not '" + o.pixel_type + "'");
+  if (o.pixel_type != "keep" && o.pixel_type != "keep-strict" && o.pixel_type != "float32")
+    throw Error("--pixel-type must be keep, keep-strict or float32, not '" + o.pixel_type + "'");
   std::string method = o.method;
   Stats stats;
   std::string stats_id;
@@ -512,7 +744,7 @@ void run_apply(const Globals& g, Options o) {
       fitted.insert(fitted.end(), arg_pairs.begin(), arg_pairs.end());
       arg_pairs = fitted;
     }
-    stats_id = file_checksum(o.stats);
+    stats_id = stats_digest(stats);
   }
   // Later pairs override earlier ones with the same key.
   std::map<std::string, std::string> last;
@@ -528,27 +760,31 @@ void run_apply(const Globals& g, Options o) {
                 "' is an augmentation (applied per training draw); it "
                 "has no fixed transform to apply offline");
   Discovery found = discover(o);
-  Failures failures;
-  size_t fit_images = 0;
-  if (o.stats.empty() && probe->needs_fit()) {
-    FitResult r = fit(method, args, o, found.items, failures);
+  check_output_apart(o.out, o.inputs, found);
+  // A worker restarted after a crash in the apply phase applies the statistics its predecessor
+  // fitted: the same whether or not a crash happened.
+  const std::string fitted = state.fitted_stats_file();
+  const bool refit = o.stats.empty() && probe->needs_fit();
+  if (refit && !fitted.empty() && fs::exists(fitted)) stats = load_stats(fitted);
+  if (!o.probe.empty())
+    return probe_input(method, args, o, found.items,
+                       !o.stats.empty() || (refit && fs::exists(fitted)) ? &stats : nullptr);
+  Failures failures, apply_failures;
+  add_early_failures(found, state, found.items, apply_failures);
+  if (refit && !(!fitted.empty() && fs::exists(fitted))) {
+    FitResult r = fit(method, args, o, found.items, failures, state);
     stats = r.stats;
-    fit_images = r.images;
-    stats_id = "fitted in place";
     if (!o.save_stats.empty()) save_fit(r, o.save_stats, method, o, failures.size());
-    std::cout << "fitted '" << method << "' on " << fit_images << " images from " << r.sites.size()
+    if (!fitted.empty()) save_stats(stats, fitted, method);
+    std::cout << "fitted '" << method << "' on " << r.images << " images from " << r.sites.size()
               << " sites\n";
-  } else if (o.stats.empty()) {
-    stats_id = "site-local";
   }
+  if (refit) stats_id = stats_digest(stats);
+  if (o.stats.empty() && !probe->needs_fit()) stats_id = "site-local";
   // An image that failed during fit fails again in apply: report it once.
-  Failures apply_failures;
   size_t processed = 0;
-  apply(method, args, arg_pairs, stats, stats_id, o, found.items, apply_failures, &processed);
-  auto all = apply_failures.list();
-  for (const auto& [what, reason] : failures.list())
-    if (std::none_of(all.begin(), all.end(), [&](auto& f) { return f.first == what; }))
-      apply_failures.add(what, reason, nullptr);
+  apply(method, args, arg_pairs, stats, stats_id, o, found, apply_failures, failures, state,
+        &processed);
   if (apply_failures.size()) {
     print_failures(apply_failures, processed, "harmonize");
     throw Exit{1};
@@ -585,8 +821,10 @@ void add_harmonize_command(CLI::App& app, Globals& g) {
       ->required();
   apply_cmd
       ->add_option("--pixel-type", apply_opts->pixel_type,
-                   "keep: the input's pixel type (rounded, clamped); float32")
-      ->check(CLI::IsMember({"keep", "float32"}));
+                   "keep: the input's pixel type (rounded, clamped), float32 for a file whose "
+                   "harmonized values that type would destroy; keep-strict: such files fail; "
+                   "float32")
+      ->check(CLI::IsMember({"keep", "keep-strict", "float32"}));
   apply_cmd->add_option("--masks", apply_opts->masks, "copy masks unchanged, or skip them")
       ->check(CLI::IsMember({"copy", "skip"}));
   apply_cmd->add_flag("--overwrite", apply_opts->overwrite,

@@ -5,11 +5,16 @@
 
 #include <spdlog/spdlog.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <map>
@@ -23,6 +28,7 @@ using json = nlohmann::json;
 void Failures::add(const std::string& what, const std::string& reason, ProgressBar* bar) {
   std::lock_guard<std::mutex> lock(mutex_);
   list_.push_back({what, reason});
+  inputs_.insert(what);
   if (bar)
     bar->print("error: " + reason);
   else
@@ -39,11 +45,60 @@ std::vector<std::pair<std::string, std::string>> Failures::list() const {
   return list_;
 }
 
+bool Failures::has(const std::string& what) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return inputs_.count(what) > 0;
+}
+
+std::vector<Failures::Group> Failures::by_cause() const {
+  auto list = this->list();
+  std::sort(list.begin(), list.end());
+  std::map<std::string, Group> groups;
+  for (const auto& [what, reason] : list) {
+    std::string cause = reason;
+    if (!what.empty())
+      for (size_t at; (at = cause.find(what)) != std::string::npos;) cause.erase(at, what.size());
+    const size_t start = cause.find_first_not_of(": ");
+    cause = start == std::string::npos ? reason : cause.substr(start);
+    Group& g = groups[cause];
+    if (g.inputs.empty()) g.cause = cause, g.reason = reason;
+    g.inputs.push_back(what);
+  }
+  std::vector<Group> out;
+  for (auto& [cause, g] : groups) out.push_back(std::move(g));
+  std::stable_sort(out.begin(), out.end(), [](const Group& a, const Group& b) {
+    return a.inputs.size() > b.inputs.size();
+  });
+  return out;
+}
+
 void print_failures(const Failures& f, size_t total, const char* verb) {
+  std::cerr << f.size() << " of " << total << " inputs failed to " << verb << ":\n";
+  for (const auto& g : f.by_cause()) {
+    if (g.inputs.size() == 1) {
+      std::cerr << "  " << g.reason << "\n";
+      continue;
+    }
+    std::string examples;
+    for (size_t i = 0; i < g.inputs.size() && i < 3; ++i)
+      examples += (i ? ", " : "") + fs::path(g.inputs[i]).filename().string();
+    std::cerr << "  " << g.inputs.size() << " inputs: " << g.cause << " (e.g. " << examples
+              << (g.inputs.size() > 3 ? ", ..." : "") << ")\n";
+  }
+}
+
+void add_failures_to_report(const Failures& f, json& report) {
+  report["failed"] = json::array();
   auto list = f.list();
   std::sort(list.begin(), list.end());
-  std::cerr << list.size() << " of " << total << " inputs failed to " << verb << ":\n";
-  for (const auto& [what, reason] : list) std::cerr << "  " << reason << "\n";
+  for (const auto& [what, reason] : list) report["failed"].push_back(reason);
+  report["failure_causes"] = json::array();
+  for (const auto& g : f.by_cause()) {
+    json examples = json::array();
+    for (size_t i = 0; i < g.inputs.size() && i < 5; ++i) examples.push_back(g.inputs[i]);
+    report["failure_causes"].push_back(
+        {{"cause", g.cause}, {"count", g.inputs.size()}, {"examples", examples}});
+  }
 }
 
 Args build_args(const PluginDesc& desc, const std::vector<std::string>& pairs,
@@ -159,6 +214,7 @@ void remove_leftover_temporaries(const std::string& out) {
 }  // namespace
 
 void claim_output_folder(const std::string& out, const json& mine, bool overwrite) {
+  auto compact = [](const json& j) { return json_text(j); };
   fs::create_directories(out);
   // Refuse to mix outputs of different harmonizations in one folder (resume must be safe).
   const fs::path marker = fs::path(out) / ".concord-harmonize.json";
@@ -169,14 +225,114 @@ void claim_output_folder(const std::string& out, const json& mine, bool overwrit
       theirs = json::parse(b->data(), b->data() + b->size());
     } catch (const std::exception&) {
     }
-    if (theirs != mine)
-      throw Error(out + " holds outputs of a different harmonization (" +
-                  theirs.value("method", std::string("?")) + ", " +
-                  theirs.value("stats", std::string("?")) +
-                  "); use another --out, or --overwrite to redo every output");
+    if (theirs != mine) {
+      std::string what;
+      for (const auto& [key, value] : mine.items())
+        if (!theirs.is_object() || !theirs.contains(key) || theirs[key] != value)
+          what += std::string(what.empty() ? "" : "; ") + key + " " +
+                  (theirs.is_object() && theirs.contains(key) ? compact(theirs[key]) : "(none)") +
+                  " -> " + compact(value);
+      if (mine.contains("stats") && theirs.is_object() &&
+          theirs.value("stats", json()) != mine["stats"])
+        what +=
+            " (the statistics changed: the inputs or --stats are not those these outputs were "
+            "made with)";
+      throw Error(out + " holds outputs of a different harmonization: " + what +
+                  "; use another --out, or --overwrite to redo every output");
+    }
   }
   write_file_atomic(marker.string(), json_text(mine, 2) + "\n");
   remove_leftover_temporaries(out);
+}
+
+std::string escape_line(const std::string& s) {
+  std::string out;
+  for (char c : s) out += c == '\\' ? "\\\\" : c == '\n' ? "\\n" : std::string(1, c);
+  return out;
+}
+
+std::vector<std::pair<std::string, std::string>> read_tab_lines(const std::string& file,
+                                                                bool* torn) {
+  std::ifstream in(file, std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  std::vector<std::pair<std::string, std::string>> out;
+  size_t start = 0;
+  for (size_t nl; (nl = text.find('\n', start)) != std::string::npos; start = nl + 1) {
+    const std::string line = text.substr(start, nl - start);
+    const size_t tab = line.find('\t');
+    if (tab == std::string::npos) continue;
+    std::string value;
+    for (size_t i = tab + 1; i < line.size(); ++i)
+      if (line[i] == '\\' && i + 1 < line.size())
+        value += line[++i] == 'n' ? '\n' : line[i];
+      else
+        value += line[i];
+    out.push_back({line.substr(0, tab), value});
+  }
+  if (torn) *torn = start < text.size();
+  return out;
+}
+
+OutputRecords::OutputRecords(const std::string& out)
+    : file_((fs::path(out) / ".concord-harmonize.inputs").string()) {
+  // "identity<TAB>relative<LF>"; a torn last line (a killed run) is dropped.
+  bool torn = false;
+  for (auto& [id, rel] : read_tab_lines(file_, &torn)) records_[rel] = id;
+  if (torn) compact();  // before appending after it
+  fd_ = ::open(file_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw Error(file_ + ": cannot open: " + std::strerror(errno));
+}
+
+OutputRecords::~OutputRecords() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+bool OutputRecords::matches(const std::string& relative, const std::string& identity) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = records_.find(relative);
+  return it != records_.end() && it->second == identity;
+}
+
+void OutputRecords::record(const std::string& relative, const std::string& identity) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  records_[relative] = identity;
+  const std::string text = identity + "\t" + escape_line(relative) + "\n";
+  if (::write(fd_, text.data(), text.size()) != ssize_t(text.size()))
+    throw Error(file_ + ": cannot write: " + std::strerror(errno));
+}
+
+void OutputRecords::compact() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::string text;
+  for (const auto& [rel, id] : records_) text += id + "\t" + escape_line(rel) + "\n";
+  write_file_atomic(file_, text);
+  if (fd_ >= 0) {  // the rename replaced the file the descriptor appends to
+    ::close(fd_);
+    fd_ = ::open(file_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  }
+}
+
+std::string input_identity(const std::string& path) {
+  auto one = [](const std::string& p) {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) != 0) return std::string("missing");
+    return std::to_string(st.st_size) + ":" +
+           std::to_string(int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec);
+  };
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) return one(path);
+  std::vector<std::string> lines;
+  for (fs::directory_iterator it(path, ec), end; !ec && it != end; it.increment(ec))
+    lines.push_back(it->path().filename().string() + " " + one(it->path().string()));
+  std::sort(lines.begin(), lines.end());
+  std::string all;
+  for (const auto& l : lines) all += l + "\n";
+  return "dir:" + checksum(all.data(), all.size());
+}
+
+std::string stats_digest(const Stats& stats) {
+  Bytes b = encode(stats_message(stats, "harmonizer-stats"));
+  return checksum(b->data(), b->size());
 }
 
 std::vector<bool> pick_report_items(const std::vector<std::string>& site_of, int per_site,

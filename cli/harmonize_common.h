@@ -17,6 +17,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -30,10 +31,21 @@ class Failures {
   void add(const std::string& what, const std::string& reason, ProgressBar* bar);
   size_t size() const;
   std::vector<std::pair<std::string, std::string>> list() const;
+  bool has(const std::string& what) const;
+
+  // Failures grouped by cause (the reason without the input's own name), largest group first:
+  // one odd cause repeated over many files is one line of the summary.
+  struct Group {
+    std::string cause;
+    std::vector<std::string> inputs;  // sorted
+    std::string reason;               // the full reason of the first input
+  };
+  std::vector<Group> by_cause() const;
 
  private:
   mutable std::mutex mutex_;
   std::vector<std::pair<std::string, std::string>> list_;
+  std::set<std::string> inputs_;  // the `what` of every failure, for has()
 };
 
 // Plugin arguments from --arg key=value pairs over `base` values, typed and checked against the
@@ -49,8 +61,11 @@ const Component& pipeline_harmonizer(const PipelineConfig& config, int index);
 std::string file_checksum(const std::string& file);
 std::string checksum(const void* data, size_t size);
 
-// "N of TOTAL inputs failed to VERB:" and the sorted reasons, on stderr.
+// "N of TOTAL inputs failed to VERB:" and the reasons, on stderr: a cause shared by several
+// inputs once, as "37 inputs: CAUSE (e.g. a.png, b.png, c.png, ...)".
 void print_failures(const Failures& f, size_t total, const char* verb);
+// report["failed"] (every reason) and report["failure_causes"] ({cause, count, examples}).
+void add_failures_to_report(const Failures& f, nlohmann::json& report);
 
 // -j: `jobs` when positive, otherwise every core.
 int worker_count(int jobs);
@@ -76,9 +91,44 @@ void save_stats_with_sidecar(const Stats& stats, const std::string& file, const 
                              const nlohmann::json& extra = nlohmann::json::object());
 
 // Makes `out` and records `mine` (what is written there) in out/.concord-harmonize.json; refuses
-// a folder holding another harmonization unless `overwrite`. Removes temporaries an
-// interrupted run left.
+// a folder holding another harmonization unless `overwrite`, naming what differs (method,
+// arguments, statistics, pixel type). Removes temporaries an interrupted run left.
 void claim_output_folder(const std::string& out, const nlohmann::json& mine, bool overwrite);
+
+// Files of "KEY<TAB>text<LF>" lines (journals, output records), appended one write() a line:
+// escape_line escapes '\\' and LF in the text; read_tab_lines drops a torn last line (a killed
+// writer) and sets *torn when there was one.
+std::string escape_line(const std::string& s);
+std::vector<std::pair<std::string, std::string>> read_tab_lines(const std::string& file,
+                                                                bool* torn = nullptr);
+
+// What each output in an --out folder was made from, in OUT/.concord-harmonize.inputs: the
+// input's identity (input_identity) per output. A record is appended before its output may
+// appear, so an output on disk has its input's record; a rerun redoes an output whose input
+// changed since, or that has no record. Thread-safe.
+class OutputRecords {
+ public:
+  explicit OutputRecords(const std::string& out);
+  ~OutputRecords();
+  OutputRecords(const OutputRecords&) = delete;
+  OutputRecords& operator=(const OutputRecords&) = delete;
+  bool matches(const std::string& relative, const std::string& identity) const;
+  void record(const std::string& relative, const std::string& identity);
+  // Rewrites the file atomically with the last record of each output.
+  void compact();
+
+ private:
+  std::string file_;
+  int fd_ = -1;
+  mutable std::mutex mutex_;
+  std::map<std::string, std::string> records_;
+};
+
+// Size and modification time (ns) of a file; of each file for a folder (a DICOM series).
+std::string input_identity(const std::string& path);
+
+// The digest of statistics (of their wire form): identifies them in output markers.
+std::string stats_digest(const Stats& stats);
 
 // Which items feed the site-shift measure and preview: up to `per_site` per site, chosen by a
 // seeded shuffle so that the choice depends neither on thread timing nor on resumption.

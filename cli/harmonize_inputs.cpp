@@ -4,11 +4,15 @@
 #include <concord/image_io.h>
 
 #include <fnmatch.h>
+#include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 
 namespace concord::cli {
 namespace fs = std::filesystem;
@@ -40,6 +44,15 @@ std::vector<std::string> dir_components(const std::string& rel, bool is_dir_item
   return out;
 }
 
+// A DICOM Part 10 file: named .dcm, or "DICM" after the 128-byte preamble (as is_dicom_dir
+// decides for a folder).
+bool is_dicom_file(const fs::path& p) {
+  if (lower(p.extension().string()) == ".dcm") return true;
+  std::ifstream in(p, std::ios::binary);
+  char magic[4] = {};
+  return in.seekg(128) && in.read(magic, 4) && std::memcmp(magic, "DICM", 4) == 0;
+}
+
 std::string root_name(const fs::path& root) {
   fs::path p = fs::absolute(root).lexically_normal();
   if (p.filename().empty()) p = p.parent_path();
@@ -53,13 +66,15 @@ struct Builder {
   std::map<std::string, std::string> seen;  // relative output -> input, to refuse collisions
 
   // `rel` is relative to the input root; `root` names the input for site and output prefixes.
+  // `out_rel`, when given, replaces `rel` as the output path.
   void add(const std::string& path, const std::string& rel, const std::string& root, bool dicom,
-           const std::string& explicit_site = "") {
+           const std::string& explicit_site = "", const std::string& out_rel = "") {
     if (glob_match(opt.exclude, rel)) return;
     InputItem it;
     it.path = path;
     it.dicom = dicom;
-    it.relative = multi ? (fs::path(root) / rel).string() : rel;
+    const std::string target = out_rel.empty() ? rel : out_rel;
+    it.relative = multi ? (fs::path(root) / target).string() : target;
     const auto dirs = dir_components(rel, dicom);
     bool mask = glob_match(opt.mask_globs, rel);
     for (const auto& d : dirs) mask = mask || is_mask_folder_name(d);
@@ -84,35 +99,63 @@ struct Builder {
   }
 
   void walk(const fs::path& root) {
-    const std::string name = root_name(root);
-    if (is_dicom_dir(root.string())) {
-      add(root.string(), name, name, true);
+    std::set<std::pair<dev_t, ino_t>> open;  // the folders on the path being walked
+    walk_dir(root, root, root_name(root), open);
+  }
+
+  // One folder: its DICOM files make one series item; image files beside them are items of
+  // their own; other files are listed as ignored; subfolders are walked (a symbolic link back
+  // to a folder on the current path is a loop: reported and skipped, the rest goes on).
+  void walk_dir(const fs::path& dir, const fs::path& root, const std::string& name,
+                std::set<std::pair<dev_t, ino_t>>& open) {
+    struct stat st {};
+    if (::stat(dir.c_str(), &st) != 0) {
+      out.skipped.push_back({dir.string(), dir.string() + ": cannot read folder: " +
+                                               std::string(std::strerror(errno))});
+      return;
+    }
+    const auto key = std::make_pair(st.st_dev, st.st_ino);
+    if (open.count(key)) {
+      out.skipped.push_back(
+          {dir.string(), dir.string() +
+                             ": symbolic link loop (leads back to a folder that contains it); "
+                             "not followed"});
       return;
     }
     std::error_code ec;
-    fs::recursive_directory_iterator it(root, fs::directory_options::follow_directory_symlink, ec);
-    if (ec) throw Error(root.string() + ": cannot list folder: " + ec.message());
-    for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
-      if (ec) throw Error(root.string() + ": cannot list folder: " + ec.message());
-      const fs::path p = it->path();
+    std::vector<fs::path> entries;
+    fs::directory_iterator it(dir, ec), end;
+    for (; !ec && it != end; it.increment(ec)) entries.push_back(it->path());
+    if (ec) {
+      out.skipped.push_back({dir.string(), dir.string() + ": cannot list folder: " + ec.message()});
+      return;
+    }
+    std::sort(entries.begin(), entries.end());
+    open.insert(key);
+    std::vector<fs::path> images, subdirs;
+    bool dicom = false;
+    for (const auto& p : entries) {
       const std::string fname = p.filename().string();
-      if (!fname.empty() && fname[0] == '.') {  // hidden, including unfinished outputs
-        if (it->is_directory()) it.disable_recursion_pending();
-        continue;
-      }
-      const std::string rel = p.lexically_relative(root).string();
-      if (it->is_directory()) {
-        if (is_dicom_dir(p.string())) {
-          it.disable_recursion_pending();
-          add(p.string(), rel, name, true);
-        }
-        continue;
-      }
-      if (is_image_file(p.string()))
-        add(p.string(), rel, name, false);
+      if (!fname.empty() && fname[0] == '.') continue;  // hidden, including unfinished outputs
+      if (fs::is_directory(p, ec))
+        subdirs.push_back(p);
+      else if (is_image_file(p.string()))
+        images.push_back(p);
+      else if (fs::is_regular_file(p, ec) && is_dicom_file(p))
+        dicom = true;
       else
         out.ignored.push_back(p.string());
     }
+    const std::string rel = dir == root ? name : dir.lexically_relative(root).string();
+    if (dicom) {
+      // Beside other items, the series gets a folder of its own in the output.
+      const bool mixed = !images.empty() || !subdirs.empty();
+      add(dir.string(), rel, name, true, "",
+          mixed ? (fs::path(rel) / "dicom-series").string() : "");
+    }
+    for (const auto& p : images) add(p.string(), p.lexically_relative(root).string(), name, false);
+    for (const auto& d : subdirs) walk_dir(d, root, name, open);
+    open.erase(key);
   }
 
   void manifest(const fs::path& file) {
@@ -135,12 +178,23 @@ struct Builder {
       if (lineno == 1 && lower(path) == "path") continue;  // header row
       fs::path p = fs::path(path).is_absolute() ? fs::path(path) : base / path;
       const std::string where = file.string() + ":" + std::to_string(lineno);
-      if (!fs::exists(p)) throw Error(where + ": " + p.string() + " does not exist");
+      // A listed input that is not there, or not an image, is a failed input, not a failed run.
+      auto skip = [&](const std::string& why) {
+        out.skipped.push_back({p.string(), where + ": " + p.string() + " " + why});
+      };
+      if (!fs::exists(p)) {
+        skip("does not exist");
+        continue;
+      }
       const bool dicom = fs::is_directory(p);
-      if (dicom && !is_dicom_dir(p.string()))
-        throw Error(where + ": " + p.string() + " is a folder without DICOM files");
-      if (!dicom && !is_image_file(p.string()))
-        throw Error(where + ": " + p.string() + " is not an image file Concord reads");
+      if (dicom && !is_dicom_dir(p.string())) {
+        skip("is a folder without DICOM files");
+        continue;
+      }
+      if (!dicom && !is_image_file(p.string())) {
+        skip("is not an image file Concord reads");
+        continue;
+      }
       std::string rel = p.lexically_relative(base).string();
       if (rel.empty() || rel.rfind("..", 0) == 0) rel = p.filename().string();
       if (site.empty()) {
@@ -153,6 +207,45 @@ struct Builder {
 };
 
 }  // namespace
+
+namespace {
+
+fs::path canonical_folder(const std::string& p) {
+  std::error_code ec;
+  fs::path c = fs::weakly_canonical(fs::absolute(p), ec);
+  if (ec) c = fs::absolute(p).lexically_normal();
+  if (c.filename().empty()) c = c.parent_path();  // "a/b/" -> "a/b"
+  return c;
+}
+
+// `inner` is `outer` or lies below it.
+bool within(const fs::path& inner, const fs::path& outer) {
+  auto i = inner.begin();
+  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
+    if (i == inner.end() || *i != *o) return false;
+  return true;
+}
+
+}  // namespace
+
+void check_output_apart(const std::string& out, const std::vector<std::string>& inputs,
+                        const Discovery& found) {
+  const fs::path o = canonical_folder(out);
+  auto check = [&](const std::string& in) {
+    const fs::path c = canonical_folder(in);
+    const char* how = o == c         ? "is the input"
+                      : within(o, c) ? "lies inside the input"
+                      : within(c, o) ? "contains the input"
+                                     : nullptr;
+    if (how)
+      throw Error("--out " + out + " (" + o.string() + ") " + how + " " + in + " (" + c.string() +
+                  "): outputs would overwrite inputs or be harmonized again on a rerun; choose "
+                  "an --out folder apart from every input");
+  };
+  for (const auto& in : inputs)
+    if (!is_manifest(in)) check(in);
+  for (const auto& it : found.items) check(it.path);
+}
 
 bool is_mask_folder_name(const std::string& name) {
   static const char* names[] = {"mask", "masks",        "label",        "labels",

@@ -277,8 +277,7 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
   rep["skipped"] = size_t(skipped);
   rep["masks_written"] = size_t(masks);
   rep["manifest"] = manifest;
-  rep["failed"] = json::array();
-  for (const auto& [what, reason] : failures.list()) rep["failed"].push_back(reason);
+  add_failures_to_report(failures, rep);
   print_site_shift(report, rep, o.preview, o.preview_per_site);
   if (!manifest.empty())
     std::cout << "manifest: " << manifest << " (train on it with the csv dataset: {type: csv, "

@@ -173,7 +173,9 @@ class BrainSim : public Dataset {
     note["shift"] = s_.shift;
     note["source_slices"] = brain.image.size();
     note["generation_seconds"] = seconds;
-    fed.notes["brainsim"] = note.dump();
+    // Site names come from the pipeline and may hold any bytes: never throw on them.
+    fed.notes["brainsim"] =
+        note.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
     return fed;
   }
 
