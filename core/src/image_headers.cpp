@@ -196,7 +196,56 @@ RasterHeader read_raster_header(const std::string& path) {
   return r;
 }
 
-InflatedSize inflated_size(const std::string& path, uint64_t offset, uint64_t cap) {
+void NonFiniteCounter::check(const uint8_t* v) {
+  if (width_ == 4) {
+    uint32_t bits;
+    std::memcpy(&bits, v, 4);
+    if (swap_) bits = __builtin_bswap32(bits);
+    count_ += (bits & 0x7f800000u) == 0x7f800000u;
+  } else {
+    uint64_t bits;
+    std::memcpy(&bits, v, 8);
+    if (swap_) bits = __builtin_bswap64(bits);
+    count_ += (bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+  }
+}
+
+void NonFiniteCounter::feed(const uint8_t* p, size_t n) {
+  const uint64_t start = pos_, stop = pos_ + n;
+  pos_ = stop;
+  const uint64_t a = std::max(start, begin_), b = std::min(stop, end_);
+  if (a >= b) return;
+  p += a - start;
+  size_t len = size_t(b - a);
+  while (len && ncarry_) {  // finish a value split across pieces
+    carry_[ncarry_++] = *p++;
+    --len;
+    if (ncarry_ == width_) {
+      check(carry_);
+      ncarry_ = 0;
+    }
+  }
+  const size_t whole = len / size_t(width_) * size_t(width_);
+  for (size_t i = 0; i < whole; i += size_t(width_)) check(p + i);
+  for (size_t i = whole; i < len; ++i) carry_[ncarry_++] = p[i];
+}
+
+void feed_file(const std::string& path, uint64_t offset, uint64_t length,
+               NonFiniteCounter& counter) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in || !in.seekg(std::streamoff(offset))) throw Error(path + ": cannot read");
+  std::vector<char> buf(1 << 20);
+  while (length > 0 && in) {
+    in.read(buf.data(), std::streamsize(std::min<uint64_t>(length, buf.size())));
+    const size_t got = size_t(in.gcount());
+    if (got == 0) break;
+    counter.feed(reinterpret_cast<const uint8_t*>(buf.data()), got);
+    length -= got;
+  }
+}
+
+InflatedSize inflated_size(const std::string& path, uint64_t offset, uint64_t cap,
+                           NonFiniteCounter* counter) {
   std::ifstream in(path, std::ios::binary);
   if (!in || !in.seekg(std::streamoff(offset))) throw Error(path + ": cannot read");
   z_stream zs{};
@@ -217,6 +266,7 @@ InflatedSize inflated_size(const std::string& path, uint64_t offset, uint64_t ca
     zs.avail_out = uInt(outbuf.size());
     const int rc = inflate(&zs, Z_NO_FLUSH);
     r.bytes += outbuf.size() - zs.avail_out;
+    if (counter) counter->feed(outbuf.data(), outbuf.size() - zs.avail_out);
     if (r.bytes > cap) {
       r.bytes = cap + 1;
       r.over_cap = true;
@@ -290,7 +340,7 @@ struct DicomWalker {
   DicomGeometry g;
   bool has_pixels = false;
   uint64_t pixel_length = 0;
-  std::string frames_text;
+  std::string frames_text, photometric;
 
   uint32_t u16(uint64_t p) const {
     return little ? uint32_t(d[p] | d[p + 1] << 8) : uint32_t(d[p] << 8 | d[p + 1]);
@@ -406,6 +456,15 @@ struct DicomWalker {
       has_pixels = true;
       pixel_length = len;
     }
+    auto text = [&] {
+      std::string t(reinterpret_cast<const char*>(d + pos), len);
+      while (!t.empty() && (t.back() == '\0' || t.back() == ' ')) t.pop_back();
+      return t;
+    };
+    if (group == 0x0020 && elem == 0x000E) g.series_uid = text();
+    if (group == 0x0020 && elem == 0x0032) g.position = text();
+    if (group == 0x0020 && elem == 0x0037) g.orientation = text();
+    if (group == 0x0020 && elem == 0x0013) g.instance = text();
     if (group != 0x0028) return;
     const uint64_t us = len >= 2 ? u16(pos) : 0;
     if (elem == 0x0010) g.rows = us;
@@ -413,6 +472,7 @@ struct DicomWalker {
     if (elem == 0x0002) g.samples = us;
     if (elem == 0x0100) g.bits_allocated = us;
     if (elem == 0x0008) frames_text.assign(reinterpret_cast<const char*>(d + pos), len);
+    if (elem == 0x0004) photometric.assign(reinterpret_cast<const char*>(d + pos), len);
   }
 };
 
@@ -442,9 +502,11 @@ DicomGeometry check_dicom_file(const std::string& path) {
     }
     while (!syntax.empty() && (syntax.back() == '\0' || syntax.back() == ' ')) syntax.pop_back();
   } else if (f.size() >= 8) {
-    // No preamble: explicit VR if bytes 4-5 look like a value representation.
+    // No preamble: explicit VR if bytes 4-5 look like a value representation; big endian if the
+    // first group number (0008 in practice) reads as such.
     const uint8_t* vr = f.data() + 4;
     w.explicit_vr = vr[0] >= 'A' && vr[0] <= 'Z' && vr[1] >= 'A' && vr[1] <= 'Z';
+    w.little = !(f.data()[0] == 0 && f.data()[1] != 0);
   }
   if (syntax == "1.2.840.10008.1.2") w.explicit_vr = false;
   if (syntax == "1.2.840.10008.1.2.2") w.little = false;
@@ -469,8 +531,11 @@ DicomGeometry check_dicom_file(const std::string& path) {
     }
   }
   const std::string what = path + ": DICOM geometry";
-  const uint64_t samples = checked_mul(
-      checked_mul(checked_mul(w.g.rows, w.g.columns, what), w.g.frames, what), w.g.samples, what);
+  // 4:2:2 colour stores two samples per pixel (Y Y Cb Cr for each pair), not three.
+  const bool subsampled = w.photometric.find("_422") != std::string::npos;
+  const uint64_t samples =
+      checked_mul(checked_mul(checked_mul(w.g.rows, w.g.columns, what), w.g.frames, what),
+                  subsampled && w.g.samples == 3 ? 2 : w.g.samples, what);
   const uint64_t bytes = w.g.bits_allocated % 8 == 0
                              ? checked_mul(samples, w.g.bits_allocated / 8, what)
                              : (checked_mul(samples, w.g.bits_allocated, what) + 7) / 8;

@@ -9,7 +9,6 @@
 
 #include <itkGDCMImageIO.h>
 #include <itkGDCMImageIOFactory.h>
-#include <itkGDCMSeriesFileNames.h>
 #include <itkImage.h>
 #include <itkImageIOFactory.h>
 #include <itkImageSeriesReader.h>
@@ -38,6 +37,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -103,6 +103,10 @@ void register_itk_io() {
 
 // ---------------------------------------------------------------------------------------------
 // Declared sizes
+
+// Set by a reader whose library already replaced non-finite voxels by 0 (NIfTI); finish_image
+// takes it out again and applies the caller's policy to that count.
+const char* const kZeroedByReader = "concord.non_finite_zeroed_by_reader";
 
 size_t max_bytes_of(const ReadOptions& opt) {
   return opt.max_bytes ? opt.max_bytes : default_max_image_bytes();
@@ -564,8 +568,8 @@ size_t nifti_data_offset(const char* hdr, size_t n, const std::string& path) {
 // than its header declares (a decompression bomb, or a header that lies). The gzip trailer's
 // length field is not trusted: it is only a claim.
 void check_inflated(const std::string& path, const std::string& data_file, uint64_t offset,
-                    uint64_t need) {
-  const detail::InflatedSize got = detail::inflated_size(data_file, offset, need);
+                    uint64_t need, detail::NonFiniteCounter* counter = nullptr) {
+  const detail::InflatedSize got = detail::inflated_size(data_file, offset, need, counter);
   const std::string in = data_file == path ? "" : " in " + data_file;
   if (got.over_cap)
     throw Error(path + ": compressed data" + in + " holds more than the " + std::to_string(need) +
@@ -575,31 +579,94 @@ void check_inflated(const std::string& path, const std::string& data_file, uint6
                 in + ", the header describes " + std::to_string(need) + ")");
 }
 
-void check_nifti_complete(const std::string& path, uint64_t data_bytes, uint64_t file_bytes) {
-  const bool gz = extension_of(path) == ".nii.gz";
-  char hdr[544] = {};
-  size_t got = 0;
-  if (!gz) {
+// The first bytes of a NIfTI file (inflated for .nii.gz); `got` of them are valid.
+size_t read_nifti_header(const std::string& path, char (&hdr)[544]) {
+  std::memset(hdr, 0, sizeof hdr);
+  if (extension_of(path) != ".nii.gz") {
     std::ifstream in(path, std::ios::binary);
     in.read(hdr, sizeof hdr);
-    got = size_t(in.gcount());
-  } else {
-    gzFile f = gzopen(path.c_str(), "rb");
-    if (!f) throw Error(path + ": cannot open");
-    const int n = gzread(f, hdr, sizeof hdr);
-    gzclose(f);
-    if (n < 348) throw Error(path + ": truncated or corrupt compressed header");
-    got = size_t(n);
+    return size_t(in.gcount());
   }
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (!f) throw Error(path + ": cannot open");
+  const int n = gzread(f, hdr, sizeof hdr);
+  gzclose(f);
+  if (n < 348) throw Error(path + ": truncated or corrupt compressed header");
+  return size_t(n);
+}
+
+// Geometry fields must be finite before ITK sees them: a NaN in the sform or qform makes VNL
+// abort() the whole process while ITK builds the direction matrix.
+void check_nifti_header(const std::string& path) {
+  char hdr[544];
+  const size_t got = read_nifti_header(path, hdr);
+  uint32_t size;
+  std::memcpy(&size, hdr, 4);
+  const bool swap = size == bswap32(348) || size == bswap32(540);
+  if (swap) size = bswap32(size);
+  auto finite_range = [&](size_t begin, size_t end, size_t width, const char* what) {
+    if (end > got) throw Error(path + ": truncated NIfTI header");
+    for (size_t o = begin; o < end; o += width) {
+      double v;
+      if (width == 4) {
+        uint32_t b;
+        std::memcpy(&b, hdr + o, 4);
+        if (swap) b = bswap32(b);
+        float f;
+        std::memcpy(&f, &b, 4);
+        v = f;
+      } else {
+        uint64_t b;
+        std::memcpy(&b, hdr + o, 8);
+        if (swap) b = __builtin_bswap64(b);
+        std::memcpy(&v, &b, 8);
+      }
+      if (!std::isfinite(v))
+        throw Error(path + ": NIfTI header has a non-finite " + what + " (byte " +
+                    std::to_string(o) + ")");
+    }
+  };
+  if (size == 348) {
+    finite_range(76, 108, 4, "pixdim");
+    finite_range(256, 328, 4, "qform/sform value");
+  } else if (size == 540) {
+    finite_range(104, 168, 8, "pixdim");
+    finite_range(352, 496, 8, "qform/sform value");
+  } else {
+    throw Error(path + ": not a NIfTI header");
+  }
+}
+
+// Returns the number of non-finite float voxels in the file: the NIfTI library replaces them
+// by 0 while reading (nifti_read_buffer), so they are counted here, on the file's own bytes.
+uint64_t check_nifti_complete(const std::string& path, uint64_t data_bytes, uint64_t file_bytes) {
+  const bool gz = extension_of(path) == ".nii.gz";
+  char hdr[544];
+  const size_t got = read_nifti_header(path, hdr);
+  const uint64_t offset = nifti_data_offset(hdr, got, path);
   const std::string what = path + ": NIfTI data size";
-  const uint64_t need = detail::checked_add(nifti_data_offset(hdr, got, path), data_bytes, what);
+  const uint64_t need = detail::checked_add(offset, data_bytes, what);
+  uint32_t hsize;
+  std::memcpy(&hsize, hdr, 4);
+  const bool swap = hsize == bswap32(348) || hsize == bswap32(540);
+  uint16_t datatype;
+  std::memcpy(&datatype, hdr + ((swap ? bswap32(hsize) : hsize) == 348 ? 70 : 12), 2);
+  if (swap) datatype = __builtin_bswap16(datatype);
+  // float32, complex64 (float32 pairs), float64, complex128
+  const int width = datatype == 16 || datatype == 32     ? 4
+                    : datatype == 64 || datatype == 1792 ? 8
+                                                         : 0;
+  std::unique_ptr<detail::NonFiniteCounter> counter;
+  if (width) counter = std::make_unique<detail::NonFiniteCounter>(offset, need, width, swap);
   if (!gz) {
     if (file_bytes < need)
       throw Error(path + ": file is truncated (" + std::to_string(file_bytes) +
                   " bytes, the header describes " + std::to_string(need) + ")");
-    return;
+    if (counter) detail::feed_file(path, 0, need, *counter);
+  } else {
+    check_inflated(path, path, 0, need, counter.get());
   }
-  check_inflated(path, path, 0, need);
+  return counter ? counter->count() : 0;
 }
 
 // The text header of a NRRD or MetaImage file, read from at most its first MiB: (key, value)
@@ -742,6 +809,7 @@ Image read_itk(const std::string& path, size_t max_bytes) {
     const detail::DicomGeometry g = detail::check_dicom_file(path);
     check_declared(path, {g.columns, g.rows, g.frames}, g.frames > 1 ? 3 : 2, g.samples, max_bytes);
   }
+  if (ext == ".nii" || ext == ".nii.gz") check_nifti_header(path);
   itk::ImageIOBase::Pointer io =
       itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::IOFileModeEnum::ReadMode);
   if (!io) throw Error(path + ": no ITK reader recognises this file (corrupt or unsupported)");
@@ -768,7 +836,8 @@ Image read_itk(const std::string& path, size_t max_bytes) {
     const uint64_t nvalues =
         detail::checked_mul(dims[0] * dims[1] * dims[2], ncomp, what);  // products checked above
     const uint64_t bytes = detail::checked_mul(nvalues, comp_size, what);
-    if (ext == ".nii" || ext == ".nii.gz") check_nifti_complete(path, bytes, file_bytes);
+    uint64_t zeroed = 0;  // non-finite voxels the reader library replaced by 0
+    if (ext == ".nii" || ext == ".nii.gz") zeroed = check_nifti_complete(path, bytes, file_bytes);
     if (ext == ".mha" || ext == ".mhd") check_metaimage_complete(path, bytes, file_bytes);
     if (ext == ".nrrd" || ext == ".nhdr") check_nrrd_complete(path, bytes, nvalues, file_bytes);
 
@@ -787,6 +856,7 @@ Image read_itk(const std::string& path, size_t max_bytes) {
     std::unique_ptr<char[]> buf(new char[bytes]);  // filled by Read: no zeroing pass
     io->Read(buf.get());
     to_planar(io->GetComponentType(), buf.get(), int(ncomp), im.voxels(), im.data.data(), path);
+    if (zeroed) im.meta[kZeroedByReader] = std::to_string(zeroed);
     return im;
   } catch (const itk::ExceptionObject& e) {
     throw Error(path + ": cannot read: " + std::string(e.GetDescription()));
@@ -843,21 +913,67 @@ void write_itk(const Image& im, const std::string& path, const WriteOptions& opt
 
 using DicomSlices = std::vector<std::string>;
 
-DicomSlices dicom_series_files(const std::string& dir) {
-  register_itk_io();
-  auto names = itk::GDCMSeriesFileNames::New();
-  names->SetUseSeriesDetails(false);
-  names->SetRecursive(false);
-  names->SetDirectory(dir);
-  const auto& uids = names->GetSeriesUIDs();
-  if (uids.empty()) throw Error(dir + ": no DICOM series found in this folder");
-  if (uids.size() > 1) {
+// The files of the folder's one series in slice order, from what check_dicom_file read: by
+// position along the slice normal, else InstanceNumber, else file name (GDCM's order). GDCM's
+// own folder scan is not used: it stops at the first entry it cannot stat (a symlink loop) and
+// silently drops the slices after it.
+DicomSlices dicom_series_files(
+    const std::string& dir,
+    const std::vector<std::pair<std::string, detail::DicomGeometry>>& files) {
+  std::map<std::string, std::vector<size_t>> series;
+  for (size_t i = 0; i < files.size(); ++i) series[files[i].second.series_uid].push_back(i);
+  if (series.empty()) throw Error(dir + ": no DICOM series found in this folder");
+  if (series.size() > 1) {
     std::string list;
-    for (const auto& u : uids) list += "\n  " + u;
-    throw Error(dir + ": the folder holds " + std::to_string(uids.size()) +
+    for (const auto& [uid, members] : series)
+      list += "\n  " + (uid.empty() ? std::string("(no SeriesInstanceUID)") : uid) + " (" +
+              std::to_string(members.size()) + " files)";
+    throw Error(dir + ": the folder holds " + std::to_string(series.size()) +
                 " DICOM series; put each series in its own folder:" + list);
   }
-  return names->GetFileNames(uids.front());
+  auto numbers = [](const std::string& text, size_t want) {
+    std::vector<double> v;
+    std::stringstream ss(text);
+    std::string item;
+    while (std::getline(ss, item, '\\')) {
+      char* end = nullptr;
+      const double x = std::strtod(item.c_str(), &end);
+      if (end == item.c_str() || !std::isfinite(x)) return std::vector<double>{};
+      v.push_back(x);
+    }
+    return v.size() == want ? v : std::vector<double>{};
+  };
+  struct Slice {
+    std::string file;
+    double position = 0;
+    long long instance = 0;
+  };
+  std::vector<Slice> slices;
+  bool by_position = true, by_instance = true;
+  for (size_t i : series.begin()->second) {
+    const auto& [file, g] = files[i];
+    Slice s{file};
+    const auto ipp = numbers(g.position, 3), iop = numbers(g.orientation, 6);
+    if (ipp.empty() || iop.empty()) {
+      by_position = false;
+    } else {
+      const double n[3] = {iop[1] * iop[5] - iop[2] * iop[4], iop[2] * iop[3] - iop[0] * iop[5],
+                           iop[0] * iop[4] - iop[1] * iop[3]};
+      s.position = n[0] * ipp[0] + n[1] * ipp[1] + n[2] * ipp[2];
+    }
+    char* end = nullptr;
+    s.instance = std::strtoll(g.instance.c_str(), &end, 10);
+    if (end == g.instance.c_str()) by_instance = false;
+    slices.push_back(std::move(s));
+  }
+  std::stable_sort(slices.begin(), slices.end(), [&](const Slice& a, const Slice& b) {
+    if (by_position && a.position != b.position) return a.position < b.position;
+    if (by_instance && a.instance != b.instance) return a.instance < b.instance;
+    return a.file < b.file;
+  });
+  DicomSlices out;
+  for (auto& s : slices) out.push_back(std::move(s.file));
+  return out;
 }
 
 double meta_number(const Image& im, const char* key, double fallback) {
@@ -874,8 +990,10 @@ Image read_dicom_series(const std::string& dir, const DicomDirInfo& info, size_t
   // Every file is walked before GDCM reads any (GDCM allocates values at their declared length
   // and pads short pixel data with zeros): one truncated slice refuses the series, by name.
   uint64_t voxels = 0, rows = 0, columns = 0;
+  std::vector<std::pair<std::string, detail::DicomGeometry>> checked;
   for (const auto& f : info.dicom_files) {
-    const detail::DicomGeometry g = detail::check_dicom_file(f);
+    checked.emplace_back(f, detail::check_dicom_file(f));
+    const detail::DicomGeometry& g = checked.back().second;
     if (g.samples != 1) throw Error(f + ": colour DICOM series are not supported");
     const std::string what = dir + ": DICOM series size";
     voxels =
@@ -886,7 +1004,8 @@ Image read_dicom_series(const std::string& dir, const DicomDirInfo& info, size_t
   if (rows && columns)
     check_declared(dir, {columns, rows, (voxels + rows * columns - 1) / (rows * columns)}, 3, 1,
                    max_bytes);
-  DicomSlices files = dicom_series_files(dir);
+  register_itk_io();
+  DicomSlices files = dicom_series_files(dir, checked);
   using Volume = itk::Image<float, 3>;
   auto io = itk::GDCMImageIO::New();
   auto reader = itk::ImageSeriesReader<Volume>::New();
@@ -1301,18 +1420,29 @@ void finish_image(Image& im, const std::string& path, const ReadOptions& opt) {
                   std::to_string(g.origin[1]) + " " + std::to_string(g.origin[2]) + ")");
   for (double d : g.direction)
     if (!std::isfinite(d)) throw Error(path + ": header declares a non-finite direction matrix");
-  if (im.pixel_type == PixelType::F32 || im.pixel_type == PixelType::F64) {
+  size_t bad = 0;
+  if (auto it = im.meta.find(kZeroedByReader); it != im.meta.end()) {
+    bad = std::stoull(it->second);
+    im.meta.erase(it);
+  }
+  if (bad || im.pixel_type == PixelType::F32 || im.pixel_type == PixelType::F64) {
     // Integer voxels are always finite; float ones (and doubles beyond float range) may not be.
-    size_t bad = 0;
     for (float v : im.data) bad += !std::isfinite(v);
     if (bad && opt.non_finite == NonFinite::Error)
       throw Error(path + ": " + std::to_string(bad) + " of " + std::to_string(im.data.size()) +
                   " voxels are not finite (NaN or Inf); refused (a policy can replace them by 0)");
+    size_t replaced = 0;
     if (bad && opt.non_finite == NonFinite::Zero) {
       for (float& v : im.data)
         if (!std::isfinite(v)) v = 0.f;
-      spdlog::warn("{}: {} non-finite voxels replaced by 0", path, bad);
-      im.meta["concord.non_finite_replaced"] = std::to_string(bad);
+      replaced = bad;
+    } else if (bad && opt.non_finite == NonFinite::Keep) {
+      replaced = bad - size_t(std::count_if(im.data.begin(), im.data.end(),
+                                            [](float v) { return !std::isfinite(v); }));
+    }
+    if (replaced) {  // with Keep: those the format's library replaced anyway (NIfTI)
+      spdlog::warn("{}: {} non-finite voxels replaced by 0", path, replaced);
+      im.meta["concord.non_finite_replaced"] = std::to_string(replaced);
     }
   }
   apply_channel_policy(im, opt.channels, path);
