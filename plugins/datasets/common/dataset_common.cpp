@@ -128,6 +128,7 @@ void unify_channels(Federation& fed, const ImageOptions& opt, const std::string&
     for (const auto* split : {&site.train, &site.test})
       for (const auto& s : *split) colour = colour || s.image.channels == 3;
   if (!colour) return;
+  fed.channels = 3;
   int promoted = 0;
   for (auto& site : fed.sites)
     for (auto* split : {&site.train, &site.test})

@@ -54,7 +54,8 @@ void load_samples(const std::string& image_path, const std::string* mask_path, i
                   const ImageOptions& opt, std::vector<Sample>& out);
 
 // With `channels: 0`, a federation mixing grey and colour images: the grey ones are replicated
-// to 3 channels (lossless), so one grey file does not sink a colour set. Logs the count.
+// to 3 channels (lossless) and fed.channels becomes 3, so one grey file does not sink a colour
+// set. Logs the count.
 void unify_channels(Federation& fed, const ImageOptions& opt, const std::string& plugin);
 
 // The entries of `dir`, sorted by name. An entry that cannot be examined (a symlink loop, no
