@@ -350,6 +350,18 @@ struct DicomWalker {
   }
   [[noreturn]] void fail(const std::string& why) const { throw Error(path + ": " + why); }
 
+  // The value representations of PS3.5 6.2; GDCM treats anything else as a sign of implicit VR
+  // (and asserts when that happens in the file meta information).
+  static bool valid_vr(const uint8_t* vr) {
+    static const char* all[] = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD",
+                                "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW",
+                                "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC",
+                                "UI", "UL", "UN", "UR", "US", "UT", "UV"};
+    for (const char* v : all)
+      if (vr[0] == v[0] && vr[1] == v[1]) return true;
+    return false;
+  }
+
   static bool long_vr(const uint8_t* vr) {
     static const char* longs[] = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ",
                                   "SV", "UC", "UN", "UR", "UT", "UV"};
@@ -382,7 +394,7 @@ struct DicomWalker {
       bool sq = false;
       const uint8_t* vr = d + pos + 4;
       if (explicit_vr) {
-        if (!(vr[0] >= 'A' && vr[0] <= 'Z' && vr[1] >= 'A' && vr[1] <= 'Z'))
+        if (!valid_vr(vr))
           fail("corrupt DICOM element " + hex_tag(group, elem) + " at byte " + std::to_string(pos) +
                " (no value representation)");
         if (long_vr(vr)) {
@@ -420,7 +432,10 @@ struct DicomWalker {
       if (!sq && !explicit_vr && len >= 8 && u16(pos) == 0xFFFE && u16(pos + 2) == 0xE000)
         sq = true;
       if (sq) walk(pos, pos + len, depth + 1, false);
-      if (depth == 0) record(group, elem, pos, len);
+      if (depth == 0) {
+        if (explicit_vr) check_vr(group, elem, vr);
+        record(group, elem, pos, len);
+      }
       pos += len;
     }
     return pos;
@@ -449,6 +464,28 @@ struct DicomWalker {
       pixel_length += len;
       pos += len;
     }
+  }
+
+  // GDCM reads these through gdcm::Attribute, which asserts (aborting the process, as Debian
+  // builds it) when the element's VR is not the dictionary's: refuse such files instead.
+  void check_vr(uint32_t group, uint32_t elem, const uint8_t* vr) const {
+    struct Expected {
+      uint32_t group, elem;
+      const char* vr;
+    };
+    static const Expected expected[] = {
+        {0x0018, 0x0050, "DS"}, {0x0018, 0x0088, "DS"}, {0x0018, 0x1164, "DS"},
+        {0x0020, 0x0032, "DS"}, {0x0020, 0x0037, "DS"}, {0x0028, 0x0002, "US"},
+        {0x0028, 0x0004, "CS"}, {0x0028, 0x0006, "US"}, {0x0028, 0x0008, "IS"},
+        {0x0028, 0x0009, "AT"}, {0x0028, 0x0010, "US"}, {0x0028, 0x0011, "US"},
+        {0x0028, 0x0030, "DS"}, {0x0028, 0x0100, "US"}, {0x0028, 0x0101, "US"},
+        {0x0028, 0x0102, "US"}, {0x0028, 0x0103, "US"}, {0x0028, 0x1052, "DS"},
+        {0x0028, 0x1053, "DS"}, {0x3004, 0x000C, "DS"}};
+    if (vr[0] == 'U' && vr[1] == 'N') return;  // unknown: GDCM converts it by the dictionary
+    for (const auto& e : expected)
+      if (e.group == group && e.elem == elem && (vr[0] != e.vr[0] || vr[1] != e.vr[1]))
+        fail("DICOM element " + hex_tag(group, elem) + " has value representation " +
+             std::string(reinterpret_cast<const char*>(vr), 2) + ", the standard says " + e.vr);
   }
 
   void record(uint32_t group, uint32_t elem, uint64_t pos, uint64_t len) {
@@ -489,6 +526,10 @@ DicomGeometry check_dicom_file(const std::string& path) {
     while (f.size() - pos >= 8 && w.u16(pos) == 0x0002) {
       const uint32_t elem = w.u16(pos + 2);
       const uint8_t* vr = f.data() + pos + 4;
+      // GDCM asserts (aborting the process) on file meta information without explicit VRs.
+      if (!DicomWalker::valid_vr(vr))
+        w.fail("corrupt DICOM file meta information (element (0002," + std::to_string(elem) +
+               ") has no value representation)");
       uint64_t len, hdr;
       if (DicomWalker::long_vr(vr)) {
         if (f.size() - pos < 12) w.fail("truncated DICOM file meta information");
@@ -501,6 +542,9 @@ DicomGeometry check_dicom_file(const std::string& path) {
       pos += hdr + len;
     }
     while (!syntax.empty() && (syntax.back() == '\0' || syntax.back() == ' ')) syntax.pop_back();
+    // Both are mandatory; GDCM guesses without them, and some of its guesses allocate gigabytes.
+    if (pos == 132) w.fail("DICOM file meta information (group 0002) is missing or corrupt");
+    if (syntax.empty()) w.fail("DICOM file meta information has no transfer syntax (0002,0010)");
   } else if (f.size() >= 8) {
     // No preamble: explicit VR if bytes 4-5 look like a value representation; big endian if the
     // first group number (0008 in practice) reads as such.

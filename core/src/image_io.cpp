@@ -595,8 +595,8 @@ size_t read_nifti_header(const std::string& path, char (&hdr)[544]) {
   return size_t(n);
 }
 
-// Geometry fields must be finite before ITK sees them: a NaN in the sform or qform makes VNL
-// abort() the whole process while ITK builds the direction matrix.
+// Geometry fields must be finite and sane before ITK sees them: a NaN in the sform or qform
+// makes VNL abort() the whole process, a huge value makes its SVD run for minutes.
 void check_nifti_header(const std::string& path) {
   char hdr[544];
   const size_t got = read_nifti_header(path, hdr);
@@ -621,9 +621,10 @@ void check_nifti_header(const std::string& path) {
         if (swap) b = __builtin_bswap64(b);
         std::memcpy(&v, &b, 8);
       }
-      if (!std::isfinite(v))
-        throw Error(path + ": NIfTI header has a non-finite " + what + " (byte " +
-                    std::to_string(o) + ")");
+      // 1e9 mm is far beyond any scanner; larger values make ITK's SVD of the sform spin.
+      if (!std::isfinite(v) || std::abs(v) > 1e9)
+        throw Error(path + ": NIfTI header has an unusable " + what + " " + std::to_string(v) +
+                    " (byte " + std::to_string(o) + ")");
     }
   };
   if (size == 348) {
