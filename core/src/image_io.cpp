@@ -1380,12 +1380,13 @@ void apply_channel_policy(Image& im, ChannelPolicy policy, const std::string& wh
   if (policy == ChannelPolicy::Keep || im.channels < 3) return;
   const size_t n = size_t(im.voxels());
   if (im.channels == 4) {
+    // Alpha is recognised in 8/16-bit images (PNG, TIFF): fully opaque = the type's maximum.
     const float opaque = im.pixel_type == PixelType::U8    ? 255.f
                          : im.pixel_type == PixelType::U16 ? 65535.f
-                                                           : 1.f;
+                                                           : -1.f;
     const float* a = im.channel(3);
     if (policy == ChannelPolicy::Grey ||
-        std::all_of(a, a + n, [&](float v) { return v == opaque; })) {
+        (opaque > 0 && std::all_of(a, a + n, [&](float v) { return v == opaque; }))) {
       im.data.resize(3 * n);
       im.channels = 3;
     }

@@ -23,8 +23,8 @@ enum class NonFinite {
 
 // What read_image does with colour (3- or 4-channel) images.
 enum class ChannelPolicy {
-  Auto,  // an opaque alpha channel is dropped, 3 identical channels become 1 (grey stored as
-         // RGB is grey); true colour stays colour
+  Auto,  // an opaque 8/16-bit alpha channel is dropped, 3 identical channels become 1 (grey
+         // stored as RGB is grey); true colour stays colour
   Grey,  // colour -> 1 channel of luminance 0.299 R + 0.587 G + 0.114 B (alpha dropped)
   Keep,  // channels exactly as stored
 };
