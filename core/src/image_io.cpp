@@ -5,9 +5,10 @@
 #include <concord/image_io.h>
 #include <concord/message.h>
 
+#include "image_headers.h"
+
 #include <itkGDCMImageIO.h>
 #include <itkGDCMImageIOFactory.h>
-#include <itkGDCMSeriesFileNames.h>
 #include <itkImage.h>
 #include <itkImageIOFactory.h>
 #include <itkImageSeriesReader.h>
@@ -36,6 +37,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -97,6 +99,46 @@ void register_itk_io() {
     // problems through exceptions instead.
     itk::Object::GlobalWarningDisplayOff();
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Declared sizes
+
+// Set by a reader whose library already replaced non-finite voxels by 0 (NIfTI); finish_image
+// takes it out again and applies the caller's policy to that count.
+const char* const kZeroedByReader = "concord.non_finite_zeroed_by_reader";
+
+size_t max_bytes_of(const ReadOptions& opt) {
+  return opt.max_bytes ? opt.max_bytes : default_max_image_bytes();
+}
+
+std::string dims_str(const std::array<uint64_t, 3>& size, int dim) {
+  std::string s = std::to_string(size[0]) + "x" + std::to_string(size[1]);
+  if (dim == 3) s += "x" + std::to_string(size[2]);
+  return s;
+}
+
+// Refuses an image whose header declares an empty dimension or more voxels (as float32) than
+// `max_bytes`, before anything is allocated for it. Returns the decoded size in bytes.
+uint64_t check_declared(const std::string& path, const std::array<uint64_t, 3>& size, int dim,
+                        uint64_t channels, size_t max_bytes) {
+  for (int i = 0; i < 3; ++i)
+    if (size[size_t(i)] == 0 || size[size_t(i)] > uint64_t(std::numeric_limits<int32_t>::max()))
+      throw Error(path + ": header declares an unusable size " + dims_str(size, dim));
+  if (channels == 0 || channels > 64)
+    throw Error(path + ": header declares " + std::to_string(channels) +
+                " channels (1 to 64 read)");
+  const std::string what = path + ": declared size " + dims_str(size, dim);
+  uint64_t bytes = detail::checked_mul(size[0], size[1], what);
+  bytes = detail::checked_mul(bytes, size[2], what);
+  bytes = detail::checked_mul(bytes, channels, what);
+  bytes = detail::checked_mul(bytes, sizeof(float), what);
+  if (bytes > max_bytes)
+    throw Error(path + ": header declares " + dims_str(size, dim) + " voxels x " +
+                std::to_string(channels) + " channel(s) (" + std::to_string(bytes >> 20) +
+                " MiB as float32), more than the limit of " + std::to_string(max_bytes >> 20) +
+                " MiB (CONCORD_MAX_IMAGE_MB)");
+  return bytes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -358,13 +400,24 @@ void write_bytes(const fs::path& file, const void* data, size_t size) {
 // ---------------------------------------------------------------------------------------------
 // OpenCV formats
 
-Image read_opencv(const std::string& path) {
-  cv::Mat m = cv::imread(path, cv::IMREAD_UNCHANGED);
+Image read_opencv(const std::string& path, size_t max_bytes) {
+  // OpenCV has no header-only API: the dimensions come from our own look at the header, so an
+  // image that decodes to more than the ceiling is refused before the decoder allocates it.
+  const detail::RasterHeader h = detail::read_raster_header(path);
+  check_declared(path, {h.width, h.height, 1}, 2, h.channels, max_bytes);
+  cv::Mat m;
+  try {
+    m = cv::imread(path, cv::IMREAD_UNCHANGED);
+  } catch (const cv::Exception& e) {
+    throw Error(path + ": cannot decode image: " + e.what());
+  }
   if (m.empty()) throw Error(path + ": cannot decode image (corrupt or unsupported file)");
   if (m.dims != 2) throw Error(path + ": unsupported image layout");
+  if (uint64_t(m.cols) != h.width || uint64_t(m.rows) != h.height)
+    throw Error(path + ": decoded " + std::to_string(m.cols) + "x" + std::to_string(m.rows) +
+                " but the " + h.format + " header declares " + std::to_string(h.width) + "x" +
+                std::to_string(h.height));
   const int ch = m.channels();
-  if (ch == 3) cv::cvtColor(m, m, cv::COLOR_BGR2RGB);
-  if (ch == 4) cv::cvtColor(m, m, cv::COLOR_BGRA2RGBA);
   Image im(2, ch, {m.cols, m.rows, 1});
   switch (m.depth()) {
     case CV_8U:
@@ -391,14 +444,16 @@ Image read_opencv(const std::string& path) {
     default:
       throw Error(path + ": unsupported pixel depth");
   }
-  cv::Mat f;
-  m.convertTo(f, CV_MAKETYPE(CV_32F, ch));
+  // Each plane converts straight into the image's buffer: no full-size float temporaries.
   std::vector<cv::Mat> planes;
-  cv::split(f, planes);
-  const int64_t n = im.voxels();
+  if (ch == 1)
+    planes.push_back(m);
+  else
+    cv::split(m, planes);
+  if (ch == 3 || ch == 4) std::swap(planes[0], planes[2]);  // BGR(A) -> RGB(A)
   for (int c = 0; c < ch; ++c) {
-    cv::Mat p = planes[c].isContinuous() ? planes[c] : planes[c].clone();
-    std::memcpy(im.channel(c), p.ptr<float>(), size_t(n) * sizeof(float));
+    cv::Mat dst(m.rows, m.cols, CV_32F, im.channel(c));
+    planes[size_t(c)].convertTo(dst, CV_32F);
   }
   return im;
 }
@@ -493,139 +548,316 @@ size_t nifti_data_offset(const char* hdr, size_t n, const std::string& path) {
     if (swap) raw = bswap32(raw);
     float off;
     std::memcpy(&off, &raw, 4);
+    if (!(off >= 0 && off < 1e12f))
+      throw Error(path + ": NIfTI vox_offset " + std::to_string(off) + " is unusable");
     return size_t(std::max(352.f, off));
   }
   if (size == 540 && n >= 176) {  // NIfTI-2: int64 vox_offset at byte 168
     uint64_t off;
     std::memcpy(&off, hdr + 168, 8);
     if (swap) off = __builtin_bswap64(off);
+    if (off > (uint64_t(1) << 40))
+      throw Error(path + ": NIfTI vox_offset " + std::to_string(off) + " is unusable");
     return size_t(std::max<uint64_t>(544, off));
   }
   throw Error(path + ": not a NIfTI header");
 }
 
-void check_nifti_complete(const std::string& path, size_t data_bytes) {
-  const bool gz = extension_of(path) == ".nii.gz";
-  if (!gz) {
+// Compares the decompressed length of the stream at `offset` with `need`, counting (in a small
+// buffer) at most one byte past it: a short stream is a truncated file, a longer one holds more
+// than its header declares (a decompression bomb, or a header that lies). The gzip trailer's
+// length field is not trusted: it is only a claim.
+void check_inflated(const std::string& path, const std::string& data_file, uint64_t offset,
+                    uint64_t need, detail::NonFiniteCounter* counter = nullptr) {
+  const detail::InflatedSize got = detail::inflated_size(data_file, offset, need, counter);
+  const std::string in = data_file == path ? "" : " in " + data_file;
+  if (got.over_cap)
+    throw Error(path + ": compressed data" + in + " holds more than the " + std::to_string(need) +
+                " bytes its header declares (refused: corrupt file or decompression bomb)");
+  if (got.bytes < need)
+    throw Error(path + ": file is truncated (" + std::to_string(got.bytes) + " uncompressed bytes" +
+                in + ", the header describes " + std::to_string(need) + ")");
+}
+
+// The first bytes of a NIfTI file (inflated for .nii.gz); `got` of them are valid.
+size_t read_nifti_header(const std::string& path, char (&hdr)[544]) {
+  std::memset(hdr, 0, sizeof hdr);
+  if (extension_of(path) != ".nii.gz") {
     std::ifstream in(path, std::ios::binary);
-    char hdr[544] = {};
     in.read(hdr, sizeof hdr);
-    const size_t need = nifti_data_offset(hdr, size_t(in.gcount()), path) + data_bytes;
-    if (fs::file_size(path) < need)
-      throw Error(path + ": file is truncated (" + std::to_string(fs::file_size(path)) +
-                  " bytes, the header describes " + std::to_string(need) + ")");
-    return;
+    return size_t(in.gcount());
   }
   gzFile f = gzopen(path.c_str(), "rb");
   if (!f) throw Error(path + ": cannot open");
-  std::vector<char> buf(1 << 18);
-  int got = gzread(f, buf.data(), 544);
-  if (got < 348) {
-    gzclose(f);
-    throw Error(path + ": truncated or corrupt compressed header");
-  }
-  const uint64_t need = nifti_data_offset(buf.data(), size_t(got), path) + data_bytes;
-  // Fast path: the gzip trailer records the uncompressed length (mod 2^32).
-  std::ifstream raw(path, std::ios::binary | std::ios::ate);
-  uint32_t isize = 0;
-  if (raw.tellg() >= 4) {
-    raw.seekg(-4, std::ios::end);
-    raw.read(reinterpret_cast<char*>(&isize), 4);
-  }
-  if (isize == uint32_t(need & 0xffffffffu)) {
-    gzclose(f);
-    return;
-  }
-  uint64_t total = uint64_t(got);
-  int n;
-  while ((n = gzread(f, buf.data(), unsigned(buf.size()))) > 0) total += uint64_t(n);
-  int err = 0;
-  const char* msg = gzerror(f, &err);
-  std::string reason = n < 0 || (err != Z_OK && err != Z_BUF_ERROR) ? std::string(msg) : "";
+  const int n = gzread(f, hdr, sizeof hdr);
   gzclose(f);
-  if (!reason.empty()) throw Error(path + ": corrupt compressed data (" + reason + ")");
-  if (total < need)
-    throw Error(path + ": file is truncated (" + std::to_string(total) +
-                " uncompressed bytes, the header describes " + std::to_string(need) + ")");
+  if (n < 348) throw Error(path + ": truncated or corrupt compressed header");
+  return size_t(n);
 }
 
-void check_metaimage_complete(const std::string& path, size_t data_bytes) {
+// Geometry fields must be finite and sane before ITK sees them: a NaN in the sform or qform
+// makes VNL abort() the whole process, a huge value makes its SVD run for minutes.
+void check_nifti_header(const std::string& path) {
+  char hdr[544];
+  const size_t got = read_nifti_header(path, hdr);
+  uint32_t size;
+  std::memcpy(&size, hdr, 4);
+  const bool swap = size == bswap32(348) || size == bswap32(540);
+  if (swap) size = bswap32(size);
+  auto finite_range = [&](size_t begin, size_t end, size_t width, const char* what) {
+    if (end > got) throw Error(path + ": truncated NIfTI header");
+    for (size_t o = begin; o < end; o += width) {
+      double v;
+      if (width == 4) {
+        uint32_t b;
+        std::memcpy(&b, hdr + o, 4);
+        if (swap) b = bswap32(b);
+        float f;
+        std::memcpy(&f, &b, 4);
+        v = f;
+      } else {
+        uint64_t b;
+        std::memcpy(&b, hdr + o, 8);
+        if (swap) b = __builtin_bswap64(b);
+        std::memcpy(&v, &b, 8);
+      }
+      // 1e9 mm is far beyond any scanner; larger values make ITK's SVD of the sform spin.
+      if (!std::isfinite(v) || std::abs(v) > 1e9)
+        throw Error(path + ": NIfTI header has an unusable " + what + " " + std::to_string(v) +
+                    " (byte " + std::to_string(o) + ")");
+    }
+  };
+  if (size == 348) {
+    finite_range(76, 108, 4, "pixdim");
+    finite_range(256, 328, 4, "qform/sform value");
+  } else if (size == 540) {
+    finite_range(104, 168, 8, "pixdim");
+    finite_range(352, 496, 8, "qform/sform value");
+  } else {
+    throw Error(path + ": not a NIfTI header");
+  }
+}
+
+// Returns the number of non-finite float voxels in the file: the NIfTI library replaces them
+// by 0 while reading (nifti_read_buffer), so they are counted here, on the file's own bytes.
+uint64_t check_nifti_complete(const std::string& path, uint64_t data_bytes, uint64_t file_bytes) {
+  const bool gz = extension_of(path) == ".nii.gz";
+  char hdr[544];
+  const size_t got = read_nifti_header(path, hdr);
+  const uint64_t offset = nifti_data_offset(hdr, got, path);
+  const std::string what = path + ": NIfTI data size";
+  const uint64_t need = detail::checked_add(offset, data_bytes, what);
+  uint32_t hsize;
+  std::memcpy(&hsize, hdr, 4);
+  const bool swap = hsize == bswap32(348) || hsize == bswap32(540);
+  uint16_t datatype;
+  std::memcpy(&datatype, hdr + ((swap ? bswap32(hsize) : hsize) == 348 ? 70 : 12), 2);
+  if (swap) datatype = __builtin_bswap16(datatype);
+  // float32, complex64 (float32 pairs), float64, complex128
+  const int width = datatype == 16 || datatype == 32     ? 4
+                    : datatype == 64 || datatype == 1792 ? 8
+                                                         : 0;
+  std::unique_ptr<detail::NonFiniteCounter> counter;
+  if (width) counter = std::make_unique<detail::NonFiniteCounter>(offset, need, width, swap);
+  if (!gz) {
+    if (file_bytes < need)
+      throw Error(path + ": file is truncated (" + std::to_string(file_bytes) +
+                  " bytes, the header describes " + std::to_string(need) + ")");
+    if (counter) detail::feed_file(path, 0, need, *counter);
+  } else {
+    check_inflated(path, path, 0, need, counter.get());
+  }
+  return counter ? counter->count() : 0;
+}
+
+// The text header of a NRRD or MetaImage file, read from at most its first MiB: (key, value)
+// pairs and the offset of the first data byte when the data follows the header.
+struct TextHeader {
+  std::vector<std::pair<std::string, std::string>> fields;
+  uint64_t end = 0;
+  std::string get(const std::string& key) const {
+    for (const auto& [k, v] : fields)
+      if (lower(k) == key) return v;
+    return "";
+  }
+};
+
+TextHeader read_text_header(const std::string& path, bool nrrd, uint64_t file_bytes) {
   std::ifstream in(path, std::ios::binary);
-  std::string line, data_file;
-  bool compressed = false;
-  int64_t header_size = 0;
-  while (std::getline(in, line)) {
-    auto eq = line.find('=');
-    if (eq == std::string::npos) continue;
-    std::string key = line.substr(0, eq), value = line.substr(eq + 1);
-    auto trim = [](std::string& t) {
-      t.erase(0, t.find_first_not_of(" \t\r"));
-      t.erase(t.find_last_not_of(" \t\r") + 1);
-    };
-    trim(key);
-    trim(value);
-    if (key == "CompressedData") compressed = lower(value) == "true";
-    if (key == "HeaderSize") header_size = std::atoll(value.c_str());
-    if (key == "ElementDataFile") {
-      data_file = value;
-      break;
+  std::string text(size_t(std::min<uint64_t>(file_bytes, 1 << 20)), '\0');
+  in.read(text.data(), std::streamsize(text.size()));
+  text.resize(size_t(in.gcount()));
+  auto trim = [](std::string t) {
+    t.erase(0, t.find_first_not_of(" \t\r"));
+    t.erase(t.find_last_not_of(" \t\r") + 1);
+    return t;
+  };
+  TextHeader h;
+  size_t pos = 0;
+  bool first = true;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) {
+      if (text.size() < file_bytes) break;  // a header line longer than the MiB read
+      nl = text.size();
+    }
+    const std::string line = text.substr(pos, nl - pos);
+    pos = std::min(nl + 1, text.size());
+    if (nrrd) {
+      if (first) {
+        first = false;
+        continue;  // NRRD000X magic
+      }
+      if (trim(line).empty()) {  // the blank line ending an attached header
+        h.end = pos;
+        return h;
+      }
+      if (line[0] == '#' || line.find(":=") != std::string::npos) continue;
+      const auto c = line.find(':');
+      if (c != std::string::npos)
+        h.fields.emplace_back(trim(line.substr(0, c)), trim(line.substr(c + 1)));
+    } else {
+      const auto eq = line.find('=');
+      if (eq == std::string::npos) continue;
+      h.fields.emplace_back(trim(line.substr(0, eq)), trim(line.substr(eq + 1)));
+      if (trim(line.substr(0, eq)) == "ElementDataFile") {
+        h.end = pos;
+        return h;
+      }
     }
   }
-  if (compressed || data_file.empty()) return;  // compressed streams report their own errors
-  uint64_t available;
-  if (data_file == "LOCAL") {
-    available = fs::file_size(path) - uint64_t(in.tellg());
-  } else {
-    if (data_file == "LIST" || data_file.find('%') != std::string::npos) return;
-    fs::path df = fs::path(path).parent_path() / data_file;
-    if (!fs::exists(df)) throw Error(path + ": data file " + df.string() + " is missing");
-    available = fs::file_size(df);
-    if (header_size > 0) available -= std::min<uint64_t>(available, uint64_t(header_size));
+  if (nrrd && pos >= file_bytes) {  // a detached header: all of it is header
+    h.end = file_bytes;
+    return h;
   }
-  if (available < data_bytes)
-    throw Error(path + ": file is truncated (" + std::to_string(available) +
-                " data bytes, the header describes " + std::to_string(data_bytes) + ")");
+  throw Error(path + ": header does not end within its first MiB (corrupt file?)");
 }
 
-void check_not_truncated(const std::string& path, size_t data_bytes) {
-  const std::string ext = extension_of(path);
-  if (ext == ".nii" || ext == ".nii.gz") check_nifti_complete(path, data_bytes);
-  if (ext == ".mha" || ext == ".mhd") check_metaimage_complete(path, data_bytes);
+// A detached data file named by a header, resolved next to the header.
+std::string data_file_of(const std::string& header, const std::string& name) {
+  fs::path p(name);
+  if (p.is_relative()) p = fs::path(header).parent_path() / p;
+  return p.string();
 }
 
-Image read_itk(const std::string& path) {
+void check_available(const std::string& path, const std::string& data_file, uint64_t available,
+                     uint64_t need) {
+  if (available < need)
+    throw Error(path + ": file is truncated (" + std::to_string(available) + " data bytes" +
+                (data_file == path ? "" : " in " + data_file) + ", the header describes " +
+                std::to_string(need) + ")");
+}
+
+void check_metaimage_complete(const std::string& path, uint64_t data_bytes, uint64_t file_bytes) {
+  const TextHeader h = read_text_header(path, false, file_bytes);
+  const std::string data_file = h.get("elementdatafile");
+  if (data_file.empty()) throw Error(path + ": MetaImage header without ElementDataFile");
+  if (data_file == "LIST" || data_file.find('%') != std::string::npos ||
+      data_file.find(' ') != std::string::npos)
+    return;  // one file per slice: the ceiling applies (checked by the caller)
+  const bool local = data_file == "LOCAL";
+  const std::string df = local ? path : data_file_of(path, data_file);
+  const uint64_t df_bytes = local ? file_bytes : detail::regular_file_size(df, path);
+  const long long header_size = std::atoll(h.get("headersize").c_str());
+  uint64_t offset = local ? h.end : header_size > 0 ? uint64_t(header_size) : 0;
+  if (!local && header_size == -1 && df_bytes >= data_bytes) offset = df_bytes - data_bytes;
+  if (offset > df_bytes) throw Error(path + ": data offset beyond the end of " + df);
+  const uint64_t available = df_bytes - offset;
+  if (lower(h.get("compresseddata")) != "true")
+    return check_available(path, df, available, data_bytes);
+  const std::string declared = h.get("compresseddatasize");
+  if (!declared.empty() && std::strtoull(declared.c_str(), nullptr, 10) > available)
+    throw Error(path + ": CompressedDataSize " + declared + " is more than the " +
+                std::to_string(available) + " bytes the file holds (truncated or corrupt)");
+  check_inflated(path, df, offset, data_bytes);
+}
+
+void check_nrrd_complete(const std::string& path, uint64_t data_bytes, uint64_t nvalues,
+                         uint64_t file_bytes) {
+  const TextHeader h = read_text_header(path, true, file_bytes);
+  std::string name = h.get("data file");
+  if (name.empty()) name = h.get("datafile");
+  if (name == "LIST" || name.find(' ') != std::string::npos) return;  // several data files
+  const bool attached = name.empty();
+  const std::string df = attached ? path : data_file_of(path, name);
+  const uint64_t df_bytes = attached ? file_bytes : detail::regular_file_size(df, path);
+  const uint64_t start = attached ? h.end : 0;
+  std::string skip_text = h.get("byte skip");
+  if (skip_text.empty()) skip_text = h.get("byteskip");
+  const long long skip = std::atoll(skip_text.c_str());
+  const std::string enc = lower(h.get("encoding"));
+  const std::string what = path + ": NRRD data size";
+  if (enc == "raw") {
+    if (skip == -1) return check_available(path, df, df_bytes, data_bytes);  // data at the end
+    const uint64_t offset = detail::checked_add(start, uint64_t(std::max(0LL, skip)), what);
+    return check_available(path, df, df_bytes > offset ? df_bytes - offset : 0, data_bytes);
+  }
+  const uint64_t available = df_bytes > start ? df_bytes - start : 0;
+  if (enc == "gzip" || enc == "gz")
+    return check_inflated(path, df, start,
+                          detail::checked_add(data_bytes, uint64_t(std::max(0LL, skip)), what));
+  // Text: at least one character per value; hex: two per byte. bzip2: the ceiling only.
+  if (enc == "ascii" || enc == "text" || enc == "txt")
+    return check_available(path, df, available, nvalues);
+  if (enc == "hex") return check_available(path, df, available / 2, data_bytes);
+}
+
+Image read_itk(const std::string& path, size_t max_bytes) {
   register_itk_io();
+  const uint64_t file_bytes = detail::regular_file_size(path, path);
+  const std::string ext = extension_of(path);
+  if (ext == ".dcm") {  // GDCM would allocate every value at its declared length: walk it first
+    const detail::DicomGeometry g = detail::check_dicom_file(path);
+    check_declared(path, {g.columns, g.rows, g.frames}, g.frames > 1 ? 3 : 2, g.samples, max_bytes);
+  }
+  if (ext == ".nii" || ext == ".nii.gz") check_nifti_header(path);
   itk::ImageIOBase::Pointer io =
       itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::IOFileModeEnum::ReadMode);
   if (!io) throw Error(path + ": no ITK reader recognises this file (corrupt or unsupported)");
   try {
     io->SetFileName(path);
     io->ReadImageInformation();
-    unsigned ndim = io->GetNumberOfDimensions();
+    const unsigned io_dims = io->GetNumberOfDimensions();
+    if (io_dims == 0) throw Error(path + ": header declares no dimensions");
+    unsigned ndim = io_dims;
     // Trailing singleton dimensions (e.g. NIfTI 4D with one volume) are dropped.
     while (ndim > 2 && io->GetDimensions(ndim - 1) == 1) --ndim;
     if (ndim > 3)
       throw Error(path + ": " + std::to_string(ndim) +
                   "D images are not supported (2D or 3D only)");
-    const int ncomp = int(io->GetNumberOfComponents());
-    std::array<int64_t, 3> size{1, 1, 1};
-    for (unsigned i = 0; i < ndim; ++i) size[i] = int64_t(io->GetDimensions(i));
-    Image im(ndim <= 2 ? 2 : 3, ncomp, size);
+    std::array<uint64_t, 3> dims{1, 1, 1};
+    for (unsigned i = 0; i < ndim; ++i) dims[i] = uint64_t(io->GetDimensions(i));
+    const uint64_t ncomp = io->GetNumberOfComponents();
+    check_declared(path, dims, ndim <= 2 ? 2 : 3, ncomp, max_bytes);
+    const uint64_t comp_size = io->GetComponentSize();
+    if (comp_size != 1 && comp_size != 2 && comp_size != 4 && comp_size != 8)
+      throw Error(path + ": unsupported pixel component type " +
+                  itk::ImageIOBase::GetComponentTypeAsString(io->GetComponentType()));
+    const std::string what = path + ": declared data size";
+    const uint64_t nvalues =
+        detail::checked_mul(dims[0] * dims[1] * dims[2], ncomp, what);  // products checked above
+    const uint64_t bytes = detail::checked_mul(nvalues, comp_size, what);
+    uint64_t zeroed = 0;  // non-finite voxels the reader library replaced by 0
+    if (ext == ".nii" || ext == ".nii.gz") zeroed = check_nifti_complete(path, bytes, file_bytes);
+    if (ext == ".mha" || ext == ".mhd") check_metaimage_complete(path, bytes, file_bytes);
+    if (ext == ".nrrd" || ext == ".nhdr") check_nrrd_complete(path, bytes, nvalues, file_bytes);
+
+    Image im(ndim <= 2 ? 2 : 3, int(ncomp), {int64_t(dims[0]), int64_t(dims[1]), int64_t(dims[2])});
     im.pixel_type = pixel_type_of(io->GetComponentType());
     geometry_from_io(*io, ndim, im.geometry);
-
-    const unsigned io_dims = io->GetNumberOfDimensions();
     itk::ImageIORegion region(io_dims);
     for (unsigned i = 0; i < io_dims; ++i) {
       region.SetIndex(i, 0);
       region.SetSize(i, io->GetDimensions(i));
     }
     io->SetIORegion(region);
-    const size_t bytes = io->GetImageSizeInBytes();
-    check_not_truncated(path, bytes);
+    if (uint64_t(io->GetImageSizeInBytes()) != bytes)
+      throw Error(path + ": ITK reports " + std::to_string(io->GetImageSizeInBytes()) +
+                  " data bytes, the header declares " + std::to_string(bytes));
     std::unique_ptr<char[]> buf(new char[bytes]);  // filled by Read: no zeroing pass
     io->Read(buf.get());
-    to_planar(io->GetComponentType(), buf.get(), ncomp, im.voxels(), im.data.data(), path);
+    to_planar(io->GetComponentType(), buf.get(), int(ncomp), im.voxels(), im.data.data(), path);
+    if (zeroed) im.meta[kZeroedByReader] = std::to_string(zeroed);
     return im;
   } catch (const itk::ExceptionObject& e) {
     throw Error(path + ": cannot read: " + std::string(e.GetDescription()));
@@ -682,21 +914,67 @@ void write_itk(const Image& im, const std::string& path, const WriteOptions& opt
 
 using DicomSlices = std::vector<std::string>;
 
-DicomSlices dicom_series_files(const std::string& dir) {
-  register_itk_io();
-  auto names = itk::GDCMSeriesFileNames::New();
-  names->SetUseSeriesDetails(false);
-  names->SetRecursive(false);
-  names->SetDirectory(dir);
-  const auto& uids = names->GetSeriesUIDs();
-  if (uids.empty()) throw Error(dir + ": no DICOM series found in this folder");
-  if (uids.size() > 1) {
+// The files of the folder's one series in slice order, from what check_dicom_file read: by
+// position along the slice normal, else InstanceNumber, else file name (GDCM's order). GDCM's
+// own folder scan is not used: it stops at the first entry it cannot stat (a symlink loop) and
+// silently drops the slices after it.
+DicomSlices dicom_series_files(
+    const std::string& dir,
+    const std::vector<std::pair<std::string, detail::DicomGeometry>>& files) {
+  std::map<std::string, std::vector<size_t>> series;
+  for (size_t i = 0; i < files.size(); ++i) series[files[i].second.series_uid].push_back(i);
+  if (series.empty()) throw Error(dir + ": no DICOM series found in this folder");
+  if (series.size() > 1) {
     std::string list;
-    for (const auto& u : uids) list += "\n  " + u;
-    throw Error(dir + ": the folder holds " + std::to_string(uids.size()) +
+    for (const auto& [uid, members] : series)
+      list += "\n  " + (uid.empty() ? std::string("(no SeriesInstanceUID)") : uid) + " (" +
+              std::to_string(members.size()) + " files)";
+    throw Error(dir + ": the folder holds " + std::to_string(series.size()) +
                 " DICOM series; put each series in its own folder:" + list);
   }
-  return names->GetFileNames(uids.front());
+  auto numbers = [](const std::string& text, size_t want) {
+    std::vector<double> v;
+    std::stringstream ss(text);
+    std::string item;
+    while (std::getline(ss, item, '\\')) {
+      char* end = nullptr;
+      const double x = std::strtod(item.c_str(), &end);
+      if (end == item.c_str() || !std::isfinite(x)) return std::vector<double>{};
+      v.push_back(x);
+    }
+    return v.size() == want ? v : std::vector<double>{};
+  };
+  struct Slice {
+    std::string file;
+    double position = 0;
+    long long instance = 0;
+  };
+  std::vector<Slice> slices;
+  bool by_position = true, by_instance = true;
+  for (size_t i : series.begin()->second) {
+    const auto& [file, g] = files[i];
+    Slice s{file};
+    const auto ipp = numbers(g.position, 3), iop = numbers(g.orientation, 6);
+    if (ipp.empty() || iop.empty()) {
+      by_position = false;
+    } else {
+      const double n[3] = {iop[1] * iop[5] - iop[2] * iop[4], iop[2] * iop[3] - iop[0] * iop[5],
+                           iop[0] * iop[4] - iop[1] * iop[3]};
+      s.position = n[0] * ipp[0] + n[1] * ipp[1] + n[2] * ipp[2];
+    }
+    char* end = nullptr;
+    s.instance = std::strtoll(g.instance.c_str(), &end, 10);
+    if (end == g.instance.c_str()) by_instance = false;
+    slices.push_back(std::move(s));
+  }
+  std::stable_sort(slices.begin(), slices.end(), [&](const Slice& a, const Slice& b) {
+    if (by_position && a.position != b.position) return a.position < b.position;
+    if (by_instance && a.instance != b.instance) return a.instance < b.instance;
+    return a.file < b.file;
+  });
+  DicomSlices out;
+  for (auto& s : slices) out.push_back(std::move(s.file));
+  return out;
 }
 
 double meta_number(const Image& im, const char* key, double fallback) {
@@ -709,8 +987,26 @@ double meta_number(const Image& im, const char* key, double fallback) {
   }
 }
 
-Image read_dicom_series(const std::string& dir) {
-  DicomSlices files = dicom_series_files(dir);
+Image read_dicom_series(const std::string& dir, const DicomDirInfo& info, size_t max_bytes) {
+  // Every file is walked before GDCM reads any (GDCM allocates values at their declared length
+  // and pads short pixel data with zeros): one truncated slice refuses the series, by name.
+  uint64_t voxels = 0, rows = 0, columns = 0;
+  std::vector<std::pair<std::string, detail::DicomGeometry>> checked;
+  for (const auto& f : info.dicom_files) {
+    checked.emplace_back(f, detail::check_dicom_file(f));
+    const detail::DicomGeometry& g = checked.back().second;
+    if (g.samples != 1) throw Error(f + ": colour DICOM series are not supported");
+    const std::string what = dir + ": DICOM series size";
+    voxels =
+        detail::checked_add(voxels, detail::checked_mul(g.rows * g.columns, g.frames, what), what);
+    rows = std::max(rows, g.rows);
+    columns = std::max(columns, g.columns);
+  }
+  if (rows && columns)
+    check_declared(dir, {columns, rows, (voxels + rows * columns - 1) / (rows * columns)}, 3, 1,
+                   max_bytes);
+  register_itk_io();
+  DicomSlices files = dicom_series_files(dir, checked);
   using Volume = itk::Image<float, 3>;
   auto io = itk::GDCMImageIO::New();
   auto reader = itk::ImageSeriesReader<Volume>::New();
@@ -1014,39 +1310,179 @@ bool is_image_file(const std::string& path) {
   return f == Format::OpenCV || f == Format::ITK;
 }
 
+size_t default_max_image_bytes() {
+  const char* env = std::getenv("CONCORD_MAX_IMAGE_MB");
+  if (!env || !*env) return size_t(2048) << 20;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long mb = std::strtoull(env, &end, 10);
+  if (errno || *end || mb == 0 || mb > (uint64_t(1) << 40) || env[0] == '-')
+    throw Error(std::string("CONCORD_MAX_IMAGE_MB='") + env +
+                "': expected a positive whole number of MiB (the largest decoded image)");
+  return size_t(mb) << 20;
+}
+
+DicomDirInfo scan_dicom_dir(const std::string& path) {
+  DicomDirInfo info;
+  std::error_code ec;
+  fs::directory_iterator it(path, ec);
+  if (ec) throw Error(path + ": cannot list folder: " + ec.message());
+  for (; it != fs::directory_iterator(); it.increment(ec)) {
+    if (ec) {  // the listing itself broke off: report it, keep what was seen
+      info.skipped.push_back(path + ": listing stopped: " + ec.message());
+      break;
+    }
+    const std::string p = it->path().string();
+    const std::string name = it->path().filename().string();
+    std::error_code sec;
+    const fs::file_status st = it->status(sec);  // follows symlinks: a loop fails here
+    if (sec) {
+      info.skipped.push_back(p + ": " + sec.message());
+      continue;
+    }
+    if (!fs::is_regular_file(st) || name.empty() || name[0] == '.') continue;
+    if (lower(name) == "dicomdir") continue;  // the media index, not an image
+    const std::string ext = extension_of(p);
+    if (ext == ".dcm") {
+      info.dicom_files.push_back(p);
+      continue;
+    }
+    if (is_image_file(p)) {
+      info.image_files.push_back(p);
+      continue;
+    }
+    // DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name.
+    std::ifstream in(it->path(), std::ios::binary);
+    char magic[4] = {};
+    if (!in) {
+      info.skipped.push_back(p + ": cannot open: " + std::strerror(errno));
+      continue;
+    }
+    if (in.seekg(128) && in.read(magic, 4) && std::memcmp(magic, "DICM", 4) == 0)
+      info.dicom_files.push_back(p);
+  }
+  std::sort(info.dicom_files.begin(), info.dicom_files.end());
+  std::sort(info.image_files.begin(), info.image_files.end());
+  return info;
+}
+
 bool is_dicom_dir(const std::string& path) {
   std::error_code ec;
   if (!fs::is_directory(path, ec)) return false;
-  int looked = 0;
-  for (const auto& e : fs::directory_iterator(path, ec)) {
-    if (!e.is_regular_file(ec)) continue;
-    if (extension_of(e.path().string()) == ".dcm") return true;
-    // DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name.
-    std::ifstream in(e.path(), std::ios::binary);
-    char magic[4] = {};
-    if (in.seekg(128) && in.read(magic, 4) && std::memcmp(magic, "DICM", 4) == 0) return true;
-    if (++looked >= 8) break;
+  try {
+    return scan_dicom_dir(path).has_dicom();
+  } catch (const Error&) {
+    return false;
   }
-  return false;
 }
 
-Image read_image(const std::string& path) {
-  std::error_code ec;
-  if (!fs::exists(path, ec)) throw Error(path + ": no such file or folder");
-  if (fs::is_directory(path, ec)) {
-    if (!is_dicom_dir(path)) throw Error(path + ": folder holds no DICOM files");
-    return read_dicom_series(path);
+void apply_channel_policy(Image& im, ChannelPolicy policy, const std::string& what) {
+  if (policy == ChannelPolicy::Keep || im.channels < 3) return;
+  const size_t n = size_t(im.voxels());
+  if (im.channels == 4) {
+    // Alpha is recognised in 8/16-bit images (PNG, TIFF): fully opaque = the type's maximum.
+    const float opaque = im.pixel_type == PixelType::U8    ? 255.f
+                         : im.pixel_type == PixelType::U16 ? 65535.f
+                                                           : -1.f;
+    const float* a = im.channel(3);
+    if (policy == ChannelPolicy::Grey ||
+        (opaque > 0 && std::all_of(a, a + n, [&](float v) { return v == opaque; }))) {
+      im.data.resize(3 * n);
+      im.channels = 3;
+    }
   }
+  if (im.channels != 3) {
+    if (policy == ChannelPolicy::Grey)
+      throw Error(what + ": cannot convert " + std::to_string(im.channels) + " channels to grey");
+    return;
+  }
+  const float *r = im.channel(0), *g = im.channel(1), *b = im.channel(2);
+  bool same = true;
+  for (size_t i = 0; i < n && same; ++i) same = r[i] == g[i] && g[i] == b[i];
+  if (!same && policy == ChannelPolicy::Auto) return;
+  if (!same) {
+    float* out = im.channel(0);  // written in place: each voxel reads its own r, g, b first
+    for (size_t i = 0; i < n; ++i) out[i] = 0.299f * r[i] + 0.587f * g[i] + 0.114f * b[i];
+  }
+  im.data.resize(n);
+  im.channels = 1;
+}
+
+namespace {
+
+// Checks every read image has to pass whatever its format, then the caller's policies.
+void finish_image(Image& im, const std::string& path, const ReadOptions& opt) {
+  const Geometry& g = im.geometry;
+  for (int i = 0; i < 3; ++i)
+    if (!std::isfinite(g.spacing[size_t(i)]) || g.spacing[size_t(i)] <= 0 ||
+        !std::isfinite(g.origin[size_t(i)]))
+      throw Error(path + ": header declares unusable geometry (spacing " +
+                  std::to_string(g.spacing[0]) + " " + std::to_string(g.spacing[1]) + " " +
+                  std::to_string(g.spacing[2]) + ", origin " + std::to_string(g.origin[0]) + " " +
+                  std::to_string(g.origin[1]) + " " + std::to_string(g.origin[2]) + ")");
+  for (double d : g.direction)
+    if (!std::isfinite(d)) throw Error(path + ": header declares a non-finite direction matrix");
+  size_t bad = 0;
+  if (auto it = im.meta.find(kZeroedByReader); it != im.meta.end()) {
+    bad = std::stoull(it->second);
+    im.meta.erase(it);
+  }
+  if (bad || im.pixel_type == PixelType::F32 || im.pixel_type == PixelType::F64) {
+    // Integer voxels are always finite; float ones (and doubles beyond float range) may not be.
+    for (float v : im.data) bad += !std::isfinite(v);
+    if (bad && opt.non_finite == NonFinite::Error)
+      throw Error(path + ": " + std::to_string(bad) + " of " + std::to_string(im.data.size()) +
+                  " voxels are not finite (NaN or Inf); refused (a policy can replace them by 0)");
+    size_t replaced = 0;
+    if (bad && opt.non_finite == NonFinite::Zero) {
+      for (float& v : im.data)
+        if (!std::isfinite(v)) v = 0.f;
+      replaced = bad;
+    } else if (bad && opt.non_finite == NonFinite::Keep) {
+      replaced = bad - size_t(std::count_if(im.data.begin(), im.data.end(),
+                                            [](float v) { return !std::isfinite(v); }));
+    }
+    if (replaced) {  // with Keep: those the format's library replaced anyway (NIfTI)
+      spdlog::warn("{}: {} non-finite voxels replaced by 0", path, replaced);
+      im.meta["concord.non_finite_replaced"] = std::to_string(replaced);
+    }
+  }
+  apply_channel_policy(im, opt.channels, path);
+}
+
+Image read_any(const std::string& path, const ReadOptions& opt) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) throw Error(path + ": no such file or folder");
+  const size_t max_bytes = max_bytes_of(opt);
+  if (fs::is_directory(st)) {
+    const DicomDirInfo info = scan_dicom_dir(path);
+    if (!info.has_dicom()) throw Error(path + ": folder holds no DICOM files");
+    return read_dicom_series(path, info, max_bytes);
+  }
+  if (!fs::is_regular_file(st)) throw Error(path + ": not a regular file");
   switch (format_of(path)) {
     case Format::OpenCV:
-      return read_opencv(path);
+      return read_opencv(path, max_bytes);
     case Format::ITK:
     case Format::Dicom:
-      return read_itk(path);
+      return read_itk(path, max_bytes);
     case Format::Unknown:
       break;
   }
   throw Error(path + ": unknown image format (extension '" + extension_of(path) + "')");
+}
+
+}  // namespace
+
+Image read_image(const std::string& path, const ReadOptions& options) {
+  Image im = read_any(path, options);
+  finish_image(im, path, options);
+  return im;
+}
+
+Image read_image(const std::string& path) {
+  return read_image(path, ReadOptions{});
 }
 
 void write_image(const Image& image, const std::string& path, const WriteOptions& options) {

@@ -2,6 +2,7 @@
 
 #include <concord/error.h>
 
+#include <spdlog/spdlog.h>
 #include <opencv2/core.hpp>
 #include <opencv2/imgproc.hpp>
 
@@ -16,7 +17,9 @@ std::vector<ArgSpec> image_option_specs() {
   return {
       ArgSpec::integer("size", 0, "Resize every image to size x size (0 keeps the size)")
           .range(0, 4096),
-      ArgSpec::integer("channels", 0, "Convert to 1 (grey) or 3 (RGB) channels; 0 keeps")
+      ArgSpec::integer("channels", 0,
+                       "Convert to 1 (grey) or 3 (RGB) channels; 0: grey stored as RGB is grey, "
+                       "colour stays colour, grey joins a colour set as 3 channels")
           .range(0, 3),
       ArgSpec::choice("normalize", {"minmax", "percentile", "type", "none"}, "minmax",
                       "Intensities to [0,1]: per-image min-max, per-image percentiles "
@@ -29,6 +32,8 @@ std::vector<ArgSpec> image_option_specs() {
                     "{0,1}, else values are class indices"),
       ArgSpec::choice("slices", {"center", "all"}, "center",
                       "3D volumes: the middle axial slice, or every axial slice"),
+      ArgSpec::choice("non_finite", {"error", "zero"}, "error",
+                      "Images with NaN/Inf voxels: refuse naming the file, or replace them by 0"),
   };
 }
 
@@ -62,6 +67,7 @@ ImageOptions image_options(const Args& a) {
   }
   if (a.has("mask_values")) o.mask_values = numbers(a, "mask_values");
   if (a.has("slices")) o.slices = a.str("slices");
+  if (a.has("non_finite") && a.str("non_finite") == "zero") o.non_finite = NonFinite::Zero;
   return o;
 }
 
@@ -96,21 +102,44 @@ Image resize(const Image& img, int size, bool nearest) {
 Image convert_channels(const Image& img, int channels, const std::string& what) {
   if (channels == 0 || img.channels == channels) return img;
   Image out = img;
-  out.channels = channels;
-  out.data.assign(size_t(channels) * img.voxels(), 0.f);
+  if (channels == 1) {
+    apply_channel_policy(out, ChannelPolicy::Grey, what);
+    return out;
+  }
   const int64_t n = img.voxels();
   if (channels == 3 && img.channels == 1) {
-    for (int c = 0; c < 3; ++c) std::copy(img.channel(0), img.channel(0) + n, out.channel(c));
-  } else if (channels == 1 && img.channels >= 3) {
-    const float *r = img.channel(0), *g = img.channel(1), *b = img.channel(2);
-    for (int64_t i = 0; i < n; ++i) out.data[i] = 0.299f * r[i] + 0.587f * g[i] + 0.114f * b[i];
+    out.channels = 3;
+    out.data.resize(size_t(3 * n));
+    for (int c = 1; c < 3; ++c) std::copy(img.channel(0), img.channel(0) + n, out.channel(c));
   } else if (channels == 3 && img.channels == 4) {  // drop alpha
-    out.data.assign(img.data.begin(), img.data.begin() + 3 * n);
+    out.channels = 3;
+    out.data.resize(size_t(3 * n));
   } else {
     throw Error(what + ": cannot convert " + std::to_string(img.channels) + " channels to " +
                 std::to_string(channels));
   }
   return out;
+}
+
+void unify_channels(Federation& fed, const ImageOptions& opt, const std::string& plugin) {
+  if (opt.channels != 0) return;
+  bool colour = false;
+  for (const auto& site : fed.sites)
+    for (const auto* split : {&site.train, &site.test})
+      for (const auto& s : *split) colour = colour || s.image.channels == 3;
+  if (!colour) return;
+  fed.channels = 3;
+  int promoted = 0;
+  for (auto& site : fed.sites)
+    for (auto* split : {&site.train, &site.test})
+      for (auto& s : *split)
+        if (s.image.channels == 1) {
+          s.image = convert_channels(s.image, 3, s.id);
+          ++promoted;
+        }
+  if (promoted)
+    spdlog::info("{}: {} grey image(s) replicated to 3 channels to match the colour ones", plugin,
+                 promoted);
 }
 
 static double type_max(PixelType t) {

@@ -51,7 +51,8 @@ class CsvDataset : public Dataset {
         splits_(a.strings("splits")),
         classes_(a.strings("classes")),
         opt_(datasets::image_options(a)) {
-    if (!fs::is_regular_file(file_)) throw Error("csv: " + file_ + ": no such file");
+    std::error_code ec;
+    if (!fs::is_regular_file(file_, ec)) throw Error("csv: " + file_ + ": no such file");
     if (splits_.size() != 2)
       throw Error("csv: splits must name the train and the test split, e.g. [train, test]");
   }
@@ -176,6 +177,7 @@ class CsvDataset : public Dataset {
     } else {
       fed.num_classes = classes.empty() ? int(max_label + 1) : int(classes.size());
     }
+    datasets::unify_channels(fed, opt_, "csv " + file_);
     datasets::check_uniform(fed, "csv " + file_);
     return fed;
   }
@@ -184,7 +186,10 @@ class CsvDataset : public Dataset {
   static std::string resolve(const fs::path& base, const std::string& p, const std::string& where) {
     if (p.empty()) throw Error("csv: " + where + ": empty path");
     const fs::path full = fs::path(p).is_absolute() ? fs::path(p) : base / p;
-    if (!fs::exists(full)) throw Error("csv: " + where + ": no file " + full.string());
+    std::error_code ec;
+    if (!fs::exists(full, ec))
+      throw Error("csv: " + where + ": no file " + full.string() +
+                  (ec ? " (" + ec.message() + ")" : ""));
     return full.string();
   }
 

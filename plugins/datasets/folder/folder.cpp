@@ -17,24 +17,29 @@ namespace fs = std::filesystem;
 namespace concord {
 namespace {
 
-// Image files (and DICOM series folders) directly in `dir`, sorted by name.
-std::vector<fs::path> images_in(const fs::path& dir) {
+// Image files (and DICOM series folders) directly in `dir`, sorted by name; entries that cannot
+// be examined go to `skipped`.
+std::vector<fs::path> images_in(const fs::path& dir, std::vector<std::string>& skipped) {
   std::vector<fs::path> out;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    const std::string p = e.path().string();
-    if ((e.is_regular_file() && is_image_file(p)) || (e.is_directory() && is_dicom_dir(p)))
-      out.push_back(e.path());
+  for (const auto& e : datasets::list_folder(dir, skipped)) {
+    const std::string p = e.path.string();
+    if ((e.is_file && is_image_file(p)) || (e.is_directory && is_dicom_dir(p)))
+      out.push_back(e.path);
   }
-  std::sort(out.begin(), out.end());
   return out;
 }
 
-std::vector<std::string> subfolders(const fs::path& dir) {
+// Never throws (a symlink loop or an unreadable path is "not a folder").
+bool is_dir(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_directory(p, ec);
+}
+
+std::vector<std::string> subfolders(const fs::path& dir, std::vector<std::string>& skipped) {
   std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.is_directory() && e.path().filename().string()[0] != '.')
-      out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
+  for (const auto& e : datasets::list_folder(dir, skipped))
+    if (e.is_directory && e.path.filename().string()[0] != '.')
+      out.push_back(e.path.filename().string());
   return out;
 }
 
@@ -50,14 +55,15 @@ class FolderDataset : public Dataset {
         classification_(a.str("task") == "classification"),
         skip_missing_(a.str("missing_mask") == "skip"),
         opt_(datasets::image_options(a)) {
-    if (!fs::is_directory(root_)) throw Error("folder: root '" + root_ + "' is not a folder");
+    if (!is_dir(root_)) throw Error("folder: root '" + root_ + "' is not a folder");
     if (splits_.size() != 2)
       throw Error("folder: splits must name the train and the test folder, e.g. [train, test]");
   }
 
   Federation load(const DataRequest& request) override {
+    skipped_.clear();
     std::vector<std::string> sites = request.sites.empty() ? sites_ : request.sites;
-    if (sites.empty()) sites = subfolders(root_);
+    if (sites.empty()) sites = subfolders(root_, skipped_);
     if (sites.empty()) throw Error("folder: root '" + root_ + "' holds no site folders");
     Federation fed;
     fed.task = classification_ ? Task::Classification : Task::Segmentation;
@@ -66,13 +72,13 @@ class FolderDataset : public Dataset {
     int skipped = 0;
     for (const auto& name : sites) {
       const fs::path site_dir = fs::path(root_) / name;
-      if (!fs::is_directory(site_dir))
+      if (!is_dir(site_dir))
         throw Error("folder: site '" + name + "': no folder " + site_dir.string());
       SiteData site;
       site.name = name;
       for (int k = 0; k < 2; ++k) {
         const fs::path dir = site_dir / splits_[k];
-        if (!fs::is_directory(dir))
+        if (!is_dir(dir))
           throw Error("folder: site '" + name + "': no " + (k ? "test" : "train") + " folder " +
                       dir.string());
         auto& out = k ? site.test : site.train;
@@ -87,6 +93,7 @@ class FolderDataset : public Dataset {
       fed.sites.push_back(std::move(site));
     }
     if (skipped) fed.notes["folder.skipped_without_mask"] = std::to_string(skipped);
+    datasets::report_skipped(fed, skipped_, "folder.skipped_entries");
     fed.channels = fed.sites[0].train[0].image.channels;
     if (classification_) {
       fed.num_classes = int(classes.size());
@@ -100,6 +107,7 @@ class FolderDataset : public Dataset {
             for (float v : x.mask->data) top = std::max(top, v);
       fed.num_classes = int(top) + 1;
     }
+    datasets::unify_channels(fed, opt_, "folder");
     datasets::check_uniform(fed, "folder");
     return fed;
   }
@@ -110,8 +118,8 @@ class FolderDataset : public Dataset {
     for (const auto& site : sites)
       for (const auto& split : splits_) {
         const fs::path dir = fs::path(root_) / site / split;
-        if (fs::is_directory(dir))
-          for (const auto& c : subfolders(dir)) all.insert(c);
+        if (is_dir(dir))
+          for (const auto& c : subfolders(dir, skipped_)) all.insert(c);
       }
     if (all.empty())
       throw Error("folder: task classification but no class folders under " + root_ + "/SITE/" +
@@ -121,14 +129,14 @@ class FolderDataset : public Dataset {
 
   void load_classes(const fs::path& dir, const std::vector<std::string>& classes,
                     std::vector<Sample>& out) const {
-    for (const auto& c : subfolders(dir))
+    for (const auto& c : subfolders(dir, skipped_))
       if (std::find(classes.begin(), classes.end(), c) == classes.end())
         throw Error("folder: " + (dir / c).string() + ": class '" + c +
                     "' is not in the `classes` argument");
     for (size_t label = 0; label < classes.size(); ++label) {
       const fs::path cdir = dir / classes[label];
-      if (!fs::is_directory(cdir)) continue;  // a site may lack a class
-      for (const auto& file : images_in(cdir))
+      if (!is_dir(cdir)) continue;  // a site may lack a class
+      for (const auto& file : images_in(cdir, skipped_))
         datasets::load_samples(file.string(), nullptr, int64_t(label), opt_, out);
     }
   }
@@ -136,11 +144,12 @@ class FolderDataset : public Dataset {
   // Returns the number of images skipped for want of a mask.
   int load_segmentation(const fs::path& dir, std::vector<Sample>& out) const {
     const fs::path idir = dir / image_dir_, mdir = dir / mask_dir_;
-    if (!fs::is_directory(idir)) throw Error("folder: no image folder " + idir.string());
+    if (!is_dir(idir)) throw Error("folder: no image folder " + idir.string());
     int skipped = 0;
-    for (const auto& file : images_in(idir)) {
+    for (const auto& file : images_in(idir, skipped_)) {
       const fs::path mask = mdir / file.filename();
-      if (!fs::exists(mask)) {
+      std::error_code ec;
+      if (!fs::exists(mask, ec)) {
         if (!skip_missing_)
           throw Error("folder: " + file.string() + " has no mask " + mask.string() +
                       " (set missing_mask: skip to leave such images out)");
@@ -159,6 +168,7 @@ class FolderDataset : public Dataset {
   std::string image_dir_, mask_dir_;
   bool classification_, skip_missing_;
   datasets::ImageOptions opt_;
+  mutable std::vector<std::string> skipped_;  // entries the walk could not examine
 };
 
 }  // namespace

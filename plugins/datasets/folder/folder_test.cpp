@@ -1,6 +1,7 @@
 #include <concord/dataset.h>
 #include <concord/image_io.h>
 
+#include <cmath>
 #include <filesystem>
 #include <functional>
 
@@ -212,4 +213,69 @@ TEST(Folder, MultisiteFundus) {
     EXPECT_GT(counts[1], 0) << site.name;          // disc present
     EXPECT_GT(counts[2], 0) << site.name;          // cup present
   }
+}
+
+// A symlink loop or an unreadable entry in the tree is skipped and named (notes and log); the
+// other images still load.
+TEST(Folder, SymlinkLoopsAreSkippedAndReported) {
+  testkit::TempDir dir;
+  const fs::path root = dir.path() / "cls";
+  for (std::string split : {"train", "test"}) {
+    write_png(root / "H1" / split / "normal" / "a.png", 8, 8, 0);
+    write_png(root / "H1" / split / "tumour" / "b.png", 8, 8, 0);
+  }
+  fs::create_symlink("self.png", root / "H1" / "train" / "normal" / "self.png");  // a loop
+  fs::create_directory_symlink("..", root / "H1" / "train" / "tumour" / "up");
+  fs::create_symlink("loop", root / "loop");
+  auto fed = make({{"root", make_value(root.string())}, {"task", make_value("classification")}})
+                 ->load({1, {}});
+  ASSERT_EQ(fed.sites.size(), 1u);
+  EXPECT_EQ(fed.sites[0].train.size(), 2u);
+  const std::string skipped = fed.notes["folder.skipped_entries"];
+  EXPECT_NE(skipped.find("self.png"), std::string::npos) << skipped;
+  EXPECT_NE(skipped.find("cls/loop"), std::string::npos) << skipped;
+}
+
+// NaN voxels refuse the file by name unless non_finite: zero; grey stored as RGB is grey, and a
+// grey image joins a colour set as 3 channels.
+TEST(Folder, NonFiniteAndChannelPolicies) {
+  testkit::TempDir dir;
+  const fs::path root = dir.path() / "cls";
+  for (std::string split : {"train", "test"})
+    write_png(root / "H1" / split / "a" / "grey.png", 8, 8, 0);
+  Image grey3(2, 3, {8, 8, 1});
+  grey3.pixel_type = PixelType::U8;
+  for (int64_t i = 0; i < 64; ++i)
+    for (int c = 0; c < 3; ++c) grey3.channel(c)[i] = float(i);
+  write_image(grey3, (root / "H1" / "train" / "a" / "rgb_grey.png").string());
+  auto fed = make({{"root", make_value(root.string())}, {"task", make_value("classification")}})
+                 ->load({1, {}});
+  EXPECT_EQ(fed.channels, 1);
+  ASSERT_EQ(fed.sites[0].train.size(), 2u);
+  EXPECT_EQ(fed.sites[0].train[1].image.channels, 1);
+
+  Image colour = grey3;
+  colour.channel(2)[5] = 200.f;
+  write_image(colour, (root / "H1" / "train" / "a" / "zcolour.png").string());
+  fed = make({{"root", make_value(root.string())}, {"task", make_value("classification")}})
+            ->load({1, {}});
+  EXPECT_EQ(fed.channels, 3);
+  for (const auto& s : fed.sites[0].train) EXPECT_EQ(s.image.channels, 3) << s.id;
+
+  Image nan(2, 1, {8, 8, 1});
+  nan.pixel_type = PixelType::F32;
+  nan.data[7] = std::nanf("");
+  const fs::path bad = root / "H1" / "test" / "a" / "nan.tif";
+  write_image(nan, bad.string(), false);
+  const std::string e = error_of([&] {
+    make({{"root", make_value(root.string())}, {"task", make_value("classification")}})
+        ->load({1, {}});
+  });
+  EXPECT_NE(e.find(bad.string()), std::string::npos) << e;
+  EXPECT_NE(e.find("not finite"), std::string::npos) << e;
+  fed = make({{"root", make_value(root.string())},
+              {"task", make_value("classification")},
+              {"non_finite", make_value("zero")}})
+            ->load({1, {}});
+  EXPECT_EQ(fed.sites[0].test.size(), 2u);
 }

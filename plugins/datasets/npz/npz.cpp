@@ -4,11 +4,13 @@
 #include <concord/dataset.h>
 #include <concord/error.h>
 #include <concord/federation_tools.h>
+#include <concord/image_io.h>
 #include <concord/message.h>
 
 #include <zlib.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -53,12 +55,13 @@ class ZipArchive {
     if ((count == 0xffff || cd_off == 0xffffffff) && eocd >= 20 &&
         u32(d + eocd - 20) == 0x07064b50) {  // zip64 locator
       const uint64_t z = u64(d + eocd - 20 + 8);
-      if (z + 56 > n || u32(d + z) != 0x06064b50) fail("corrupt zip64 end record");
+      if (z > n - 56 || u32(d + z) != 0x06064b50) fail("corrupt zip64 end record");
       count = u64(d + z + 32);
       cd_size = u64(d + z + 40);
       cd_off = u64(d + z + 48);
     }
-    if (cd_off + cd_size > n) fail("central directory beyond end of file (truncated?)");
+    if (cd_off > n || cd_size > n - cd_off)
+      fail("central directory beyond end of file (truncated?)");
     size_t p = cd_off;
     for (uint64_t k = 0; k < count; ++k) {
       if (p + 46 > n || u32(d + p) != 0x02014b50) fail("corrupt central directory");
@@ -90,16 +93,27 @@ class ZipArchive {
 
   bool has(const std::string& name) const { return entries_.count(name) != 0; }
 
-  std::vector<uint8_t> read(const std::string& name) const {
+  // The entry's bytes. Its declared uncompressed size is checked before anything is allocated:
+  // against `max_bytes`, and against what its compressed bytes can hold at all.
+  std::vector<uint8_t> read(const std::string& name, uint64_t max_bytes) const {
     auto it = entries_.find(name);
     if (it == entries_.end()) fail("no entry '" + name + "'");
     const ZipEntry& e = it->second;
     const uint8_t* d = data_->data();
-    if (e.local_offset + 30 > data_->size() || u32(d + e.local_offset) != 0x04034b50)
+    const uint64_t n = data_->size();
+    if (n < 30 || e.local_offset > n - 30 || u32(d + e.local_offset) != 0x04034b50)
       fail("corrupt local header of '" + name + "'");
     const uint64_t start =
         e.local_offset + 30 + u16(d + e.local_offset + 26) + u16(d + e.local_offset + 28);
-    if (start + e.compressed > data_->size()) fail("entry '" + name + "' is truncated");
+    if (start > n || e.compressed > n - start) fail("entry '" + name + "' is truncated");
+    if (e.size > max_bytes)
+      fail("entry '" + name + "' declares " + std::to_string(e.size) +
+           " bytes uncompressed, more than the limit of " + std::to_string(max_bytes >> 20) +
+           " MiB (CONCORD_MAX_IMAGE_MB)");
+    // Deflate produces at most 1032 bytes per input byte (RFC 1951 block limits).
+    if (e.method == 8 && e.size / 1032 > e.compressed + 1)
+      fail("entry '" + name + "' declares " + std::to_string(e.size) + " bytes from " +
+           std::to_string(e.compressed) + " compressed ones, more than deflate can produce");
     std::vector<uint8_t> out(e.size);
     if (e.method == 0) {
       if (e.compressed != e.size) fail("stored entry '" + name + "' has inconsistent sizes");
@@ -121,7 +135,7 @@ class ZipArchive {
       fail("entry '" + name + "' uses compression method " + std::to_string(e.method) +
            " (only stored and deflate are supported)");
     }
-    if (uint32_t(crc32(0L, out.data(), uInt(out.size()))) != e.crc)
+    if (uint32_t(crc32_z(0L, out.data(), out.size())) != e.crc)
       fail("entry '" + name + "' fails its CRC check (corrupt file)");
     return out;
   }
@@ -136,14 +150,36 @@ class ZipArchive {
   std::map<std::string, ZipEntry> entries_;
 };
 
-// A parsed .npy array, values widened to double.
+// A parsed .npy array: its header and its little-endian values, read one at a time.
 struct NpyArray {
   std::vector<int64_t> shape;
-  std::vector<double> values;
-  std::string dtype;
+  std::string dtype, kind;  // "<f4", "f4"
+  std::vector<uint8_t> bytes;
+  size_t offset = 0, width = 0;
+  int64_t count = 0;
+
+  double value(int64_t i) const {
+    const uint8_t* p = bytes.data() + offset + size_t(i) * width;
+    if (kind == "u1" || kind == "b1") return p[0];
+    if (kind == "i1") return int8_t(p[0]);
+    if (kind == "u2") return u16(p);
+    if (kind == "i2") return int16_t(u16(p));
+    if (kind == "u4") return u32(p);
+    if (kind == "i4") return int32_t(u32(p));
+    if (kind == "u8") return double(u64(p));
+    if (kind == "i8") return double(int64_t(u64(p)));
+    if (kind == "f4") {
+      float f;
+      std::memcpy(&f, p, 4);
+      return f;
+    }
+    double v;
+    std::memcpy(&v, p, 8);
+    return v;
+  }
 };
 
-NpyArray parse_npy(const std::vector<uint8_t>& b, const std::string& where) {
+NpyArray parse_npy(std::vector<uint8_t> b, const std::string& where) {
   auto fail = [&](const std::string& why) { throw Error("npz: " + where + ": " + why); };
   if (b.size() < 10 || std::memcmp(b.data(), "\x93NUMPY", 6) != 0) fail("not a .npy array");
   const int major = b[6];
@@ -158,13 +194,15 @@ NpyArray parse_npy(const std::vector<uint8_t>& b, const std::string& where) {
   } else {
     fail("unsupported .npy version " + std::to_string(major));
   }
-  if (offset + header_len > b.size()) fail("truncated .npy header");
+  if (header_len > b.size() - offset) fail("truncated .npy header");
   const std::string h(reinterpret_cast<const char*>(b.data() + offset), header_len);
   auto field = [&](const std::string& key) {
     const auto k = h.find("'" + key + "'");
     if (k == std::string::npos) fail("header has no '" + key + "'");
     auto v = h.find(':', k);
+    if (v == std::string::npos) fail("header field '" + key + "' has no value");
     v = h.find_first_not_of(' ', v + 1);
+    if (v == std::string::npos) fail("header field '" + key + "' has no value");
     return v;
   };
   NpyArray a;
@@ -172,6 +210,7 @@ NpyArray parse_npy(const std::vector<uint8_t>& b, const std::string& where) {
     auto v = field("descr");
     const char q = h[v];
     const auto end = h.find(q, v + 1);
+    if (end == std::string::npos) fail("header field 'descr' is not a quoted string");
     a.dtype = h.substr(v + 1, end - v - 1);
   }
   if (h.compare(field("fortran_order"), 4, "True") == 0)
@@ -179,13 +218,18 @@ NpyArray parse_npy(const std::vector<uint8_t>& b, const std::string& where) {
   {
     auto v = field("shape");
     const auto end = h.find(')', v);
+    if (h[v] != '(' || end == std::string::npos) fail("header field 'shape' is not a tuple");
     std::string dims = h.substr(v + 1, end - v - 1);
     size_t p = 0;
     while (p < dims.size()) {
       const auto comma = dims.find(',', p);
       std::string tok = dims.substr(p, comma == std::string::npos ? std::string::npos : comma - p);
       tok.erase(std::remove(tok.begin(), tok.end(), ' '), tok.end());
-      if (!tok.empty()) a.shape.push_back(std::stoll(tok));
+      if (!tok.empty()) {
+        if (tok.find_first_not_of("0123456789") != std::string::npos || tok.size() > 18)
+          fail("shape dimension '" + tok + "' is not a count");
+        a.shape.push_back(std::stoll(tok));
+      }
       if (comma == std::string::npos) break;
       p = comma + 1;
     }
@@ -193,46 +237,27 @@ NpyArray parse_npy(const std::vector<uint8_t>& b, const std::string& where) {
   const std::string& t = a.dtype;
   if (t.size() < 3 || (t[0] == '>' && t.substr(1) != "u1" && t.substr(1) != "i1"))
     fail("dtype '" + t + "' is not supported (little-endian integers or floats expected)");
-  const std::string kind = t.substr(1);
-  int64_t count = 1;
-  for (auto d : a.shape) count *= d;
-  const size_t data_off = offset + header_len;
+  a.kind = t.substr(1);
   static const std::map<std::string, int> widths = {{"u1", 1}, {"i1", 1}, {"b1", 1}, {"u2", 2},
                                                     {"i2", 2}, {"u4", 4}, {"i4", 4}, {"u8", 8},
                                                     {"i8", 8}, {"f4", 4}, {"f8", 8}};
-  auto w = widths.find(kind);
+  auto w = widths.find(a.kind);
   if (w == widths.end()) fail("dtype '" + t + "' is not supported");
-  if (data_off + size_t(count) * w->second > b.size())
-    fail("holds fewer values than its shape needs (truncated)");
-  a.values.resize(count);
-  const uint8_t* p = b.data() + data_off;
-  for (int64_t i = 0; i < count; ++i, p += w->second) {
-    double v = 0;
-    if (kind == "u1" || kind == "b1")
-      v = p[0];
-    else if (kind == "i1")
-      v = int8_t(p[0]);
-    else if (kind == "u2")
-      v = u16(p);
-    else if (kind == "i2")
-      v = int16_t(u16(p));
-    else if (kind == "u4")
-      v = u32(p);
-    else if (kind == "i4")
-      v = int32_t(u32(p));
-    else if (kind == "u8")
-      v = double(u64(p));
-    else if (kind == "i8")
-      v = double(int64_t(u64(p)));
-    else if (kind == "f4") {
-      float f;
-      std::memcpy(&f, p, 4);
-      v = f;
-    } else {
-      std::memcpy(&v, p, 8);
-    }
-    a.values[i] = v;
-  }
+  a.width = size_t(w->second);
+  uint64_t count = 1;
+  for (auto d : a.shape)
+    if (__builtin_mul_overflow(count, uint64_t(d), &count))
+      fail("shape has too many elements (overflows)");
+  uint64_t data_bytes;
+  if (__builtin_mul_overflow(count, uint64_t(a.width), &data_bytes))
+    fail("shape has too many elements (overflows)");
+  a.offset = offset + header_len;
+  // The entry's size (checked against the limit before it was inflated) and the shape agree.
+  if (data_bytes != b.size() - a.offset)
+    fail("holds " + std::to_string(b.size() - a.offset) + " data bytes, its shape and dtype '" + t +
+         "' need " + std::to_string(data_bytes) + " (truncated or corrupt)");
+  a.count = int64_t(count);
+  a.bytes = std::move(b);
   return a;
 }
 
@@ -247,6 +272,8 @@ class NpzDataset : public Dataset {
     opt_.size = int(args.integer("size"));
     opt_.channels = int(args.integer("channels"));
     if (opt_.channels == 2) throw Error("npz: channels must be 0 (keep), 1 or 3");
+    if (args.has("non_finite") && args.str("non_finite") == "zero")
+      opt_.non_finite = NonFinite::Zero;
   }
 
   // request.sites is not filtered here: the archive is one source, and the pipeline's
@@ -273,13 +300,17 @@ class NpzDataset : public Dataset {
     const std::string ikey = split + "_images", lkey = split + "_labels";
     for (const auto& key : {ikey, lkey})
       if (!zip.has(key + ".npy")) zip.fail("has no array '" + key + "' (MedMNIST layout expected)");
-    const NpyArray images = parse_npy(zip.read(ikey + ".npy"), path_ + ": " + ikey);
-    const NpyArray labels = parse_npy(zip.read(lkey + ".npy"), path_ + ": " + lkey);
+    const size_t max_bytes = default_max_image_bytes();
+    const NpyArray images = parse_npy(zip.read(ikey + ".npy", max_bytes), path_ + ": " + ikey);
+    const NpyArray labels = parse_npy(zip.read(lkey + ".npy", max_bytes), path_ + ": " + lkey);
     const auto& s = images.shape;
     if (s.size() != 3 && !(s.size() == 4 && (s[3] == 3 || s[3] == 1)))
       throw Error("npz: " + path_ + ": " + ikey + " has shape of rank " + std::to_string(s.size()) +
                   "; expected N x H x W or N x H x W x 3");
     const int64_t N = s[0], H = s[1], W = s[2], C = s.size() == 4 ? s[3] : 1;
+    if (H <= 0 || W <= 0 || H > 65536 || W > 65536)
+      throw Error("npz: " + path_ + ": " + ikey + " declares images of " + std::to_string(H) +
+                  " x " + std::to_string(W) + " pixels");
     int64_t per = 1;
     for (size_t k = 1; k < labels.shape.size(); ++k) per *= labels.shape[k];
     if (labels.shape.empty() || labels.shape[0] != N || per != 1)
@@ -303,19 +334,31 @@ class NpzDataset : public Dataset {
     for (int64_t i : pick) {
       Sample smp;
       smp.id = base + ":" + split + ":" + std::to_string(i);
-      const double lv = labels.values[i];
-      if (lv < 0 || lv != double(int64_t(lv)))
+      const double lv = labels.value(i);
+      if (!(lv >= 0 && lv < 9.0e15) || lv != std::floor(lv))
         throw Error("npz: " + path_ + ": " + lkey + "[" + std::to_string(i) +
                     "] = " + std::to_string(lv) + " is not a class index");
       smp.label = int64_t(lv);
       max_label = std::max(max_label, smp.label);
       Image img(2, int(C), {W, H, 1});
       img.pixel_type = kind == "u1" ? PixelType::U8 : PixelType::F32;
-      const double* src = images.values.data() + i * H * W * C;
+      const int64_t base_index = i * H * W * C;
+      int64_t bad = 0;
       for (int64_t y = 0; y < H; ++y)
         for (int64_t x = 0; x < W; ++x)
-          for (int64_t c = 0; c < C; ++c)  // interleaved HWC -> planar CHW
-            img.at(x, y, 0, int(c)) = float(src[(y * W + x) * C + c] * scale);
+          for (int64_t c = 0; c < C; ++c) {  // interleaved HWC -> planar CHW
+            float& v = img.at(x, y, 0, int(c));
+            v = float(images.value(base_index + (y * W + x) * C + c) * scale);
+            if (!std::isfinite(v)) {
+              ++bad;
+              v = 0.f;
+            }
+          }
+      if (bad && opt_.non_finite == NonFinite::Error)
+        throw Error("npz: " + path_ + ": " + ikey + "[" + std::to_string(i) + "] has " +
+                    std::to_string(bad) +
+                    " non-finite values (NaN or Inf); refused (argument non_finite: zero "
+                    "replaces them by 0)");
       img = datasets::convert_channels(img, opt_.channels, path_);
       smp.image = datasets::resize(img, opt_.size, false);
       out.push_back(std::move(smp));
@@ -345,6 +388,9 @@ CONCORD_PLUGIN("concord-dataset-npz", "0.1.0") {
             .at_least(0),
         ArgSpec::integer("size", 0, "Resize to size x size (0 keeps the archive's size)")
             .range(0, 4096),
-        ArgSpec::integer("channels", 0, "Convert to 1 or 3 channels; 0 keeps").range(0, 3)},
+        ArgSpec::integer("channels", 0, "Convert to 1 or 3 channels; 0 keeps").range(0, 3),
+        ArgSpec::choice("non_finite", {"error", "zero"}, "error",
+                        "Float images with NaN/Inf values: refuse naming the sample, or replace "
+                        "them by 0")},
        factory_of<NpzDataset>()});
 }

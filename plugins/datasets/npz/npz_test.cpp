@@ -3,8 +3,10 @@
 
 #include <zlib.h>
 
+#include <cmath>
 #include <cstring>
 #include <fstream>
+#include <map>
 
 #include "testing.h"
 
@@ -55,9 +57,10 @@ void put32(std::string& s, uint32_t v) {
 }
 
 // Writes a zip archive; entries alternate between stored and deflated to cover both.
+// `declared` overrides the uncompressed size written for the named entries.
 void write_zip(const std::string& file,
                const std::vector<std::pair<std::string, std::string>>& entries,
-               bool corrupt_crc = false) {
+               bool corrupt_crc = false, const std::map<std::string, uint32_t>& declared = {}) {
   std::string out, central;
   int k = 0;
   for (const auto& [name, data] : entries) {
@@ -87,7 +90,7 @@ void write_zip(const std::string& file,
       put16(s, 0x21);              // date
       put32(s, crc);
       put32(s, uint32_t(payload.size()));
-      put32(s, uint32_t(data.size()));
+      put32(s, declared.count(name) ? declared.at(name) : uint32_t(data.size()));
       put16(s, uint16_t(name.size()));
       put16(s, 0);  // extra
     };
@@ -267,4 +270,57 @@ TEST(Npz, PneumoniaMnist) {
   EXPECT_EQ(val.sites[0].train.size(), 100u);
   EXPECT_EQ(val.sites[0].test.size(), 100u);
   EXPECT_EQ(val.sites[0].test[0].image.size[1], 32);
+}
+
+// Sizes the archive declares are checked before allocating: an entry's uncompressed size against
+// the ceiling and against what deflate can produce, a .npy shape against the entry's size.
+TEST(Npz, DeclaredSizesAreCheckedBeforeAllocating) {
+  testkit::TempDir dir;
+  auto refused = [&](const std::string& file) {
+    return error_of([&] { make({{"path", make_value(file)}})->load({1, {}}); });
+  };
+  const std::string labels = npy("<i8", {2, 1}, {0, 1});
+  // Stored entry (first) declaring 4 GiB uncompressed.
+  const std::string huge = dir.str() + "/huge.npz";
+  write_zip(huge,
+            {{"train_images.npy", npy("|u1", {2, 2, 2}, {1, 2, 3, 4, 5, 6, 7, 8})},
+             {"train_labels.npy", labels}},
+            false, {{"train_images.npy", 0xFFFFFFF0u}});
+  std::string e = refused(huge);
+  EXPECT_NE(e.find("huge.npz"), std::string::npos) << e;
+  EXPECT_NE(e.find("4294967280 bytes uncompressed"), std::string::npos) << e;
+  // Deflated entry (second) declaring 100 MB from a few compressed bytes.
+  const std::string bomb = dir.str() + "/bomb.npz";
+  write_zip(bomb,
+            {{"train_images.npy", npy("|u1", {2, 2, 2}, {1, 2, 3, 4, 5, 6, 7, 8})},
+             {"train_labels.npy", labels}},
+            false, {{"train_labels.npy", 100000000u}});
+  e = refused(bomb);
+  EXPECT_NE(e.find("more than deflate can produce"), std::string::npos) << e;
+  // A shape that overflows, and one that disagrees with the data the entry holds.
+  const std::string shape = dir.str() + "/shape.npz";
+  write_zip(shape, {{"train_images.npy", npy("|u1", {2147483648, 2147483648, 2147483648}, {1, 2})},
+                    {"train_labels.npy", labels}});
+  EXPECT_NE(refused(shape).find("overflows"), std::string::npos) << refused(shape);
+  const std::string shortish = dir.str() + "/short.npz";
+  write_zip(shortish, {{"train_images.npy", npy("|u1", {3, 2, 2}, {1, 2, 3, 4, 5, 6, 7, 8})},
+                       {"train_labels.npy", labels}});
+  e = refused(shortish);
+  EXPECT_NE(e.find("need 12"), std::string::npos) << e;
+}
+
+TEST(Npz, NonFiniteImagesAreRefusedOrZeroed) {
+  testkit::TempDir dir;
+  const std::string file = dir.str() + "/nan.npz";
+  std::vector<double> v = {0.1, 0.2, 0.3, 0.4, 0.5, std::nan(""), 0.7, 0.8};
+  write_zip(file, {{"train_images.npy", npy("<f4", {2, 2, 2}, v)},
+                   {"train_labels.npy", npy("<i8", {2, 1}, {0, 1})},
+                   {"test_images.npy", npy("<f4", {1, 2, 2}, {0.1, 0.2, 0.3, 0.4})},
+                   {"test_labels.npy", npy("<i8", {1, 1}, {1})}});
+  const std::string e = error_of([&] { make({{"path", make_value(file)}})->load({1, {}}); });
+  EXPECT_NE(e.find("nan.npz"), std::string::npos) << e;
+  EXPECT_NE(e.find("train_images[1]"), std::string::npos) << e;
+  auto fed = make({{"path", make_value(file)}, {"non_finite", make_value("zero")}})->load({1, {}});
+  EXPECT_EQ(fed.sites[0].train[1].image.at(1, 0), 0.f);
+  EXPECT_FLOAT_EQ(fed.sites[0].train[1].image.at(0, 0), 0.5f);
 }
