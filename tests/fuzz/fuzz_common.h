@@ -2,6 +2,7 @@
 // that take a path, and the verdict on exceptions.
 #pragma once
 
+#include <concord/array.h>
 #include <concord/error.h>
 
 #include <unistd.h>
@@ -30,6 +31,24 @@ inline std::string write_input(const uint8_t* data, size_t size, const std::stri
   std::ofstream(file, std::ios::binary | std::ios::trunc)
       .write(reinterpret_cast<const char*>(data), std::streamsize(size));
   return file;
+}
+
+// An accepted array must really be as large as its shape says: a shape whose element or byte
+// count overflows (the bytes then "fit" in a tiny buffer) is a finding even when no read
+// goes out of bounds.
+inline void check_shape(const std::string& name, const Array& a) {
+  uint64_t n = 1;
+  for (int64_t d : a.shape())
+    if (d < 0 || __builtin_mul_overflow(n, uint64_t(d), &n)) {
+      std::fprintf(stderr, "concord-fuzz: array '%s' accepted with an overflowing shape\n",
+                   name.c_str());
+      std::abort();
+    }
+  if (__builtin_mul_overflow(n, uint64_t(dtype_size(a.dtype())), &n)) {
+    std::fprintf(stderr, "concord-fuzz: array '%s' accepted with an overflowing byte count\n",
+                 name.c_str());
+    std::abort();
+  }
 }
 
 // A reader may refuse any input with concord::Error: that is the contract. Running out of memory

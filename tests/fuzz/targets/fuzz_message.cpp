@@ -12,8 +12,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     concord::Message m = concord::decode(buf);
     // Touch what a receiver touches: every array's bytes.
     volatile uint8_t sink = 0;
-    for (const auto& [name, a] : m.arrays)
+    for (const auto& [name, a] : m.arrays) {
+      concord::fuzz::check_shape(name, a);
       if (a.nbytes()) sink = sink + static_cast<const uint8_t*>(a.raw())[a.nbytes() - 1];
+    }
   });
   return 0;
 }

@@ -10,8 +10,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::string method;
     concord::Stats s = concord::load_stats(file, &method);
     volatile uint8_t sink = 0;
-    for (const auto& [name, a] : s.arrays)
+    for (const auto& [name, a] : s.arrays) {
+      concord::fuzz::check_shape(name, a);
       if (a.nbytes()) sink = sink + static_cast<const uint8_t*>(a.raw())[a.nbytes() - 1];
+    }
   });
   return 0;
 }
