@@ -18,11 +18,15 @@
 
 namespace concord::fuzz {
 
-// Writes the input to <scratch>/input<ext> (tmpfs when available) and returns its path.
+// Writes the input to <scratch>/concord-fuzz-PID/input<ext> and returns its path; scratch is
+// CONCORD_FUZZ_SCRATCH (scripts/fuzz removes it afterwards), else /dev/shm.
 inline std::string write_input(const uint8_t* data, size_t size, const std::string& ext) {
   static const std::string dir = [] {
-    std::filesystem::path base =
-        std::filesystem::exists("/dev/shm") ? "/dev/shm" : std::filesystem::temp_directory_path();
+    const char* scratch = std::getenv("CONCORD_FUZZ_SCRATCH");  // set by scripts/fuzz
+    std::filesystem::path base = scratch ? scratch
+                                 : std::filesystem::exists("/dev/shm")
+                                     ? "/dev/shm"
+                                     : std::filesystem::temp_directory_path();
     std::filesystem::path d = base / ("concord-fuzz-" + std::to_string(::getpid()));
     std::filesystem::create_directories(d);
     return d.string();
