@@ -2,6 +2,7 @@
 #pragma once
 
 #include <concord/pipeline.h>
+#include <concord/registry.h>
 
 #include <CLI/CLI.hpp>
 
@@ -21,9 +22,9 @@ struct Exit {
   int code;
 };
 
-// Loads the built-in plugins, CONCORD_PLUGIN_PATH and --plugin-path into the global registry;
-// reports libraries that refused to load. Returns the registry.
-void load_all_plugins(const Globals& g);
+// Loads the built-in plugins, CONCORD_PLUGIN_PATH and --plugin-path into the global registry
+// (once); logs refused libraries (errors) and skipped path entries (warnings) and returns them.
+const std::vector<LoadFailure>& load_all_plugins(const Globals& g);
 
 // Loads the plugins and the pipeline FILE with `--set` overrides; on validation errors prints
 // every diagnostic (FILE:LINE:COL) and throws Exit{1}. Defined in validate_cmd.cpp.

@@ -14,12 +14,19 @@
 
 namespace concord::cli {
 
-void load_all_plugins(const Globals& g) {
+const std::vector<LoadFailure>& load_all_plugins(const Globals& g) {
   static bool loaded = false;
-  if (loaded) return;
+  static std::vector<LoadFailure> failures;
+  if (loaded) return failures;
   loaded = true;
-  auto failures = load_plugins(global_registry(), g.plugin_paths);
-  for (const auto& f : failures) spdlog::error("plugin {}: {}", f.file, f.reason);
+  failures = load_plugins(global_registry(), g.plugin_paths);
+  for (const auto& f : failures) {
+    if (f.path_entry)
+      spdlog::warn("plugin path {}: {}", f.file, f.reason);
+    else
+      spdlog::error("plugin {}: {}", f.file, f.reason);
+  }
+  return failures;
 }
 
 }  // namespace concord::cli

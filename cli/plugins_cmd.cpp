@@ -3,6 +3,7 @@
 
 #include <concord/registry.h>
 
+#include <algorithm>
 #include <iostream>
 
 namespace concord::cli {
@@ -30,7 +31,11 @@ void add_plugins_command(CLI::App& app, Globals& g) {
   sub->add_option("name", *name, "Show only the plugin with this name");
   sub->add_flag("--brief", *brief, "One line per plugin");
   sub->callback([&g, kind, name, brief] {
-    load_all_plugins(g);
+    // Refused libraries are listed again after the listing, whatever the filter: their
+    // plugins are missing from it, which a filtered listing would not make obvious.
+    const auto& failures = load_all_plugins(g);
+    const size_t refused = std::count_if(failures.begin(), failures.end(),
+                                         [](const LoadFailure& f) { return !f.path_entry; });
     std::optional<Kind> k;
     if (!kind->empty()) {
       k = kind_from_name(*kind);
@@ -42,6 +47,12 @@ void add_plugins_command(CLI::App& app, Globals& g) {
       print_plugin(*d, !*brief);
       ++shown;
     }
+    if (refused) {
+      std::cerr << refused << " plugin librar" << (refused == 1 ? "y" : "ies")
+                << " could not be loaded (their plugins are not listed):\n";
+      for (const auto& f : failures)
+        if (!f.path_entry) std::cerr << "  " << f.file << "\n";
+    }
     if (shown == 0 && !name->empty()) {
       std::string hint;
       for (Kind kk : all_kinds()) {
@@ -50,6 +61,7 @@ void add_plugins_command(CLI::App& app, Globals& g) {
       }
       throw Error("no plugin named '" + *name + "'" + hint);
     }
+    if (refused) throw Exit{1};
   });
 }
 

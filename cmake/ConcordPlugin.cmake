@@ -9,13 +9,25 @@ function(concord_add_plugin name)
   if(TARGET concord)  # in-tree build
     target_link_libraries(${name} PRIVATE concord ${P_LIBS})
     set_target_properties(${name} PROPERTIES
-      LIBRARY_OUTPUT_DIRECTORY ${CONCORD_PLUGIN_OUTPUT_DIR}
-      BUILD_RPATH "$ORIGIN/../.." INSTALL_RPATH "$ORIGIN/../..")
+      LIBRARY_OUTPUT_DIRECTORY ${CONCORD_PLUGIN_OUTPUT_DIR} INSTALL_RPATH "$ORIGIN/../..")
+    concord_safe_rpath(${name})
     install(TARGETS ${name} LIBRARY DESTINATION ${CONCORD_PLUGIN_SUBDIR})
     set_property(GLOBAL APPEND PROPERTY CONCORD_PLUGIN_TARGETS ${name})
   else()  # out of tree, against an installed Concord
     target_link_libraries(${name} PRIVATE Concord::sdk ${P_LIBS})
+    # Loaded into a process that already has libconcord; other libraries by absolute path.
+    set_target_properties(${name} PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
+    concord_safe_rpath(${name})
   endif()
+endfunction()
+
+# concord_safe_rpath(TARGET): the target carries its install RPATH (absolute or $ORIGIN-relative
+# entries only) in the build tree too, which mirrors the install tree (bin/, lib/,
+# lib/concord/plugins/). Otherwise CMake links a build RPATH it rewrites at install and pads it
+# with a trailing ':' (an empty entry: ld.so reads it as the current folder, so a libfmt.so.9 in
+# the folder where someone runs `concord` would run its constructors). tests/elf checks this.
+function(concord_safe_rpath target)
+  set_target_properties(${target} PROPERTIES BUILD_WITH_INSTALL_RPATH ON)
 endfunction()
 
 # concord_add_test(NAME SOURCES ... [LIBS ...] [PLUGINS target...] [NEEDS_CLI] [TIMEOUT s]):

@@ -1,6 +1,8 @@
 #include <concord/registry.h>
 
 #include <dlfcn.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -119,9 +121,72 @@ std::string Registry::suggest(Kind kind, const std::string& name) const {
   return closest_name(name, names(kind));
 }
 
+static bool insecure_plugins_allowed() {
+  const char* v = std::getenv("CONCORD_ALLOW_INSECURE_PLUGINS");
+  return v && std::string(v) == "1";
+}
+
+static std::string this_library_file() {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&insecure_plugins_allowed), &info) && info.dli_fname &&
+      info.dli_fname[0] == '/')
+    return info.dli_fname;
+  return "";
+}
+
+std::string untrusted_plugin_location(const std::string& path, bool scanned_folder) {
+  std::error_code ec;
+  fs::path p = fs::canonical(path, ec);
+  if (ec) return path + ": " + ec.message();
+  // Whoever owns libconcord already decides what code runs in this process.
+  static const uid_t concord_owner = [] {
+    struct stat st {};
+    std::string lib = this_library_file();
+    return !lib.empty() && ::stat(lib.c_str(), &st) == 0 ? st.st_uid : uid_t(0);
+  }();
+  const uid_t me = ::geteuid();
+  bool first = true;
+  for (fs::path cur = p;; cur = cur.parent_path()) {
+    struct stat st {};
+    if (::stat(cur.c_str(), &st) != 0) return cur.string() + ": cannot stat";
+    const char* what = S_ISDIR(st.st_mode) ? "folder " : "file ";
+    if (st.st_uid != 0 && st.st_uid != me && st.st_uid != concord_owner)
+      return what + cur.string() + " is owned by user " + std::to_string(st.st_uid) +
+             ", neither root nor you";
+    // A sticky folder (/tmp) above the plugins is fine: others cannot replace what is in it.
+    // The scanned folder itself is not: anyone could add a library to it.
+    const bool strict = first && (scanned_folder || !S_ISDIR(st.st_mode));
+    if ((st.st_mode & S_IWOTH) && (strict || !(st.st_mode & S_ISVTX)))
+      return what + cur.string() + " is writable by every user";
+    first = false;
+    if (cur == cur.root_path() || cur.parent_path() == cur) break;
+  }
+  return "";
+}
+
+// Throws when `path` may be changed by another user, unless the user opted out.
+static void require_trusted(const std::string& path, bool scanned_folder) {
+  std::string why = untrusted_plugin_location(path, scanned_folder);
+  if (why.empty()) return;
+  if (insecure_plugins_allowed()) {
+    spdlog::warn("loading plugins from {} although {} (CONCORD_ALLOW_INSECURE_PLUGINS=1)", path,
+                 why);
+    return;
+  }
+  throw Error("refusing plugin " + std::string(scanned_folder ? "folder " : "library ") + path +
+              ": " + why + " (another user could make Concord run their code; fix the " +
+              "ownership or mode, or set CONCORD_ALLOW_INSECURE_PLUGINS=1)");
+}
+
 void PluginLoader::load_file(const std::string& file) {
-  std::string path = fs::absolute(file).string();
+  // Absolute and symlink-free: dlopen never searches for it, and the checked file is the one
+  // loaded.
+  std::error_code ec;
+  fs::path resolved = fs::canonical(fs::absolute(file), ec);
+  if (ec) throw Error("cannot load plugin library " + file + ": " + ec.message());
+  std::string path = resolved.string();
   if (std::find(loaded_.begin(), loaded_.end(), path) != loaded_.end()) return;
+  require_trusted(path, false);
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!handle) throw Error("cannot load plugin library " + path + ": " + dlerror());
   auto entry = reinterpret_cast<concord_plugin_fn>(dlsym(handle, CONCORD_PLUGIN_SYMBOL));
@@ -132,7 +197,10 @@ void PluginLoader::load_file(const std::string& file) {
                 "' entry point (is it a Concord plugin? use the CONCORD_PLUGIN macro)");
   }
   const concord_plugin_info* info = entry();
-  if (!info) throw Error("plugin library " + path + ": " CONCORD_PLUGIN_SYMBOL "() returned null");
+  if (!info) {
+    dlclose(handle);
+    throw Error("plugin library " + path + ": " CONCORD_PLUGIN_SYMBOL "() returned null");
+  }
   // Copy what we report before dlclose: `info` lives in the library.
   const uint32_t api = info->api_version;
   if (api != CONCORD_API_VERSION) {
@@ -146,6 +214,11 @@ void PluginLoader::load_file(const std::string& file) {
     dlclose(handle);
     throw Error("plugin library " + path + " was built with ABI '" + abi +
                 "', this Concord has ABI '" CONCORD_ABI_TAG "'; rebuild the plugin");
+  }
+  if (!info->register_plugins) {
+    dlclose(handle);
+    throw Error("plugin library " + path +
+                ": " CONCORD_PLUGIN_SYMBOL "() returned a null register_plugins function");
   }
   registry_.set_current_library(path, info->version ? info->version : "");
   try {
@@ -169,7 +242,15 @@ std::vector<LoadFailure> PluginLoader::load_dirs(const std::vector<std::string>&
         } catch (const std::exception& e) {
           failures.push_back({dir, e.what()});
         }
+      } else {
+        failures.push_back({dir, "plugin path does not exist", true});
       }
+      continue;
+    }
+    try {
+      require_trusted(dir, true);
+    } catch (const std::exception& e) {
+      failures.push_back({dir, e.what()});
       continue;
     }
     std::vector<fs::path> files;
@@ -190,55 +271,76 @@ std::vector<LoadFailure> PluginLoader::load_dirs(const std::vector<std::string>&
 static std::string self_exe_dir() {
   char buf[4096];
   ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) return ".";
+  if (n <= 0 || buf[0] != '/') return "";  // never fall back to the current folder
   buf[n] = 0;
   return fs::path(buf).parent_path().string();
 }
 
-static std::string this_library_dir() {
-  Dl_info info;
-  if (dladdr(reinterpret_cast<void*>(&self_exe_dir), &info) && info.dli_fname)
-    return fs::absolute(info.dli_fname).parent_path().string();
-  return "";
-}
-
-std::vector<std::string> plugin_search_path(const std::vector<std::string>& extra) {
+std::vector<std::string> plugin_search_path(const std::vector<std::string>& extra,
+                                            std::vector<LoadFailure>* skipped) {
   std::vector<std::string> dirs;
-  auto add = [&](const fs::path& p) {
+  auto skip = [&](const std::string& entry, const std::string& why) {
+    if (skipped) skipped->push_back({entry, why, true});
+  };
+  // Only absolute paths get here.
+  auto add = [&](const fs::path& p, bool report_missing) {
     std::error_code ec;
-    if (!fs::is_directory(p, ec) && !fs::is_regular_file(p, ec)) return;
+    if (!fs::is_directory(p, ec) && !fs::is_regular_file(p, ec)) {
+      if (report_missing) skip(p.string(), "plugin path does not exist (ignored)");
+      return;
+    }
     std::string c = fs::weakly_canonical(p, ec).string();
     if (std::find(dirs.begin(), dirs.end(), c) == dirs.end()) dirs.push_back(c);
   };
   // Built-in plugins: beside libconcord (lib/concord/plugins), which is the same layout in the
   // build tree and the install tree; then relative to the executable; then the install prefix.
-  std::string libdir = this_library_dir();
-  if (!libdir.empty()) add(fs::path(libdir) / "concord" / "plugins");
-  add(fs::path(self_exe_dir()) / ".." / CONCORD_PLUGIN_SUBDIR);
+  std::string lib = this_library_file();
+  if (!lib.empty()) add(fs::path(lib).parent_path() / "concord" / "plugins", false);
+  std::string exe_dir = self_exe_dir();
+  if (!exe_dir.empty()) add(fs::path(exe_dir) / ".." / CONCORD_PLUGIN_SUBDIR, false);
   bool builtin_found = !dirs.empty();
-  if (!builtin_found) add(CONCORD_INSTALL_PLUGIN_DIR);
+  if (!builtin_found) add(CONCORD_INSTALL_PLUGIN_DIR, false);
   if (const char* env = std::getenv("CONCORD_PLUGIN_PATH")) {
     std::string s = env;
     size_t start = 0;
     while (start <= s.size()) {
       size_t end = s.find(':', start);
       if (end == std::string::npos) end = s.size();
-      if (end > start) add(s.substr(start, end - start));
+      std::string entry = s.substr(start, end - start);
+      // Empty entries mean nothing here (for the dynamic loader they mean the current folder).
+      if (!entry.empty() && entry[0] != '/')
+        skip(entry,
+             "relative entry in CONCORD_PLUGIN_PATH ignored: entries must be absolute paths");
+      else if (!entry.empty())
+        add(entry, true);
       start = end + 1;
     }
   }
-  for (const auto& e : extra) add(e);
+  for (const auto& e : extra) {
+    if (e.empty()) {
+      skip("--plugin-path \"\"", "empty plugin path ignored");
+      continue;
+    }
+    fs::path p = e;
+    if (p.is_relative()) {
+      std::error_code ec;
+      p = fs::absolute(p, ec);
+      if (ec) {
+        skip(e, "cannot resolve relative plugin path: " + ec.message());
+        continue;
+      }
+      spdlog::info("plugin path {} is relative: using {}", e, p.string());
+    }
+    add(p, true);
+  }
   return dirs;
 }
 
 std::vector<LoadFailure> load_plugins(Registry& registry, const std::vector<std::string>& extra) {
   PluginLoader loader(registry);
   std::vector<LoadFailure> failures;
-  for (const auto& e : extra) {
-    std::error_code ec;
-    if (!fs::exists(e, ec)) failures.push_back({e, "plugin path does not exist"});
-  }
-  auto more = loader.load_dirs(plugin_search_path(extra));
+  auto dirs = plugin_search_path(extra, &failures);
+  auto more = loader.load_dirs(dirs);
   failures.insert(failures.end(), more.begin(), more.end());
   return failures;
 }

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # Installs Concord into a scratch prefix, builds examples/custom-harmonizer against it with
 # find_package(Concord), loads the plugin with --plugin-path and runs a pipeline that uses it.
+# Every installed executable and library, and the out-of-tree plugin, must have only absolute
+# or $ORIGIN-relative RPATH/RUNPATH entries (never one ld.so reads as the current folder).
 set -euo pipefail
 src="$1"
 build="$2"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cmake --install "$build" --prefix "$work/prefix" >/dev/null
+"$build/bin/check-runpath" "$work/prefix" || { echo "FAIL: unsafe RUNPATH in the installed tree"; exit 1; }
+test -f "$work/prefix/bin/concord" || { echo "FAIL: concord not installed"; exit 1; }
+# The attack itself: a libfmt.so.9 (built by tests/CMakeLists.txt) in the current folder.
+planted="$build/test-fixtures/elf/cwd"
+rm -f "$planted/PLANTED-LIBRARY-RAN"
+(cd "$planted" && "$work/prefix/bin/concord" --version >/dev/null)
+test ! -e "$planted/PLANTED-LIBRARY-RAN" || { echo "FAIL: installed concord loaded $planted/libfmt.so.9"; exit 1; }
 export CCACHE_BASEDIR="$src"
 cmake -S "$src/examples/custom-harmonizer" -B "$work/example" -G Ninja \
   -DCMAKE_PREFIX_PATH="$work/prefix" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$work/example" >/dev/null
 plugin="$work/example/libexample-mean-scale.so"
 test -f "$plugin" || { echo "FAIL: $plugin was not built"; exit 1; }
+"$build/bin/check-runpath" "$plugin" || { echo "FAIL: unsafe RUNPATH in the example plugin"; exit 1; }
 out="$("$work/prefix/bin/concord" plugins mean-scale --plugin-path "$work/example")"
 echo "$out"
 grep -q "harmonizer mean-scale" <<<"$out" || { echo "FAIL: plugin not listed"; exit 1; }

@@ -3,23 +3,11 @@
 
 #include <fstream>
 
+#include "fixtures.h"
 #include "testing.h"
 
 using namespace concord;
-
-static std::string fixture(const std::string& name) {
-  return std::string(FIXTURE_PLUGIN_DIR) + "/libfixture_" + name + ".so";
-}
-
-static std::string load_error(Registry& r, const std::string& file) {
-  PluginLoader loader(r);
-  try {
-    loader.load_file(file);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using namespace concord::registry_test;
 
 TEST(Loader, RefusesOtherApiVersionNamingFileAndBothVersions) {
   Registry r;

@@ -96,18 +96,27 @@ class Registry {
 // The candidate closest to `name` by edit distance, or "" when none is close (did-you-mean).
 std::string closest_name(const std::string& name, const std::vector<std::string>& candidates);
 
-// One library that could not be loaded, and why.
+// One library that could not be loaded, or one search-path entry that was skipped, and why.
 struct LoadFailure {
   std::string file;
   std::string reason;
+  bool path_entry = false;  // a skipped search-path entry (a warning), not a refused library
 };
 
-// Loads plugin libraries with dlopen. Libraries stay loaded for the process lifetime.
+// Loads plugin libraries with dlopen, always by absolute path. Libraries stay loaded for the
+// process lifetime.
+//
+// Code is loaded only from places no other user can change (as ssh and sudo check their
+// files): a library, the folder scanned for it and every folder above must be owned by root,
+// by the user running Concord, or by the owner of libconcord itself (who already decides what
+// code runs); none may be world-writable, except sticky folders above the plugin folder (/tmp).
+// A folder scanned for plugins may not be world-writable even when sticky: anyone could add a
+// library to it. CONCORD_ALLOW_INSECURE_PLUGINS=1 turns these checks into warnings.
 class PluginLoader {
  public:
   explicit PluginLoader(Registry& registry) : registry_(registry) {}
-  // Loads one file; throws Error naming the file on any refusal (bad file, missing symbol,
-  // API or ABI mismatch, duplicate plugin name).
+  // Loads one file; throws Error naming the file on any refusal (bad file, missing symbol, null
+  // entry points, API or ABI mismatch, duplicate plugin name, insecure ownership or mode).
   void load_file(const std::string& file);
   // Loads every *.so in each folder (non-recursive). Failures are returned, not thrown, so one
   // broken third-party library does not hide the others; callers must report them.
@@ -119,12 +128,23 @@ class PluginLoader {
   std::vector<std::string> loaded_;
 };
 
-// Default search path: the built-in plugin folder (next to the executable, then the install
-// prefix), then CONCORD_PLUGIN_PATH (colon-separated), then `extra` (from --plugin-path).
-std::vector<std::string> plugin_search_path(const std::vector<std::string>& extra = {});
+// Why `path` (a plugin library, or with `scanned_folder` a folder whose libraries are all
+// loaded) may not be trusted to hold code, naming the file or folder at fault; "" when it may.
+std::string untrusted_plugin_location(const std::string& path, bool scanned_folder);
+
+// Default search path, every entry absolute: the built-in plugin folder (next to libconcord,
+// then next to the executable, then the install prefix), then CONCORD_PLUGIN_PATH
+// (colon-separated), then `extra` (from --plugin-path). Nothing is ever taken from the current
+// folder implicitly: empty CONCORD_PLUGIN_PATH entries ("a::b", a trailing ':') are ignored and
+// relative ones are skipped (the variable outlives the folder it was set in); a relative
+// `extra` entry is what the user typed and is resolved against the current folder once, here.
+// Skipped and nonexistent entries are appended to `skipped` (path_entry = true) when given.
+std::vector<std::string> plugin_search_path(const std::vector<std::string>& extra = {},
+                                            std::vector<LoadFailure>* skipped = nullptr);
 
 // The process-wide registry used by the CLI: loads the search path once.
 Registry& global_registry();
+// Loads the search path into `registry`; returns every refused library and skipped entry.
 std::vector<LoadFailure> load_plugins(Registry& registry, const std::vector<std::string>& extra);
 
 }  // namespace concord
