@@ -100,46 +100,15 @@ std::string with_path(const std::string& path, const std::string& reason) {
   return reason.find(path) != std::string::npos ? reason : path + ": " + reason;
 }
 
-// read_image, then the --non-finite and --channels policies: NaN/Inf voxels refuse the file
-// (or become 0); a colour file whose channels are all equal is grey (auto), every colour file
-// becomes grey (grey: Rec. 601 luma of RGB, the mean otherwise), or channels stay (keep).
-// TODO(merge with hard/readers): read_image(path, ReadOptions{non_finite, channels}) does both
-// in the reader; this body then becomes that call (the reader refuses NaN by default, so
-// --non-finite zero must reach it).
+// read_image with the --non-finite and --channels policies (the reader applies both; NaN/Inf
+// voxels refuse the file unless --non-finite zero).
 Image read_input(const std::string& path, const Options& o) {
-  Image im = read_image(path);
-  size_t bad = 0;
-  for (float& v : im.data)
-    if (!std::isfinite(v)) {
-      ++bad;
-      if (o.non_finite == "zero") v = 0;
-    }
-  if (bad && o.non_finite != "zero")
-    throw Error(path + ": " + std::to_string(bad) + " of " + std::to_string(im.data.size()) +
-                " voxels are not finite (NaN or Inf); --non-finite zero replaces them with 0");
-  if (im.channels > 1 && o.channels != "keep") {
-    const int64_t n = im.voxels();
-    bool same = true;
-    for (int c = 1; c < im.channels && same; ++c)
-      same = std::equal(im.channel(0), im.channel(0) + n, im.channel(c));
-    if (same || o.channels == "grey") {
-      std::vector<float> grey(im.channel(0), im.channel(0) + n);
-      if (!same) {
-        const bool rgb = im.channels == 3 || im.channels == 4;
-        for (int64_t i = 0; i < n; ++i) {
-          double v = 0;
-          if (rgb)
-            v = 0.299 * im.channel(0)[i] + 0.587 * im.channel(1)[i] + 0.114 * im.channel(2)[i];
-          else
-            for (int c = 0; c < im.channels; ++c) v += im.channel(c)[i] / double(im.channels);
-          grey[size_t(i)] = float(v);
-        }
-      }
-      im.data = std::move(grey);
-      im.channels = 1;
-    }
-  }
-  return im;
+  ReadOptions r;
+  r.non_finite = o.non_finite == "zero" ? NonFinite::Zero : NonFinite::Error;
+  r.channels = o.channels == "grey"   ? ChannelPolicy::Grey
+               : o.channels == "keep" ? ChannelPolicy::Keep
+                                      : ChannelPolicy::Auto;
+  return read_image(path, r);
 }
 
 // Marks an input in progress in the supervisor's journal for the lifetime of the object.

@@ -18,20 +18,6 @@
 namespace concord::detail {
 namespace fs = std::filesystem;
 
-uint64_t checked_mul(uint64_t a, uint64_t b, const std::string& what) {
-  uint64_t r;
-  if (__builtin_mul_overflow(a, b, &r))
-    throw Error(what + ": size overflows (" + std::to_string(a) + " x " + std::to_string(b) + ")");
-  return r;
-}
-
-uint64_t checked_add(uint64_t a, uint64_t b, const std::string& what) {
-  uint64_t r;
-  if (__builtin_add_overflow(a, b, &r))
-    throw Error(what + ": size overflows (" + std::to_string(a) + " + " + std::to_string(b) + ")");
-  return r;
-}
-
 uint64_t regular_file_size(const std::string& path, const std::string& what) {
   std::error_code ec;
   const auto st = fs::status(path, ec);

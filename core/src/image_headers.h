@@ -4,16 +4,13 @@
 // the file and the configured ceiling, so a few bytes claiming gigabytes never reach a decoder.
 #pragma once
 
+#include <concord/checked.h>
 #include <concord/error.h>
 
 #include <cstdint>
 #include <string>
 
 namespace concord::detail {
-
-// TODO(lead): hard/wire publishes the same helpers in concord/checked.h; use those once merged.
-uint64_t checked_mul(uint64_t a, uint64_t b, const std::string& what);
-uint64_t checked_add(uint64_t a, uint64_t b, const std::string& what);
 
 // Size of a regular file; throws naming it when it is missing or not a regular file (a device
 // such as /dev/zero, a FIFO, a folder).

@@ -129,10 +129,10 @@ uint64_t check_declared(const std::string& path, const std::array<uint64_t, 3>& 
     throw Error(path + ": header declares " + std::to_string(channels) +
                 " channels (1 to 64 read)");
   const std::string what = path + ": declared size " + dims_str(size, dim);
-  uint64_t bytes = detail::checked_mul(size[0], size[1], what);
-  bytes = detail::checked_mul(bytes, size[2], what);
-  bytes = detail::checked_mul(bytes, channels, what);
-  bytes = detail::checked_mul(bytes, sizeof(float), what);
+  uint64_t bytes = checked_mul(size[0], size[1], what);
+  bytes = checked_mul(bytes, size[2], what);
+  bytes = checked_mul(bytes, channels, what);
+  bytes = checked_mul(bytes, sizeof(float), what);
   if (bytes > max_bytes)
     throw Error(path + ": header declares " + dims_str(size, dim) + " voxels x " +
                 std::to_string(channels) + " channel(s) (" + std::to_string(bytes >> 20) +
@@ -646,7 +646,7 @@ uint64_t check_nifti_complete(const std::string& path, uint64_t data_bytes, uint
   const size_t got = read_nifti_header(path, hdr);
   const uint64_t offset = nifti_data_offset(hdr, got, path);
   const std::string what = path + ": NIfTI data size";
-  const uint64_t need = detail::checked_add(offset, data_bytes, what);
+  const uint64_t need = checked_add(offset, data_bytes, what);
   uint32_t hsize;
   std::memcpy(&hsize, hdr, 4);
   const bool swap = hsize == bswap32(348) || hsize == bswap32(540);
@@ -789,13 +789,13 @@ void check_nrrd_complete(const std::string& path, uint64_t data_bytes, uint64_t 
   const std::string what = path + ": NRRD data size";
   if (enc == "raw") {
     if (skip == -1) return check_available(path, df, df_bytes, data_bytes);  // data at the end
-    const uint64_t offset = detail::checked_add(start, uint64_t(std::max(0LL, skip)), what);
+    const uint64_t offset = checked_add(start, uint64_t(std::max(0LL, skip)), what);
     return check_available(path, df, df_bytes > offset ? df_bytes - offset : 0, data_bytes);
   }
   const uint64_t available = df_bytes > start ? df_bytes - start : 0;
   if (enc == "gzip" || enc == "gz")
     return check_inflated(path, df, start,
-                          detail::checked_add(data_bytes, uint64_t(std::max(0LL, skip)), what));
+                          checked_add(data_bytes, uint64_t(std::max(0LL, skip)), what));
   // Text: at least one character per value; hex: two per byte. bzip2: the ceiling only.
   if (enc == "ascii" || enc == "text" || enc == "txt")
     return check_available(path, df, available, nvalues);
@@ -835,8 +835,8 @@ Image read_itk(const std::string& path, size_t max_bytes) {
                   itk::ImageIOBase::GetComponentTypeAsString(io->GetComponentType()));
     const std::string what = path + ": declared data size";
     const uint64_t nvalues =
-        detail::checked_mul(dims[0] * dims[1] * dims[2], ncomp, what);  // products checked above
-    const uint64_t bytes = detail::checked_mul(nvalues, comp_size, what);
+        checked_mul(dims[0] * dims[1] * dims[2], ncomp, what);  // products checked above
+    const uint64_t bytes = checked_mul(nvalues, comp_size, what);
     uint64_t zeroed = 0;  // non-finite voxels the reader library replaced by 0
     if (ext == ".nii" || ext == ".nii.gz") zeroed = check_nifti_complete(path, bytes, file_bytes);
     if (ext == ".mha" || ext == ".mhd") check_metaimage_complete(path, bytes, file_bytes);
@@ -997,8 +997,7 @@ Image read_dicom_series(const std::string& dir, const DicomDirInfo& info, size_t
     const detail::DicomGeometry& g = checked.back().second;
     if (g.samples != 1) throw Error(f + ": colour DICOM series are not supported");
     const std::string what = dir + ": DICOM series size";
-    voxels =
-        detail::checked_add(voxels, detail::checked_mul(g.rows * g.columns, g.frames, what), what);
+    voxels = checked_add(voxels, checked_mul(g.rows * g.columns, g.frames, what), what);
     rows = std::max(rows, g.rows);
     columns = std::max(columns, g.columns);
   }

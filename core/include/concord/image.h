@@ -1,6 +1,8 @@
 // Images and samples as plugins see them: plain float buffers with geometry, no LibTorch.
 #pragma once
 
+#include <concord/checked.h>
+
 #include <array>
 #include <cstdint>
 #include <map>
@@ -30,8 +32,12 @@ struct Image {
   std::map<std::string, std::string> meta;  // format metadata (e.g. DICOM tags), passed through
 
   Image() = default;
+  // Throws Error on a negative size or a voxel count that overflows (sizes may come from files).
   Image(int dim, int channels, std::array<int64_t, 3> size)
-      : dim(dim), channels(channels), size(size), data(channels * size[0] * size[1] * size[2]) {}
+      : dim(dim),
+        channels(channels),
+        size(size),
+        data(size_t(checked_numel({channels, size[0], size[1], size[2]}, "image"))) {}
   int64_t voxels() const { return size[0] * size[1] * size[2]; }  // per channel
   float* channel(int c) { return data.data() + c * voxels(); }
   const float* channel(int c) const { return data.data() + c * voxels(); }
