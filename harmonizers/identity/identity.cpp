@@ -41,7 +41,9 @@ class Identity : public Harmonizer {
 
 CONCORD_PLUGIN("concord-harmonizer-identity", "0.1.0") {
   using namespace concord;
-  registry.add({Kind::Harmonizer, "identity",
-                "Pass-through harmonizer (fit phase only; images unchanged)", {},
+  registry.add({Kind::Harmonizer,
+                "identity",
+                "Pass-through harmonizer (fit phase only; images unchanged)",
+                {},
                 factory_of<Identity>()});
 }

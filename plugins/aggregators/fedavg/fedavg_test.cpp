@@ -18,12 +18,14 @@ TEST(FedAvg, WeightsBySamplesOrUniformly) {
   NamedArrays global{{"w", Array::from(std::vector<float>{0, 0})}};
   std::vector<SiteUpdate> ups = {update("a", {1, 2}, 1), update("b", {4, 8}, 3)};
 
-  auto weighted = reg.create<Aggregator>(Kind::Aggregator, "fedavg", make_args("fedavg", desc.args));
+  auto weighted =
+      reg.create<Aggregator>(Kind::Aggregator, "fedavg", make_args("fedavg", desc.args));
   auto out = weighted->aggregate(global, ups, {1, 1, 0});
   EXPECT_FLOAT_EQ(out["w"].data<float>()[0], (1 * 1 + 3 * 4) / 4.0f);
   EXPECT_FLOAT_EQ(out["w"].data<float>()[1], (1 * 2 + 3 * 8) / 4.0f);
 
-  auto uniform = reg.create<Aggregator>(Kind::Aggregator, "fedavg",
+  auto uniform = reg.create<Aggregator>(
+      Kind::Aggregator, "fedavg",
       make_args("fedavg", desc.args, {{"weighting", make_value("uniform")}}));
   out = uniform->aggregate(global, ups, {1, 1, 0});
   EXPECT_FLOAT_EQ(out["w"].data<float>()[0], 2.5f);
