@@ -1,24 +1,14 @@
 // The coordinator's five steps over a Channel. Torch-free: it only moves named arrays.
 #include <concord/engine.h>
 #include <concord/protocol.h>
+#include <concord/seed.h>
 
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <cmath>
-#include <random>
 
 namespace concord {
-
-uint64_t derive_seed(uint64_t seed, const std::string& label, int64_t n) {
-  // FNV-1a over the label, mixed with splitmix64: stable across platforms and runs.
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : label) h = (h ^ c) * 1099511628211ull;
-  uint64_t z = seed ^ h ^ (uint64_t(n) * 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 Coordinator::Coordinator(Channel& channel, Aggregator& aggregator, uint64_t seed)
     : channel_(channel), aggregator_(aggregator), seed_(seed) {}
@@ -30,15 +20,14 @@ std::vector<std::string> Coordinator::select(
   for (const auto& site : candidates) {
     auto it = site_availability.find(site);
     double p = it == site_availability.end() ? availability : it->second;
-    std::mt19937_64 rng(derive_seed(seed_, "availability/" + site, round));
-    if (p >= 1.0 || std::uniform_real_distribution<double>(0, 1)(rng) < p)
-      available.push_back(site);
+    SeededRandom rng(derive_seed(seed_, "availability/" + site, round));
+    if (p >= 1.0 || rng.uniform() < p) available.push_back(site);
   }
   if (available.empty()) return available;
   size_t want = size_t(std::ceil(fraction * double(available.size()) - 1e-9));
   want = std::clamp<size_t>(want, 1, available.size());
-  std::mt19937_64 rng(derive_seed(seed_, "select", round));
-  std::shuffle(available.begin(), available.end(), rng);
+  SeededRandom rng(derive_seed(seed_, "select", round));
+  rng.shuffle(available);
   available.resize(want);
   // Keep the candidates' order so logs and training order are stable.
   std::vector<std::string> out;

@@ -178,7 +178,7 @@ class Site : public LocalTrainer {
     for (int ep = 0; ep < epochs; ++ep) {
       std::vector<size_t> order(data_.train.size());
       std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
+      shuffle(order, rng);
       double loss_sum = 0;
       int64_t seen = 0;
       for (size_t start = 0; start < order.size(); start += size_t(t.batch_size)) {

@@ -211,6 +211,21 @@ TEST(Coordinator, SelectionIsSeededAndHonoursFractionAndAvailability) {
   EXPECT_LT(total, 50 * 18 * 0.65);
 }
 
+// Site selection is the same on every platform (seed.h samplers): availability draws and the
+// sample of sites. The golden lists come from an independent reimplementation (tests/seed).
+TEST(Coordinator, SelectionIsPinnedOnEveryPlatform) {
+  InProcessChannel ch;
+  Null agg;
+  Coordinator c(ch, agg, 1);
+  std::vector<std::string> sites;
+  for (int i = 0; i < 20; ++i) sites.push_back("s" + std::to_string(i));
+  EXPECT_EQ(c.select(3, sites, 0.25, 1.0, {}),
+            (std::vector<std::string>{"s2", "s3", "s9", "s17", "s19"}));
+  EXPECT_EQ(
+      c.select(4, sites, 1.0, 0.5, {}),
+      (std::vector<std::string>{"s0", "s3", "s4", "s7", "s8", "s10", "s12", "s15", "s17", "s19"}));
+}
+
 TEST(Coordinator, RejectsNonFiniteUpdatesNamingTheSite) {
   InProcessChannel ch;
   auto reply_with = [](float v) {

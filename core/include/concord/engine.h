@@ -6,6 +6,7 @@
 #include <concord/channel.h>
 #include <concord/harmonizer.h>
 #include <concord/pipeline.h>
+#include <concord/seed.h>
 
 #include <functional>
 #include <map>
@@ -23,7 +24,7 @@ class Coordinator {
   Coordinator(Channel& channel, Aggregator& aggregator, uint64_t seed);
 
   // Step 1: sites available this round (each with its probability), then a seeded sample of
-  // ceil(fraction * available) of them. Deterministic in (seed, round).
+  // ceil(fraction * available) of them. Deterministic in (seed, round), on every platform.
   std::vector<std::string> select(int round, const std::vector<std::string>& candidates,
                                   double fraction, double availability,
                                   const std::map<std::string, double>& site_availability) const;
@@ -63,9 +64,6 @@ class Coordinator {
 
 // The failure line for an exception from an exchange with `site`, naming the site once.
 std::string site_failure(const std::string& site, const std::exception& e);
-// A seed derived from the pipeline seed and labels (round, site, purpose): every random
-// choice in a run flows from the pipeline's seed through this.
-uint64_t derive_seed(uint64_t seed, const std::string& label, int64_t n = 0);
 
 struct SiteResult {
   std::string site;
