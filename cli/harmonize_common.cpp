@@ -2,6 +2,7 @@
 
 #include <concord/error.h>
 #include <concord/message.h>
+#include <concord/seed.h>
 
 #include <spdlog/spdlog.h>
 
@@ -18,7 +19,6 @@
 #include <iomanip>
 #include <iostream>
 #include <map>
-#include <random>
 #include <sstream>
 
 namespace concord::cli {
@@ -341,9 +341,9 @@ std::vector<bool> pick_report_items(const std::vector<std::string>& site_of, int
   std::map<std::string, std::vector<size_t>> by_site;
   for (size_t i = 0; i < site_of.size(); ++i)
     if (!site_of[i].empty()) by_site[site_of[i]].push_back(i);
-  std::mt19937_64 rng(seed ^ 0x5eed5eedull);
+  SeededRandom rng(derive_seed(seed, "report-items"));
   for (auto& [site, idx] : by_site) {
-    std::shuffle(idx.begin(), idx.end(), rng);
+    rng.shuffle(idx);
     for (size_t k = 0; k < idx.size() && int(k) < per_site; ++k) pick[idx[k]] = true;
   }
   return pick;

@@ -3,6 +3,7 @@
 // and store separately), which is exactly what the engine persists.
 #include <concord/engine.h>
 #include <concord/message.h>
+#include <concord/protocol.h>
 #include <concord/tensor_bridge.h>
 
 #include "testing.h"
@@ -45,15 +46,14 @@ RunResult run(const std::string& text) {
   r.summary = exp.run(o);
   char name[32];
   std::snprintf(name, sizeof(name), "round-%04d.ckpt", r.summary.rounds_completed);
-  Message ckpt = decode(read_file((dir.path() / "checkpoints" / name).string()));
-  for (const auto& [k, v] : ckpt.arrays) {
-    if (k.rfind("global/", 0) == 0) r.global[k.substr(7)] = v.clone();
-    if (k.rfind("site/", 0) != 0) continue;
-    const std::string rest = k.substr(5);
-    const size_t slash = rest.find('/');
-    const std::string site = rest.substr(0, slash), what = rest.substr(slash + 1);
-    if (what.rfind("local/", 0) == 0) r.local[site][what.substr(6)] = v.clone();
-    if (what.rfind("store/", 0) == 0) r.store[site][what.substr(6)] = v.clone();
+  std::vector<std::string> sites;
+  for (const auto& s : r.summary.sites) sites.push_back(s.site);
+  protocol::Checkpoint ckpt = protocol::read_checkpoint(
+      decode(read_file((dir.path() / "checkpoints" / name).string())), sites);
+  r.global = std::move(ckpt.global);
+  for (auto& [site, state] : ckpt.sites) {
+    if (!state.local.empty()) r.local[site] = std::move(state.local);
+    if (!state.store.empty()) r.store[site] = std::move(state.store);
   }
   return r;
 }

@@ -7,6 +7,7 @@
 #include <concord/engine.h>
 #include <concord/error.h>
 #include <concord/message.h>
+#include <concord/protocol.h>
 #include <concord/tensor_bridge.h>
 
 #include "adapter_common.h"
@@ -309,17 +310,14 @@ struct Checkpoint {
   std::map<std::string, NamedArrays> store;  // per site
 };
 
-Checkpoint read_checkpoint(const std::filesystem::path& file) {
-  Message ckpt = decode(read_file(file.string()));
+Checkpoint read_checkpoint(const std::filesystem::path& file, const RunSummary& summary) {
+  std::vector<std::string> sites;
+  for (const auto& s : summary.sites) sites.push_back(s.site);
+  protocol::Checkpoint ckpt = protocol::read_checkpoint(decode(read_file(file.string())), sites);
   Checkpoint c;
-  for (const auto& [k, v] : ckpt.arrays) {
-    if (k.rfind("global/", 0) == 0) c.global[k.substr(7)] = v.clone();
-    if (k.rfind("site/", 0) != 0) continue;
-    const std::string rest = k.substr(5);
-    const size_t slash = rest.find('/');
-    const std::string site = rest.substr(0, slash), what = rest.substr(slash + 1);
-    if (what.rfind("store/", 0) == 0) c.store[site][what.substr(6)] = v.clone();
-  }
+  c.global = std::move(ckpt.global);
+  for (auto& [site, state] : ckpt.sites)
+    if (!state.store.empty()) c.store[site] = std::move(state.store);
   return c;
 }
 
@@ -351,8 +349,8 @@ TEST(FourierEngine, SitesShareLowFrequenciesAndKeepTheirOwnHighOnes) {
   std::string latest;
   std::ifstream((ckpts / "latest").string()) >> latest;
   EXPECT_EQ(latest, "round-0002.ckpt");
-  const Checkpoint c2 = read_checkpoint(ckpts / latest);
-  const Checkpoint c1 = read_checkpoint(ckpts / "round-0001.ckpt");
+  const Checkpoint c2 = read_checkpoint(ckpts / latest, summary);
+  const Checkpoint c1 = read_checkpoint(ckpts / "round-0001.ckpt", summary);
   ASSERT_EQ(c2.store.size(), 3u);
 
   const double r = 0.5;

@@ -8,6 +8,7 @@
 // non-finite check, fedavg plugin, broadcast) over the real in-process Channel (encode/decode).
 // Sites are real Channel endpoints whose local training is a no-op: they upload what they got.
 #include <concord/engine.h>
+#include <concord/protocol.h>
 #include <concord/registry.h>
 
 #include <sys/resource.h>
@@ -29,17 +30,12 @@ struct NoopSite {
   NamedArrays global;  // views into the broadcast buffer
   Bytes handle(const Bytes& b) {
     Message in = decode(b);
-    Message out;
-    out.site = name;
-    out.round = in.round;
-    if (in.type == "broadcast") {
+    if (protocol::request_kind(in) == protocol::Request::Broadcast) {
       global = std::move(in.arrays);
-      out.type = "ack";
-    } else {
-      out.type = "update";
-      out.arrays = global;  // no-op training: upload the received state
-      out.scalars["num_samples"] = 100;
+      return encode(protocol::ack(name, in.round));
     }
+    // No-op training: upload the received state.
+    Message out = protocol::update(name, in.round, global, 100, 0, 0);
     return encode(out);
   }
 };

@@ -1,23 +1,14 @@
 // The coordinator's five steps over a Channel. Torch-free: it only moves named arrays.
 #include <concord/engine.h>
+#include <concord/protocol.h>
+#include <concord/seed.h>
 
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <cmath>
-#include <random>
 
 namespace concord {
-
-uint64_t derive_seed(uint64_t seed, const std::string& label, int64_t n) {
-  // FNV-1a over the label, mixed with splitmix64: stable across platforms and runs.
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : label) h = (h ^ c) * 1099511628211ull;
-  uint64_t z = seed ^ h ^ (uint64_t(n) * 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 Coordinator::Coordinator(Channel& channel, Aggregator& aggregator, uint64_t seed)
     : channel_(channel), aggregator_(aggregator), seed_(seed) {}
@@ -29,105 +20,20 @@ std::vector<std::string> Coordinator::select(
   for (const auto& site : candidates) {
     auto it = site_availability.find(site);
     double p = it == site_availability.end() ? availability : it->second;
-    std::mt19937_64 rng(derive_seed(seed_, "availability/" + site, round));
-    if (p >= 1.0 || std::uniform_real_distribution<double>(0, 1)(rng) < p)
-      available.push_back(site);
+    SeededRandom rng(derive_seed(seed_, "availability/" + site, round));
+    if (p >= 1.0 || rng.uniform() < p) available.push_back(site);
   }
   if (available.empty()) return available;
   size_t want = size_t(std::ceil(fraction * double(available.size()) - 1e-9));
   want = std::clamp<size_t>(want, 1, available.size());
-  std::mt19937_64 rng(derive_seed(seed_, "select", round));
-  std::shuffle(available.begin(), available.end(), rng);
+  SeededRandom rng(derive_seed(seed_, "select", round));
+  rng.shuffle(available);
   available.resize(want);
   // Keep the candidates' order so logs and training order are stable.
   std::vector<std::string> out;
   for (const auto& s : candidates)
     if (std::find(available.begin(), available.end(), s) != available.end()) out.push_back(s);
   return out;
-}
-
-static std::string shape_str(const Array& a) {
-  std::string s = std::string(dtype_name(a.dtype())) + " [";
-  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? "," : "") + std::to_string(a.shape()[i]);
-  return s + "]";
-}
-
-std::string state_mismatch(const NamedArrays& reference, const NamedArrays& state) {
-  for (const auto& [name, want] : reference) {
-    auto it = state.find(name);
-    if (it == state.end()) return "lacks entry '" + name + "'";
-    if (it->second.dtype() != want.dtype() || it->second.shape() != want.shape())
-      return "entry '" + name + "' is " + shape_str(it->second) + ", expected " + shape_str(want);
-  }
-  for (const auto& [name, a] : state)
-    if (!reference.count(name)) return "unexpected entry '" + name + "'";
-  return "";
-}
-
-std::string non_finite_entry(const NamedArrays& state) {
-  for (const auto& [name, a] : state) {
-    if (a.dtype() == DType::F32) {
-      // Exponent bits all ones <=> Inf or NaN; an OR-reduction over integers vectorises.
-      const uint32_t* p = static_cast<const uint32_t*>(a.raw());
-      uint32_t any = 0;
-      for (int64_t i = 0, n = a.numel(); i < n; ++i)
-        any |= uint32_t((p[i] & 0x7f800000u) == 0x7f800000u);
-      if (any) return name;
-    } else if (a.dtype() == DType::F64) {
-      const double* p = a.data<double>();
-      for (int64_t i = 0, n = a.numel(); i < n; ++i)
-        if (!std::isfinite(p[i])) return name;
-    }
-  }
-  return "";
-}
-
-static std::string non_finite_scalar(const std::map<std::string, double>& scalars) {
-  for (const auto& [k, v] : scalars)
-    if (!std::isfinite(v)) return "non-finite " + k + " (" + std::to_string(v) + ")";
-  return "";
-}
-
-std::string upload_problem(const Message& reply, const NamedArrays& global) {
-  if (reply.type != "update") return "replied '" + reply.type + "' to train";
-  auto n = reply.scalars.find("num_samples");
-  if (n == reply.scalars.end()) return "no num_samples";
-  const double samples = n->second;
-  if (!(samples >= 0 && samples <= kMaxUploadSamples) || samples != std::floor(samples))
-    return "num_samples " + std::to_string(samples) + " is not a whole number in [0, " +
-           std::to_string(int64_t(kMaxUploadSamples)) + "]";
-  if (samples == 0) return "";  // skipped: nothing trained, nothing to check
-  if (!reply.scalars.count("train_loss")) return "no train_loss";
-  if (std::string s = non_finite_scalar(reply.scalars); !s.empty()) return s;
-  if (std::string s = state_mismatch(global, reply.arrays); !s.empty()) return "update " + s;
-  if (std::string bad = non_finite_entry(reply.arrays); !bad.empty())
-    return "non-finite values in '" + bad + "'";
-  return "";
-}
-
-std::string stats_problem(const Message& reply, const Message* reference) {
-  if (reply.type != "stats") return "replied '" + reply.type + "' to fit";
-  if (std::string s = non_finite_scalar(reply.scalars); !s.empty()) return "statistics: " + s;
-  if (auto w = reply.scalars.find("__weight"); w != reply.scalars.end() && w->second < 0)
-    return "statistics: negative weight " + std::to_string(w->second);
-  if (std::string bad = non_finite_entry(reply.arrays); !bad.empty())
-    return "statistics: non-finite values in '" + bad + "'";
-  if (reference) {
-    if (std::string s = state_mismatch(reference->arrays, reply.arrays); !s.empty())
-      return "statistics " + s + " (as the other sites send them)";
-    for (const auto& [k, v] : reference->scalars)
-      if (!reply.scalars.count(k)) return "statistics lack scalar '" + k + "'";
-    for (const auto& [k, v] : reply.scalars)
-      if (!reference->scalars.count(k)) return "statistics have unexpected scalar '" + k + "'";
-  }
-  return "";
-}
-
-std::string metrics_problem(const Message& reply) {
-  if (reply.type != "metrics") return "replied '" + reply.type + "' to evaluate";
-  for (const auto& [k, v] : reply.scalars)
-    if (std::isinf(v)) return "metric " + k + " is infinite";
-  return "";
 }
 
 std::string site_failure(const std::string& site, const std::exception& e) {
@@ -140,33 +46,30 @@ Coordinator::RoundOutcome Coordinator::train_round(
     const std::map<std::string, double>& settings, int min_sites,
     const std::function<void(const std::string&, size_t, size_t)>& on_site) {
   RoundOutcome out;
-  Message req;
-  req.type = "train";
-  req.round = round;
-  req.scalars = settings;
-  Bytes request = encode(req);
+  Bytes request = encode(protocol::train_request(round, settings));
   for (size_t k = 0; k < selected.size(); ++k) {
     const std::string& site = selected[k];
     if (on_site) on_site(site, k, selected.size());
     // Step 2 (local training) runs at the site; step 3 (upload) is its reply.
     try {
-      Message reply = decode(channel_.call(site, request));
-      if (std::string why = upload_problem(reply, global_); !why.empty()) {
-        spdlog::error("round {}: rejected the update of site '{}': {}", round, site, why);
-        out.failures.push_back("site '" + site + "': " + why + " (rejected)");
+      auto upload = protocol::read_update(decode(channel_.call(site, request)), global_);
+      if (!upload.ok()) {
+        spdlog::error("round {}: rejected the update of site '{}': {}", round, site,
+                      upload.problem);
+        out.failures.push_back("site '" + site + "': " + upload.problem + " (rejected)");
         continue;
       }
-      if (reply.scalars["num_samples"] == 0) {
+      if (upload.value->num_samples == 0) {
         spdlog::warn("round {}: site '{}' has no training samples; skipped", round, site);
         out.skipped.push_back(site);
         continue;
       }
       SiteUpdate u;
       u.site = site;
-      u.state = std::move(reply.arrays);
-      u.num_samples = reply.scalars["num_samples"];
-      u.train_loss = reply.scalars["train_loss"];
-      u.scalars = std::move(reply.scalars);
+      u.state = std::move(upload.value->state);
+      u.num_samples = upload.value->num_samples;
+      u.train_loss = upload.value->train_loss;
+      u.scalars = std::move(upload.value->scalars);
       out.updates.push_back(std::move(u));
     } catch (const std::exception& e) {
       out.failures.push_back(site_failure(site, e));
@@ -191,8 +94,9 @@ Coordinator::RoundOutcome Coordinator::train_round(
   for (const auto& [k, v] : aggregator_.state()) server_state[k] = v.clone();
   try {
     NamedArrays next = aggregator_.aggregate(global_, out.updates, RoundInfo{round, rounds, seed_});
-    if (std::string s = state_mismatch(global_, next); !s.empty()) throw Error("its result " + s);
-    if (std::string bad = non_finite_entry(next); !bad.empty())
+    if (std::string s = protocol::state_mismatch(global_, next); !s.empty())
+      throw Error("its result " + s);
+    if (std::string bad = protocol::non_finite_entry(next); !bad.empty())
       throw Error("its result has non-finite values in '" + bad + "'");
     global_ = std::move(next);
     out.aggregated = true;
@@ -210,14 +114,12 @@ Coordinator::RoundOutcome Coordinator::train_round(
 
 std::vector<std::string> Coordinator::broadcast(int round, const std::vector<std::string>& sites) {
   std::vector<std::string> failures;
-  Message m;
-  m.type = "broadcast";
-  m.round = round;
-  m.arrays = global_;
-  Bytes bytes = encode(m);  // encoded once, the same bytes go to every site
+  Bytes bytes =
+      encode(protocol::broadcast(round, global_));  // encoded once, the same bytes go to every site
   for (const auto& site : sites) {
     try {
-      channel_.call(site, bytes);
+      if (std::string why = protocol::ack_problem(decode(channel_.call(site, bytes))); !why.empty())
+        throw SiteError(site, why);
     } catch (const std::exception& e) {
       failures.push_back(site_failure(site, e));
       spdlog::error("round {}: broadcast: {}", round, failures.back());

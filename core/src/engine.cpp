@@ -8,6 +8,7 @@
 #include <concord/json_text.h>
 #include <concord/metric.h>
 #include <concord/model.h>
+#include <concord/protocol.h>
 #include <concord/tensor_bridge.h>
 #include <concord/torch_model.h>
 
@@ -47,30 +48,28 @@ class SiteHarmonizers {
   SiteHarmonizers(std::string site, std::vector<std::unique_ptr<Harmonizer>> harmonizers)
       : site_(std::move(site)), harmonizers_(std::move(harmonizers)) {}
 
-  // Answers the coordinator's "fit" and "harmonizer-stats" requests; nothing for other types.
+  // Answers the coordinator's fit and harmonizer-stats requests; nothing for other types.
   std::optional<Message> handle(Message& in, SiteData& data) {
-    if (in.type == "fit") {
-      Harmonizer& h = at(in);
+    const protocol::Request kind = protocol::request_kind(in);
+    if (kind == protocol::Request::Fit) {
+      Harmonizer& h = *harmonizers_[protocol::read_harmonizer(in, harmonizers_.size())];
       Stats s = h.fit_site([&](const ImageVisitor& visit) {
         for (const auto& sample : data.train) visit(sample.image);
       });
-      Message out = stats_message(std::move(s), "stats");
-      out.site = site_;
-      return out;
+      return protocol::statistics(site_, std::move(s));
     }
-    if (in.type == "harmonizer-stats") {
-      Harmonizer& h = at(in);
-      h.set_statistics(stats_from_message(std::move(in)), site_);
+    if (kind == protocol::Request::SetStatistics) {
+      protocol::SetStatistics set =
+          protocol::read_set_statistics(std::move(in), harmonizers_.size());
+      Harmonizer& h = *harmonizers_[set.harmonizer];
+      h.set_statistics(set.stats, site_);
       if (h.augments()) {
         augmenters_.push_back(&h);
       } else {
         for (auto* split : {&data.train, &data.test})
           for (auto& sample : *split) h.apply(sample.image);
       }
-      Message out;
-      out.type = "ack";
-      out.site = site_;
-      return out;
+      return protocol::ack(site_, 0);
     }
     return std::nullopt;
   }
@@ -78,8 +77,6 @@ class SiteHarmonizers {
   const std::vector<Harmonizer*>& augmenters() const { return augmenters_; }
 
  private:
-  Harmonizer& at(Message& in) { return *harmonizers_.at(size_t(std::stoi(in.text["harmonizer"]))); }
-
   std::string site_;
   std::vector<std::unique_ptr<Harmonizer>> harmonizers_;
   std::vector<Harmonizer*> augmenters_;
@@ -110,29 +107,29 @@ class Site : public LocalTrainer {
   Bytes handle(const Bytes& request) {
     Message in = decode(request);
     round_ = int(in.round);
+    const protocol::Request kind = protocol::request_kind(in);
     auto fault = faults_.fail.find({name_, round_});
-    if (fault != faults_.fail.end() && in.type == "train") throw SiteError(name_, fault->second);
+    if (fault != faults_.fail.end() && kind == protocol::Request::Train)
+      throw SiteError(name_, fault->second);
     Message out;
-    out.site = name_;
-    out.round = in.round;
     if (auto reply = harmonization_.handle(in, data_)) {
       out = std::move(*reply);
-      out.round = in.round;
-    } else if (in.type == "broadcast") {
+    } else if (kind == protocol::Request::Broadcast) {
       global_ = std::move(in.arrays);  // views into the one broadcast buffer
-      out.type = "ack";
-    } else if (in.type == "train") {
+      out = protocol::ack(name_, in.round);
+    } else if (kind == protocol::Request::Train) {
       out = train_round(in);
-    } else if (in.type == "evaluate") {
-      out = evaluate(in.text["phase"]);
-    } else if (in.type == "personalize") {
+    } else if (kind == protocol::Request::Evaluate) {
+      out = evaluate(protocol::read_evaluate_request(in));
+    } else if (kind == protocol::Request::Personalize) {
       load_model_state();
       adapter_.personalize(*this);
       save_local_state();
-      out.type = "ack";
+      out = protocol::ack(name_, in.round);
     } else {
-      throw SiteError(name_, "unknown request '" + in.type + "'");
+      throw SiteError(name_, "unexpected request '" + in.type + "'");
     }
+    out.round = in.round;
     if (faults_.tamper) faults_.tamper(name_, out);
     return encode(out);
   }
@@ -169,7 +166,7 @@ class Site : public LocalTrainer {
       opt = std::make_unique<torch::optim::Adam>(
           params, torch::optim::AdamOptions(t.lr).weight_decay(t.weight_decay));
     // FedProx-style proximal term, when the aggregator asks for one.
-    const double mu = settings_.count("proximal_mu") ? settings_.at("proximal_mu") : 0.0;
+    const double mu = settings_.proximal_mu;
     std::vector<std::pair<at::Tensor, at::Tensor>> prox;
     if (mu > 0)
       for (auto& e : entries)
@@ -181,7 +178,7 @@ class Site : public LocalTrainer {
     for (int ep = 0; ep < epochs; ++ep) {
       std::vector<size_t> order(data_.train.size());
       std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
+      shuffle(order, rng);
       double loss_sum = 0;
       int64_t seen = 0;
       for (size_t start = 0; start < order.size(); start += size_t(t.batch_size)) {
@@ -292,42 +289,32 @@ class Site : public LocalTrainer {
   const SiteData& data() const { return data_; }
 
  private:
-  Message train_round(Message& in) {
+  Message train_round(const Message& in) {
+    settings_ = protocol::read_train_request(in);
     if (data_.train.empty()) {
       // Nothing to learn from: no upload to weigh, and no loss to claim (the coordinator skips
       // the site). The local state is left as it was: re-estimating BatchNorm statistics from no
       // images would reset them.
-      Message out;
-      out.type = "update";
-      out.site = name_;
-      out.round = round_;
-      out.scalars["num_samples"] = 0;
-      return out;
+      return protocol::empty_update(name_, round_);
     }
-    settings_ = in.scalars;
     calls_ = 0;  // per-round stream of shuffling seeds: a resumed run replays it exactly
     load_model_state();
-    const int epochs = int(settings_.count("local_epochs") ? settings_["local_epochs"] : 1);
+    const int epochs = settings_.local_epochs;
     torch::manual_seed(derive_seed(cfg_.config->seed, "torch/" + name_, round_));
     TrainResult r = adapter_.train_local(*this, epochs);
     if (cfg_.config->training.precise_bn) recalibrate_batchnorm();
     trained_ = true;
     save_local_state();
-    Message out;
-    out.type = "update";
-    out.site = name_;
-    out.round = round_;
+    NamedArrays upload;
     for (auto& e : model_.state())
-      if (shared_.count(e.name)) out.arrays[e.name] = to_array(e.tensor.detach().clone());
+      if (shared_.count(e.name)) upload[e.name] = to_array(e.tensor.detach().clone());
     if (!filters_.empty()) {
       std::mt19937_64 rng(derive_seed(cfg_.config->seed, "filter/" + name_, round_));
       FilterContext ctx{name_, round_, &rng};
-      for (auto& f : filters_) f->apply(out.arrays, global_, ctx);
+      for (auto& f : filters_) f->apply(upload, global_, ctx);
     }
-    out.scalars["num_samples"] = double(data_.train.size());
-    out.scalars["train_loss"] = r.loss;
-    out.scalars["steps"] = double(r.steps);
-    return out;
+    return protocol::update(name_, round_, std::move(upload), double(data_.train.size()), r.loss,
+                            r.steps);
   }
 
   Message evaluate(const std::string& phase) {
@@ -372,14 +359,10 @@ class Site : public LocalTrainer {
         }
       }
     }
-    Message out;
-    out.type = "metrics";
-    out.site = name_;
-    out.text["phase"] = phase;
-    out.scalars["num_test"] = double(data_.test.size());
+    std::map<std::string, double> values;
     for (const auto& [mname, metric] : metrics_)
-      if (metric->supports(cfg_.task) && p.size() > 0) out.scalars[mname] = metric->compute(p);
-    return out;
+      if (metric->supports(cfg_.task) && p.size() > 0) values[mname] = metric->compute(p);
+    return protocol::metrics(name_, round_, phase, int64_t(data_.test.size()), values);
   }
 
   // Builds an NCHW batch; training batches get the augmenting harmonizers.
@@ -437,7 +420,7 @@ class Site : public LocalTrainer {
   const FaultPlan& faults_;
   NamedArrays global_, local_, store_;
   std::map<std::string, at::Tensor> received_;
-  std::map<std::string, double> settings_;
+  protocol::TrainSettings settings_;
   bool trained_ = false;
   int round_ = 0;
   int64_t calls_ = 0;
@@ -455,12 +438,10 @@ std::string jsonl_line(const json& j) {
   return json_text(j) + "\n";
 }
 
-// Metric values as JSON: NaN (undefined, e.g. AUC with one class) as null; the test-set size
-// that sites report beside their metrics is left out.
+// Metric values as JSON: NaN (undefined, e.g. AUC with one class) as null.
 json metrics_json(const std::map<std::string, double>& m) {
   json o = json::object();
-  for (const auto& [k, v] : m)
-    if (k != "num_test") o[k] = std::isnan(v) ? json(nullptr) : json(v);
+  for (const auto& [k, v] : m) o[k] = std::isnan(v) ? json(nullptr) : json(v);
   return o;
 }
 
@@ -680,8 +661,8 @@ struct Experiment::Impl {
 
   // Federated fit phase of harmonizers[0..last] (all when last < 0), in order; `given`
   // replaces the fit of harmonizers[last]. Returns the global statistics each one broadcast.
-  // A site whose fit fails or whose statistics stats_problem() refuses is left out of the
-  // combination; a site that cannot take the combined statistics is dropped from the run. Both
+  // A site whose fit fails or whose statistics protocol::read_statistics() refuses is left out of
+  // the combination; a site that cannot take the combined statistics is dropped from the run. Both
   // are listed in `failures`.
   std::vector<Stats> fit_harmonizers(const RunOptions& o, int last = -1,
                                      const std::optional<Stats>& given = std::nullopt) {
@@ -712,13 +693,12 @@ struct Experiment::Impl {
         }
       }
       broadcast.push_back(global);
-      Message set = stats_message(std::move(global), "harmonizer-stats");
-      set.text["harmonizer"] = std::to_string(i);
-      Bytes bytes = encode(set);
+      Bytes bytes = encode(protocol::set_statistics(i, std::move(global)));
       for (const auto& name : site_names(true)) {
         try {
-          Message reply = decode(channel.call(name, bytes));
-          if (reply.type != "ack") throw Error("replied '" + reply.type + "'");
+          if (std::string why = protocol::ack_problem(decode(channel.call(name, bytes)));
+              !why.empty())
+            throw Error(why);
         } catch (const std::exception& e) {
           fail("fit: " + label + ": site '" + name +
                "' could not apply the statistics: " + e.what() + " (site dropped from the run)");
@@ -734,39 +714,37 @@ struct Experiment::Impl {
   }
 
   // Every training site's fit_site() statistics for harmonizers[i], minus the ones that fail or
-  // that stats_problem() refuses. The entries most sites agree on (names, dtypes, shapes) are the
+  // that protocol::read_statistics() refuses. The entries most sites agree on (names, dtypes,
+  // shapes) are the
   // reference, so one odd site cannot make the others look wrong.
   std::vector<Stats> site_statistics(size_t i, const std::string& label) {
-    Message req;
-    req.type = "fit";
-    req.text["harmonizer"] = std::to_string(i);
-    const Bytes request = encode(req);
-    std::vector<std::pair<std::string, Message>> replies;
+    const Bytes request = encode(protocol::fit_request(i));
+    std::vector<std::pair<std::string, Stats>> replies;
     for (const auto& name : site_names(false)) {  // held-out sites do not contribute
       try {
-        Message reply = decode(channel.call(name, request));
-        if (std::string why = stats_problem(reply, nullptr); !why.empty()) throw Error(why);
-        replies.emplace_back(name, std::move(reply));
+        auto stats = protocol::read_statistics(decode(channel.call(name, request)));
+        if (!stats.ok()) throw Error(stats.problem);
+        replies.emplace_back(name, std::move(*stats.value));
       } catch (const std::exception& e) {
         fail("fit: " + label + ": site '" + name + "': " + e.what() + " (left out)");
       }
     }
-    const Message* reference = nullptr;
+    const Stats* reference = nullptr;
     size_t best = 0;
     for (const auto& [name, candidate] : replies) {
       size_t agree = 0;
-      for (const auto& [other, m] : replies) agree += stats_problem(m, &candidate).empty();
+      for (const auto& [other, s] : replies)
+        agree += protocol::statistics_mismatch(s, candidate).empty();
       if (agree > best) best = agree, reference = &candidate;
     }
     std::vector<Stats> parts;
-    for (auto& [name, reply] : replies) {
-      if (std::string why = stats_problem(reply, reference); !why.empty()) {
+    for (const auto& [name, stats] : replies) {
+      if (std::string why = protocol::statistics_mismatch(stats, *reference); !why.empty()) {
         fail("fit: " + label + ": site '" + name + "': " + why + " (left out)");
         continue;
       }
-      Stats s = stats_from_message(Message(reply));
-      s.site = name;
-      parts.push_back(std::move(s));
+      parts.push_back(stats);
+      parts.back().site = name;
     }
     return parts;
   }
@@ -808,9 +786,11 @@ struct Experiment::Impl {
       SiteData* data = &sd;
       channel.connect(sd.name, [&, h, data](const Bytes& b) {
         Message in = decode(b);
-        const bool fit = in.type == "fit";
+        const bool fit = protocol::request_kind(in) == protocol::Request::Fit;
         const std::string phase =
-            fit ? "fit " + config.harmonizers.at(size_t(std::stoi(in.text["harmonizer"]))).type
+            fit ? "fit " +
+                      config.harmonizers[protocol::read_harmonizer(in, config.harmonizers.size())]
+                          .type
                 : "";
         const std::string type = in.type;
         std::optional<Message> out = h->handle(in, *data);
@@ -833,14 +813,11 @@ struct Experiment::Impl {
                                                                 const std::string& phase) {
     std::map<std::string, std::map<std::string, double>> out;
     for (const auto& name : site_names(true)) {
-      Message req;
-      req.type = "evaluate";
-      req.round = round;
-      req.text["phase"] = phase;
       try {
-        Message rep = coordinator->call(name, req);
-        if (std::string why = metrics_problem(rep); !why.empty()) throw SiteError(name, why);
-        out[name] = rep.scalars;
+        auto rep = protocol::read_metrics(
+            coordinator->call(name, protocol::evaluate_request(round, phase)));
+        if (!rep.ok()) throw SiteError(name, rep.problem);
+        out[name] = std::move(rep.value->values);
       } catch (const std::exception& e) {
         fail("round " + std::to_string(round) + ": evaluate (" + phase +
              "): " + site_failure(name, e));
@@ -851,19 +828,15 @@ struct Experiment::Impl {
 
   // --- checkpoints: global state, every site's local state and store, aggregator state ---
   void save_checkpoint(const fs::path& dir, int round) {
-    Message m;
-    m.type = "checkpoint";
-    m.round = round;
-    for (const auto& [k, v] : coordinator->global()) m.arrays["global/" + k] = v;
-    for (const auto& [k, v] : aggregator->state()) m.arrays["aggregator/" + k] = v;
-    for (auto& s : sites) {
-      for (const auto& [k, v] : s->local_state()) m.arrays["site/" + s->site() + "/local/" + k] = v;
-      for (const auto& [k, v] : s->site_store()) m.arrays["site/" + s->site() + "/store/" + k] = v;
-      m.scalars["site/" + s->site() + "/trained"] = s->has_trained() ? 1 : 0;
-    }
-    m.text["pipeline"] = config.resolved_yaml;
-    m.text["failures"] = json_text(json(failures));  // the summary of a resumed run keeps them
-    Bytes b = encode(m);
+    protocol::Checkpoint c;
+    c.round = round;
+    c.global = coordinator->global();
+    c.aggregator = aggregator->state();
+    for (auto& s : sites)
+      c.sites[s->site()] = {s->local_state(), s->site_store(), s->has_trained()};
+    c.pipeline = config.resolved_yaml;
+    c.failures = failures;  // the summary of a resumed run keeps them
+    Bytes b = encode(protocol::checkpoint(c));
     char fname[64];
     std::snprintf(fname, sizeof(fname), "round-%04d.ckpt", round);
     write_file_atomic((dir / fname).string(), b->data(), b->size());
@@ -913,67 +886,38 @@ struct Experiment::Impl {
 
   // Reads one checkpoint, checks it against this experiment, and only then installs it.
   int restore_checkpoint(const fs::path& file) {
-    Message m = decode(read_file(file.string()));
-    if (m.type != "checkpoint") throw Error("not a checkpoint (message type '" + m.type + "')");
+    std::vector<std::string> names;
+    for (auto& s : sites) names.push_back(s->site());
+    protocol::Checkpoint c = protocol::read_checkpoint(decode(read_file(file.string())), names);
     // run() checked that the stored pipeline.yaml is this pipeline.
-    if (m.text["pipeline"] != config.resolved_yaml)
+    if (c.pipeline != config.resolved_yaml)
       throw Error("written for another pipeline than the run folder's pipeline.yaml");
-    if (m.round < 1 || m.round > config.federation.rounds)
-      throw Error("round " + std::to_string(m.round) + " is outside 1.." +
+    if (c.round < 1 || c.round > config.federation.rounds)
+      throw Error("round " + std::to_string(c.round) + " is outside 1.." +
                   std::to_string(config.federation.rounds));
-    NamedArrays global, agg;
-    std::map<std::string, NamedArrays> local, store;
-    std::map<std::string, Site*> by_name;
-    for (auto& s : sites) by_name[s->site()] = s.get();
-    for (auto& [k, v] : m.arrays) {
-      Array copy = v.clone();  // do not pin the whole file buffer
-      if (k.rfind("global/", 0) == 0) {
-        global[k.substr(7)] = copy;
-      } else if (k.rfind("aggregator/", 0) == 0) {
-        agg[k.substr(11)] = copy;
-      } else if (k.rfind("site/", 0) == 0) {
-        const std::string rest = k.substr(5);
-        bool known = false;
-        for (auto& [name, site] : by_name) {
-          if (rest.rfind(name + "/local/", 0) == 0) {
-            const std::string entry = rest.substr(name.size() + 7);
-            auto init = initial.find(entry);
-            if (init == initial.end() || shared.count(entry))
-              throw Error("site '" + name + "' has unexpected local entry '" + entry + "'");
-            if (std::string why = state_mismatch({{entry, init->second}}, {{entry, copy}});
-                !why.empty())
-              throw Error("site '" + name + "' local state: " + why);
-            local[name][entry] = copy;
-            known = true;
-          } else if (rest.rfind(name + "/store/", 0) == 0) {
-            store[name][rest.substr(name.size() + 7)] = copy;
-            known = true;
-          }
-        }
-        if (!known) throw Error("entry '" + k + "' names no site of this run");
-      } else {
-        throw Error("unexpected entry '" + k + "'");
+    for (const auto& [name, st] : c.sites)
+      for (const auto& [entry, a] : st.local) {
+        auto init = initial.find(entry);
+        if (init == initial.end() || shared.count(entry))
+          throw Error("site '" + name + "' has unexpected local entry '" + entry + "'");
+        if (std::string why = protocol::state_mismatch({{entry, init->second}}, {{entry, a}});
+            !why.empty())
+          throw Error("site '" + name + "' local state: " + why);
       }
-    }
-    if (std::string why = state_mismatch(coordinator->global(), global); !why.empty())
+    if (std::string why = protocol::state_mismatch(coordinator->global(), c.global); !why.empty())
       throw Error("global state " + why);
-    if (std::string bad = non_finite_entry(global); !bad.empty())
+    if (std::string bad = protocol::non_finite_entry(c.global); !bad.empty())
       throw Error("global state: non-finite values in '" + bad + "'");
-    // Checkpoints from before failures were stored have none.
-    const std::string& stored = m.text["failures"];
-    json past = stored.empty() ? json::array() : json::parse(stored, nullptr, false);
-    if (!past.is_array()) throw Error("no readable failure list");
-    aggregator->load_state(agg);
-    failures.clear();  // the replayed fit phase logged its failures again
-    for (const auto& f : past)
-      failures.push_back(f.is_string() ? f.get<std::string>() : json_text(f));
-    for (auto& [name, site] : by_name) {
-      site->local_state() = local[name];
-      site->site_store() = store[name];
-      site->set_trained(m.scalars["site/" + name + "/trained"] > 0);
+    aggregator->load_state(c.aggregator);
+    failures = std::move(c.failures);  // the replayed fit phase logged its failures again
+    for (auto& s : sites) {
+      protocol::SiteState& st = c.sites[s->site()];
+      s->local_state() = std::move(st.local);
+      s->site_store() = std::move(st.store);
+      s->set_trained(st.trained);
     }
-    coordinator->set_global(std::move(global));
-    return int(m.round);
+    coordinator->set_global(std::move(c.global));
+    return int(c.round);
   }
 };
 
@@ -1060,7 +1004,7 @@ RunSummary Experiment::run(const RunOptions& options) {
 
   std::map<std::string, std::map<std::string, double>> last_eval;
   std::map<std::string, double> settings = x.aggregator->client_settings();
-  settings["local_epochs"] = cfg.training.local_epochs;
+  settings[protocol::kLocalEpochs] = cfg.training.local_epochs;
   int round = start_round;
   for (; round <= cfg.federation.rounds; ++round) {
     const std::string phase =
@@ -1099,7 +1043,7 @@ RunSummary Experiment::run(const RunOptions& options) {
     x.progress(options, phase, 2, 3);
     // evaluation
     bool eval_now = round % cfg.evaluation.every == 0 || round == cfg.federation.rounds;
-    if (eval_now) last_eval = x.evaluate(round, "global");
+    if (eval_now) last_eval = x.evaluate(round, protocol::kPhaseGlobal);
     std::map<std::string, const SiteUpdate*> by_site;
     for (const auto& u : outcome.updates) by_site[u.site] = &u;
     const std::set<std::string> skipped(outcome.skipped.begin(), outcome.skipped.end());
@@ -1112,8 +1056,8 @@ RunSummary Experiment::run(const RunOptions& options) {
              {"selected", std::find(selected.begin(), selected.end(), name) != selected.end()},
              {"aggregated", outcome.aggregated}};
       if (by_site.count(name)) {
-        j["train_loss"] = by_site[name]->train_loss;
-        j["num_samples"] = by_site[name]->num_samples;
+        j[protocol::kTrainLoss] = by_site[name]->train_loss;
+        j[protocol::kNumSamples] = by_site[name]->num_samples;
       }
       if (skipped.count(name)) j["skipped"] = "no training samples";
       if (eval_now && last_eval.count(name)) {
@@ -1128,11 +1072,9 @@ RunSummary Experiment::run(const RunOptions& options) {
     if (eval_now) {
       std::string msg;  // the first metric of each site keeps the line short
       for (const auto& [site, m] : last_eval)
-        for (const auto& [k, v] : m)
-          if (k != "num_test") {
-            msg += " " + site + " " + k + "=" + fmt::format("{:.3f}", v);
-            break;
-          }
+        if (!m.empty())
+          msg +=
+              " " + site + " " + m.begin()->first + "=" + fmt::format("{:.3f}", m.begin()->second);
       spdlog::info("{}:{}", phase, msg);
     }
     summary.rounds_completed = round;
@@ -1144,27 +1086,27 @@ RunSummary Experiment::run(const RunOptions& options) {
     }
   }
   summary.rounds_completed = cfg.federation.rounds;
-  if (last_eval.empty()) last_eval = x.evaluate(cfg.federation.rounds, "global");
+  if (last_eval.empty()) last_eval = x.evaluate(cfg.federation.rounds, protocol::kPhaseGlobal);
 
   // Personalisation (adapter), then evaluate again.
   std::map<std::string, std::map<std::string, double>> personalized;
   if (x.adapter->personalizes()) {
     for (const auto& name : all_sites) {
-      Message req;
-      req.type = "personalize";
-      req.round = cfg.federation.rounds;
       try {
-        x.coordinator->call(name, req);
+        Message reply =
+            x.coordinator->call(name, protocol::personalize_request(cfg.federation.rounds));
+        if (std::string why = protocol::ack_problem(reply); !why.empty())
+          throw SiteError(name, why);
       } catch (const std::exception& e) {
         x.fail("personalize: " + site_failure(name, e));
       }
     }
-    personalized = x.evaluate(cfg.federation.rounds, "personalized");
+    personalized = x.evaluate(cfg.federation.rounds, protocol::kPhasePersonalized);
     std::string lines;
     for (const auto& [name, m] : personalized) {
       lines += jsonl_line({{"round", cfg.federation.rounds},
                            {"site", name},
-                           {"phase", "personalized"},
+                           {"phase", protocol::kPhasePersonalized},
                            {"metrics", metrics_json(m)}});
     }
     metrics_out << lines;
@@ -1176,10 +1118,8 @@ RunSummary Experiment::run(const RunOptions& options) {
     SiteResult r;
     r.site = name;
     r.held_out = std::find(train_sites.begin(), train_sites.end(), name) == train_sites.end();
-    for (const auto& [k, v] : last_eval[name])
-      if (k != "num_test") r.metrics[k] = v;
-    for (const auto& [k, v] : personalized[name])
-      if (k != "num_test") r.personalized[k] = v;
+    r.metrics = last_eval[name];
+    r.personalized = personalized[name];
     summary.sites.push_back(r);
   }
   summarise(summary, metric_names);
@@ -1196,10 +1136,7 @@ RunSummary Experiment::run(const RunOptions& options) {
     }
   }
   x.model->save((run_dir / "model.pt").string());
-  Message gm;
-  gm.type = "global-state";
-  gm.arrays = x.final_global;
-  Bytes gb = encode(gm);
+  Bytes gb = encode(protocol::global_state(cfg.federation.rounds, x.final_global));
   write_file_atomic((run_dir / "global.state").string(), gb->data(), gb->size());
 
   json js;

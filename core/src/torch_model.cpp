@@ -1,5 +1,6 @@
 #include <concord/error.h>
 #include <concord/message.h>
+#include <concord/seed.h>
 #include <concord/torch_model.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -40,13 +41,7 @@ std::vector<std::string> split_path(const std::string& path) {
 }  // namespace
 
 uint64_t derive_model_seed(uint64_t pipeline_seed, const std::string& salt) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a: stable across compilers, unlike std::hash
-  for (unsigned char c : salt) h = (h ^ c) * 1099511628211ull;
-  uint64_t z = pipeline_seed ^ h;  // splitmix64 finaliser
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
+  return derive_seed(pipeline_seed, "model/" + salt);
 }
 
 TorchModuleModel::TorchModuleModel(std::string plugin) : plugin_(std::move(plugin)) {}

@@ -7,6 +7,7 @@
 // Formulas, the band window and the statistics layout are in README.md.
 #include <concord/harmonizer.h>
 #include <concord/message.h>
+#include <concord/seed.h>
 
 #include "paired_rfft2.h"
 
@@ -368,12 +369,6 @@ std::string join(const std::vector<std::string>& v) {
   std::string s;
   for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
   return "[" + s + "]";
-}
-
-// A portable uniform draw in [0, 1) from the engine's generator (std distributions differ
-// between standard libraries; this does not).
-double uniform01(std::mt19937_64& rng) {
-  return double(rng() >> 11) * 0x1.0p-53;
 }
 
 // One row of the band: X' = X * (keep + t / |X|) with t = lam * ref, and X' = t where X = 0.

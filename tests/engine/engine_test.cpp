@@ -1,5 +1,6 @@
 #include <concord/dataset.h>
 #include <concord/engine.h>
+#include <concord/protocol.h>
 
 #include <nlohmann/json.hpp>
 
@@ -210,16 +211,27 @@ TEST(Coordinator, SelectionIsSeededAndHonoursFractionAndAvailability) {
   EXPECT_LT(total, 50 * 18 * 0.65);
 }
 
+// Site selection is the same on every platform (seed.h samplers): availability draws and the
+// sample of sites. The golden lists come from an independent reimplementation (tests/seed).
+TEST(Coordinator, SelectionIsPinnedOnEveryPlatform) {
+  InProcessChannel ch;
+  Null agg;
+  Coordinator c(ch, agg, 1);
+  std::vector<std::string> sites;
+  for (int i = 0; i < 20; ++i) sites.push_back("s" + std::to_string(i));
+  EXPECT_EQ(c.select(3, sites, 0.25, 1.0, {}),
+            (std::vector<std::string>{"s2", "s3", "s9", "s17", "s19"}));
+  EXPECT_EQ(
+      c.select(4, sites, 1.0, 0.5, {}),
+      (std::vector<std::string>{"s0", "s3", "s4", "s7", "s8", "s10", "s12", "s15", "s17", "s19"}));
+}
+
 TEST(Coordinator, RejectsNonFiniteUpdatesNamingTheSite) {
   InProcessChannel ch;
   auto reply_with = [](float v) {
     return [v](const Bytes&) {
-      Message m;
-      m.type = "update";
-      m.arrays["w"] = Array::from(std::vector<float>{v, 1});
-      m.scalars["num_samples"] = 1;
-      m.scalars["train_loss"] = 0.5;
-      return encode(m);
+      return encode(
+          protocol::update("site", 1, {{"w", Array::from(std::vector<float>{v, 1})}}, 1, 0.5, 3));
     };
   };
   ch.connect("good", reply_with(2));
@@ -247,12 +259,9 @@ NamedArrays sample_global() {
 // A site replying to "train" with `edit` applied to an otherwise good upload.
 SiteHandler replying(const std::function<void(Message&)>& edit) {
   return [edit](const Bytes&) {
-    Message m;
-    m.type = "update";
-    m.arrays = sample_global();
-    m.arrays["w"] = Array::from(std::vector<float>{1, 2});
-    m.scalars["num_samples"] = 4;
-    m.scalars["train_loss"] = 0.5;
+    NamedArrays state = sample_global();
+    state["w"] = Array::from(std::vector<float>{1, 2});
+    Message m = protocol::update("site", 1, std::move(state), 4, 0.5, 3);
     if (edit) edit(m);
     return encode(m);
   };
@@ -305,14 +314,17 @@ TEST(Coordinator, RejectsEveryMalformedUploadByNameAndAggregatesTheOthers) {
       {"lacks entry 'n'", [](Message& m) { m.arrays.erase("n"); }},
       {"unexpected entry 'extra'",
        [](Message& m) { m.arrays["extra"] = Array::from(std::vector<float>{1}); }},
-      {"num_samples", [](Message& m) { m.scalars["num_samples"] = -3; }},
-      {"num_samples", [](Message& m) { m.scalars["num_samples"] = NAN; }},
-      {"num_samples", [](Message& m) { m.scalars["num_samples"] = 1e300; }},
-      {"num_samples", [](Message& m) { m.scalars["num_samples"] = 2.5; }},
-      {"num_samples", [](Message& m) { m.scalars.erase("num_samples"); }},
-      {"non-finite train_loss", [](Message& m) { m.scalars["train_loss"] = INFINITY; }},
-      {"no train_loss", [](Message& m) { m.scalars.erase("train_loss"); }},
-      {"replied 'metrics'", [](Message& m) { m.type = "metrics"; }},
+      {"num_samples", [](Message& m) { m.scalars[protocol::kNumSamples] = -3; }},
+      {"num_samples", [](Message& m) { m.scalars[protocol::kNumSamples] = NAN; }},
+      {"num_samples", [](Message& m) { m.scalars[protocol::kNumSamples] = 1e300; }},
+      {"num_samples", [](Message& m) { m.scalars[protocol::kNumSamples] = 2.5; }},
+      {"num_samples", [](Message& m) { m.scalars.erase(protocol::kNumSamples); }},
+      {"non-finite train_loss", [](Message& m) { m.scalars[protocol::kTrainLoss] = INFINITY; }},
+      {"no train_loss", [](Message& m) { m.scalars.erase(protocol::kTrainLoss); }},
+      {"replied 'metrics'", [](Message& m) { m.type = protocol::kMetrics; }},
+      {"speaks protocol version '0'; this build speaks protocol version 1",
+       [](Message& m) { m.text[protocol::kVersionKey] = "0"; }},
+      {"carries no protocol version", [](Message& m) { m.text.clear(); }},
   };
   for (const auto& [expect, edit] : cases) {
     SCOPED_TRACE(expect);
@@ -335,7 +347,7 @@ TEST(Coordinator, RejectsEveryMalformedUploadByNameAndAggregatesTheOthers) {
 TEST(Coordinator, ZeroSampleUploadIsSkippedNotWeighed) {
   InProcessChannel ch;
   ch.connect("good", replying(nullptr));
-  ch.connect("empty", replying([](Message& m) { m.scalars["num_samples"] = 0; }));
+  ch.connect("empty", replying([](Message& m) { m.scalars[protocol::kNumSamples] = 0; }));
   Counting agg;
   Coordinator c(ch, agg, 1);
   c.set_global(sample_global());
@@ -401,7 +413,7 @@ TEST(Engine, MisshapenUploadIsRejectedAndTheRunCompletes) {
   testkit::TempDir dir;
   const std::string bad = names[1];
   FaultPlan plan = tampering(
-      bad, "update",
+      bad, protocol::kUpdate,
       [](Message& m) {
         m.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3});
       },
@@ -414,7 +426,7 @@ TEST(Engine, MisshapenUploadIsRejectedAndTheRunCompletes) {
   int trained_round1 = 0;
   for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
     EXPECT_TRUE(j["aggregated"].get<bool>()) << j.dump();
-    if (j["round"] == 1 && j.contains("train_loss")) ++trained_round1;
+    if (j["round"] == 1 && j.contains(protocol::kTrainLoss)) ++trained_round1;
   }
   EXPECT_EQ(trained_round1, 2);
   auto summary = nlohmann::json::parse(std::ifstream(dir.path() / "summary.json"));
@@ -428,7 +440,7 @@ TEST(Engine, MisshapenHarmonizerStatisticsAreLeftOutByName) {
   auto names = site_names();
   testkit::TempDir dir;
   const std::string bad = names[2];
-  FaultPlan plan = tampering(bad, "stats", [](Message& m) {
+  FaultPlan plan = tampering(bad, protocol::kStats, [](Message& m) {
     ASSERT_FALSE(m.arrays.empty());
     m.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3, 4, 5});
   });
@@ -447,10 +459,12 @@ TEST(Engine, BadEvaluationRepliesAreNamedFailures) {
   auto names = site_names();
   testkit::TempDir dir;
   const std::string bad = names[0];
-  FaultPlan plan = tampering(bad, "metrics", [](Message& m) { m.scalars["accuracy"] = INFINITY; });
+  FaultPlan plan =
+      tampering(bad, protocol::kMetrics, [](Message& m) { m.scalars["accuracy"] = INFINITY; });
   const std::string crashing = names[1];  // and one whose evaluation throws
   plan.tamper = [crashing, inf = plan.tamper](const std::string& site, Message& reply) {
-    if (site == crashing && reply.type == "metrics") throw std::runtime_error("out of memory");
+    if (site == crashing && reply.type == protocol::kMetrics)
+      throw std::runtime_error("out of memory");
     inf(site, reply);
   };
   RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
@@ -496,12 +510,13 @@ TEST(Engine, ZeroSampleUploadIsReportedAsSkippedWithoutALoss) {
   auto names = site_names();
   testkit::TempDir dir;
   const std::string empty = names[0];
-  FaultPlan plan = tampering(empty, "update", [](Message& m) { m.scalars["num_samples"] = 0; });
+  FaultPlan plan =
+      tampering(empty, protocol::kUpdate, [](Message& m) { m.scalars[protocol::kNumSamples] = 0; });
   RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
   EXPECT_TRUE(s.failures.empty()) << testing::PrintToString(s.failures);
   for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
     if (j["site"] != empty) continue;
-    EXPECT_FALSE(j.contains("train_loss")) << j.dump();
+    EXPECT_FALSE(j.contains(protocol::kTrainLoss)) << j.dump();
     EXPECT_EQ(j.value("skipped", ""), "no training samples") << j.dump();
   }
 }
@@ -595,11 +610,11 @@ TEST(Engine, SiteWithoutTrainingSamplesIsSkipped) {
   for (const auto& j : read_jsonl(dir.path() / "metrics.jsonl")) {
     if (j.contains("skipped")) {
       ++skipped;
-      EXPECT_FALSE(j.contains("train_loss")) << j.dump();
+      EXPECT_FALSE(j.contains(protocol::kTrainLoss)) << j.dump();
     }
-    if (j.contains("train_loss")) {
+    if (j.contains(protocol::kTrainLoss)) {
       ++trained;
-      EXPECT_GT(j["num_samples"].get<double>(), 0) << j.dump();
+      EXPECT_GT(j[protocol::kNumSamples].get<double>(), 0) << j.dump();
     }
   }
   EXPECT_GT(skipped, 0) << "the partition must leave a site without training samples";
@@ -607,37 +622,45 @@ TEST(Engine, SiteWithoutTrainingSamplesIsSkipped) {
 }
 
 TEST(Protocol, StatisticsAndMetricsRepliesAreChecked) {
-  Message good;
-  good.type = "stats";
-  good.arrays["mean"] = Array::from(std::vector<double>{1, 2, 3});
-  good.scalars["__weight"] = 2;
-  EXPECT_EQ(stats_problem(good, nullptr), "");
-  EXPECT_EQ(stats_problem(good, &good), "");
+  Stats good_stats;
+  good_stats.arrays["mean"] = Array::from(std::vector<double>{1, 2, 3});
+  good_stats.weight = 2;
+  const Message good = protocol::statistics("a", good_stats);
+  ASSERT_TRUE(protocol::read_statistics(Message(good)).ok());
+  EXPECT_EQ(protocol::read_statistics(Message(good)).value->weight, 2);
+  // What read_statistics refuses on its own, and what differs from the other sites' statistics.
   const std::vector<std::pair<std::string, std::function<void(Message&)>>> cases = {
-      {"replied 'ack'", [](Message& m) { m.type = "ack"; }},
+      {"replied 'ack'", [](Message& m) { m.type = protocol::kAck; }},
       {"non-finite values in 'mean'",
        [](Message& m) {
          m.arrays["mean"] = Array::from(std::vector<double>{1, NAN, 3});
        }},
-      {"negative weight", [](Message& m) { m.scalars["__weight"] = -1; }},
-      {"non-finite __weight", [](Message& m) { m.scalars["__weight"] = INFINITY; }},
+      {"negative weight", [](Message& m) { m.scalars[protocol::kWeight] = -1; }},
+      {"non-finite __weight", [](Message& m) { m.scalars[protocol::kWeight] = INFINITY; }},
+      {"lack scalar '__weight'", [](Message& m) { m.scalars.clear(); }},
+      {"speaks protocol version '2'", [](Message& m) { m.text[protocol::kVersionKey] = "2"; }},
       {"entry 'mean' is float64 [2], expected float64 [3]",
        [](Message& m) {
          m.arrays["mean"] = Array::from(std::vector<double>{1, 2});
        }},
       {"unexpected scalar 'x'", [](Message& m) { m.scalars["x"] = 1; }},
-      {"lack scalar '__weight'", [](Message& m) { m.scalars.clear(); }},
   };
   for (const auto& [expect, edit] : cases) {
     Message bad = good;
     edit(bad);
-    EXPECT_NE(stats_problem(bad, &good).find(expect), std::string::npos)
-        << expect << ": " << stats_problem(bad, &good);
+    auto read = protocol::read_statistics(std::move(bad));
+    const std::string why =
+        read.ok() ? protocol::statistics_mismatch(*read.value, good_stats) : read.problem;
+    EXPECT_NE(why.find(expect), std::string::npos) << expect << ": " << why;
   }
-  Message metrics;
-  metrics.type = "metrics";
-  metrics.scalars["roc-auc"] = NAN;  // undefined (one class): allowed
-  EXPECT_EQ(metrics_problem(metrics), "");
-  metrics.scalars["accuracy"] = -INFINITY;
-  EXPECT_NE(metrics_problem(metrics).find("accuracy is infinite"), std::string::npos);
+  std::map<std::string, double> values{{"roc-auc", NAN}};  // undefined (one class): allowed
+  auto metrics =
+      protocol::read_metrics(protocol::metrics("a", 1, protocol::kPhaseGlobal, 4, values));
+  ASSERT_TRUE(metrics.ok()) << metrics.problem;
+  EXPECT_EQ(metrics.value->num_test, 4);
+  EXPECT_EQ(metrics.value->values.size(), 1u);  // num_test is not a metric
+  values["accuracy"] = -INFINITY;
+  EXPECT_NE(protocol::read_metrics(protocol::metrics("a", 1, protocol::kPhaseGlobal, 4, values))
+                .problem.find("accuracy is infinite"),
+            std::string::npos);
 }

@@ -4,6 +4,7 @@
 #include <concord/checked.h>
 #include <concord/harmonizer.h>
 #include <concord/message.h>
+#include <concord/protocol.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -44,10 +45,10 @@ size_t find_bytes(const Bytes& b, const std::string& needle) {
 
 // A message with one float array "w" of 16 values (64 bytes, no padding) whose dimension field
 // is then overwritten with `dim`.
-Bytes message_with_dim(int64_t dim, const std::string& type = "update") {
+Bytes message_with_dim(int64_t dim, const std::string& type = protocol::kUpdate) {
   Message m;
   m.type = type;
-  m.scalars["__weight"] = 1;
+  m.scalars[protocol::kWeight] = 1;
   m.arrays["w"] = Array::from(std::vector<float>(16, 1.f));
   Bytes b = encode(m);
   // name "w" (u32 length 1), dtype F32 (0), 1 dim (u32), then the dim as int64
@@ -111,9 +112,9 @@ TEST(Checked, DecodeRefusesAShapeWhoseByteSizeOverflows) {
 TEST(Checked, StatisticsFileWithAnOverflowingShapeIsRefusedNamingTheFile) {
   testkit::TempDir dir;
   const std::string good = dir.str() + "/good.stats", bad = dir.str() + "/bad.stats";
-  write_bytes(good, message_with_dim(16, "harmonizer-stats"));
+  write_bytes(good, message_with_dim(16, protocol::kSetStatistics));
   EXPECT_EQ(load_stats(good).arrays.at("w").numel(), 16);
-  write_bytes(bad, message_with_dim(kHuge, "harmonizer-stats"));
+  write_bytes(bad, message_with_dim(kHuge, protocol::kSetStatistics));
   std::string e = testkit::error_of([&] { load_stats(bad); });
   EXPECT_NE(e.find(bad), std::string::npos) << e;
   EXPECT_NE(e.find("array w"), std::string::npos) << e;
@@ -139,7 +140,7 @@ TEST(Limits, FilesAndMessagesAboveTheCeilingAreRefused) {
   testkit::TempDir dir;
   const std::string file = dir.str() + "/big.ckpt";
   Message m;
-  m.type = "checkpoint";
+  m.type = protocol::kCheckpoint;
   m.arrays["w"] = Array(DType::U8, {int64_t(3) << 19});  // 1.5 MiB
   Bytes b = encode(m);
   write_bytes(file, b);
@@ -208,15 +209,15 @@ TEST(Limits, StatisticsNeedAFiniteNonNegativeWeight) {
   Stats s;
   s.weight = 3;
   s.scalars["mean"] = 1.5;
-  Stats back = stats_from_message(decode(encode(stats_message(s, "stats"))));
+  Stats back = stats_from_message(decode(encode(stats_message(s, protocol::kStats))));
   EXPECT_EQ(back.weight, 3);
   EXPECT_EQ(back.scalars, s.scalars);
   Message none;
-  none.type = "stats";
+  none.type = protocol::kStats;
   EXPECT_THROW(stats_from_message(Message(none)), Error);
-  none.scalars["__weight"] = std::numeric_limits<double>::quiet_NaN();
+  none.scalars[protocol::kWeight] = std::numeric_limits<double>::quiet_NaN();
   EXPECT_THROW(stats_from_message(Message(none)), Error);
-  none.scalars["__weight"] = -1;
+  none.scalars[protocol::kWeight] = -1;
   EXPECT_THROW(stats_from_message(Message(none)), Error);
 }
 
@@ -224,7 +225,7 @@ TEST(Limits, ACorruptReplyIsTheSitesFailureNamedBySite) {
   InProcessChannel ch;
   ch.connect("hospital-b", [](const Bytes&) -> Bytes { return message_with_dim(kHuge); });
   Message req;
-  req.type = "train";
+  req.type = protocol::kTrain;
   try {
     ch.call("hospital-b", encode(req));
     FAIL() << "a corrupt reply was accepted";
@@ -240,9 +241,9 @@ TEST(Padding, EncodeZeroesEveryPaddingByteOfARecycledBuffer) {
   // Sizes that leave padding after each array; the whole message is >= 1 MiB, so its buffer
   // comes from the pool, where it was last filled with a pattern.
   Message m;
-  m.type = "update";
+  m.type = protocol::kUpdate;
   m.site = "a";
-  m.scalars["num_samples"] = 3;
+  m.scalars[protocol::kNumSamples] = 3;
   m.arrays["big"] = Array::from(std::vector<float>(300001, 1.f));
   m.arrays["bias"] = Array::from(std::vector<float>{1, 2, 3});
   m.arrays["count"] = Array::from(std::vector<int64_t>{7});

@@ -1,5 +1,6 @@
 #include <concord/channel.h>
 #include <concord/message.h>
+#include <concord/protocol.h>
 
 #include <cstring>
 #include <fstream>
@@ -10,18 +11,18 @@ using namespace concord;
 
 TEST(Wire, RoundTripKeepsEverythingAndAliasesTheBuffer) {
   Message m;
-  m.type = "update";
+  m.type = protocol::kUpdate;
   m.round = 7;
   m.site = "BIDMC";
-  m.scalars = {{"num_samples", 128}, {"train_loss", 0.25}};
-  m.text = {{"phase", "global"}};
+  m.scalars = {{protocol::kNumSamples, 128}, {protocol::kTrainLoss, 0.25}};
+  m.text = {{protocol::kPhase, protocol::kPhaseGlobal}};
   m.arrays["conv.weight"] = Array::from(std::vector<float>{1, 2, 3, 4, 5, 6}, {2, 3});
   m.arrays["bn.num_batches_tracked"] = Array::from(std::vector<int64_t>{42});
   m.arrays["empty"] = Array(DType::F32, {0});
   Bytes b = encode(m);
   EXPECT_EQ(b->size() % 64, 0u);
   Message d = decode(b);
-  EXPECT_EQ(d.type, "update");
+  EXPECT_EQ(d.type, protocol::kUpdate);
   EXPECT_EQ(d.round, 7);
   EXPECT_EQ(d.site, "BIDMC");
   EXPECT_EQ(d.scalars, m.scalars);

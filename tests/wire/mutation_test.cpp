@@ -5,6 +5,7 @@
 // reserve memory the bytes do not back).
 #include <concord/harmonizer.h>
 #include <concord/message.h>
+#include <concord/protocol.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -57,11 +58,11 @@ Bytes to_buffer(const std::vector<uint8_t>& v) {
 std::vector<std::vector<uint8_t>> seeds() {
   std::vector<std::vector<uint8_t>> out;
   Message a;
-  a.type = "update";
+  a.type = protocol::kUpdate;
   a.round = 3;
   a.site = "BIDMC";
-  a.scalars = {{"num_samples", 12}, {"train_loss", 0.5}};
-  a.text = {{"phase", "global"}, {"note", ""}};
+  a.scalars = {{protocol::kNumSamples, 12}, {protocol::kTrainLoss, 0.5}};
+  a.text = {{protocol::kPhase, protocol::kPhaseGlobal}, {"note", ""}};
   a.arrays["conv.weight"] = Array::from(std::vector<float>{1, 2, 3, 4, 5, 6}, {2, 3, 1});
   a.arrays["bn.num_batches_tracked"] = Array::from(std::vector<int64_t>{42}, {});
   a.arrays["mask"] = Array::from(std::vector<uint8_t>(19, 7));
@@ -70,14 +71,14 @@ std::vector<std::vector<uint8_t>> seeds() {
   a.arrays["empty"] = Array(DType::F32, {0, 3});
   out.push_back(bytes_of(encode(a)));
   Message b;
-  b.type = "broadcast";
+  b.type = protocol::kBroadcast;
   out.push_back(bytes_of(encode(b)));
   Stats s;
   s.weight = 4;
   s.scalars["mean"] = 0.5;
   s.arrays["spectrum"] = Array::from(std::vector<float>(40, 0.5f), {5, 8});
-  Message st = stats_message(s, "harmonizer-stats");
-  st.text["method"] = "amplitude";
+  Message st = stats_message(s, protocol::kSetStatistics);
+  st.text[protocol::kMethod] = "amplitude";
   out.push_back(bytes_of(encode(st)));
   return out;
 }

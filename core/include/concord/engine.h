@@ -6,6 +6,7 @@
 #include <concord/channel.h>
 #include <concord/harmonizer.h>
 #include <concord/pipeline.h>
+#include <concord/seed.h>
 
 #include <functional>
 #include <map>
@@ -23,7 +24,7 @@ class Coordinator {
   Coordinator(Channel& channel, Aggregator& aggregator, uint64_t seed);
 
   // Step 1: sites available this round (each with its probability), then a seeded sample of
-  // ceil(fraction * available) of them. Deterministic in (seed, round).
+  // ceil(fraction * available) of them. Deterministic in (seed, round), on every platform.
   std::vector<std::string> select(int round, const std::vector<std::string>& candidates,
                                   double fraction, double availability,
                                   const std::map<std::string, double>& site_availability) const;
@@ -36,7 +37,7 @@ class Coordinator {
     std::string not_aggregated;         // why not (too few usable uploads, aggregator failed)
   };
   // Steps 2-4: ask each selected site to train (the request carries `settings`), collect the
-  // uploads (rejecting, by site, any that upload_problem() refuses), aggregate when at least
+  // uploads (rejecting, by site, any that protocol::read_update() refuses), aggregate when at least
   // `min_sites` are usable. An aggregator that throws or returns a state unlike the global one
   // leaves the global model unchanged (aggregated = false, not_aggregated says why).
   // `on_site(site, i, n)` is called before each site's exchange (for progress display).
@@ -45,10 +46,10 @@ class Coordinator {
       const std::map<std::string, double>& settings, int min_sites,
       const std::function<void(const std::string&, size_t, size_t)>& on_site = nullptr);
   // Step 5: send the global state to `sites` (encoded once; one call per site). Returns a
-  // failure line per site that did not take it.
+  // failure line per site that did not acknowledge it.
   std::vector<std::string> broadcast(int round, const std::vector<std::string>& sites);
 
-  // Other exchanges (evaluation, harmonizer fit) use the same Channel.
+  // Other exchanges (evaluation, personalisation; see protocol.h) use the same Channel.
   Message call(const std::string& site, const Message& request);
 
   const NamedArrays& global() const { return global_; }
@@ -61,31 +62,8 @@ class Coordinator {
   NamedArrays global_;
 };
 
-// The checks the coordinator applies to what a site sends before anything uses it. Each returns
-// why the input is unusable ("" when it is fine); the engine reports that with the site's name.
-//
-// `state` has exactly the entries of `reference`, each with the same dtype and shape.
-std::string state_mismatch(const NamedArrays& reference, const NamedArrays& state);
-// The first floating-point entry holding a NaN or an infinity ("" when none does).
-std::string non_finite_entry(const NamedArrays& state);
-// A site's reply to "train": type "update", the shared state as `global` has it (names, dtypes,
-// shapes, finite values), num_samples a whole number in [1, kMaxUploadSamples], every scalar
-// (train_loss included) finite. A reply with num_samples 0 is not checked further: the site had
-// nothing to train on and is skipped.
-std::string upload_problem(const Message& reply, const NamedArrays& global);
 // The failure line for an exception from an exchange with `site`, naming the site once.
 std::string site_failure(const std::string& site, const std::exception& e);
-// The most samples one upload may claim: weights beyond it would let one site outvote the rest.
-constexpr double kMaxUploadSamples = 1e9;
-// A site's reply to a harmonizer "fit": type "stats", finite values, a weight >= 0, and the same
-// entries and scalars (names, dtypes, shapes) as `reference` (what most sites send) if given.
-std::string stats_problem(const Message& reply, const Message* reference);
-// A site's reply to "evaluate": type "metrics", scalars NaN (undefined) or finite.
-std::string metrics_problem(const Message& reply);
-
-// A seed derived from the pipeline seed and labels (round, site, purpose): every random
-// choice in a run flows from the pipeline's seed through this.
-uint64_t derive_seed(uint64_t seed, const std::string& label, int64_t n = 0);
 
 struct SiteResult {
   std::string site;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <concord/image.h>
+#include <concord/seed.h>  // SeededRandom, mix_seed: used with these tools
 
 #include <cstdint>
 #include <string>
@@ -44,29 +45,5 @@ void apply_signature(Image& image, const ScannerSignature& sig, uint64_t noise_s
 // Applies a per-site signature to every image of every site (keeps `reference` untouched
 // when set; records the parameters in federation.notes["scanner.<site>"]).
 void apply_scanner_shift(Federation& federation, double strength, uint64_t seed);
-
-// Seed derivation and a portable random source. std::*_distribution results differ between
-// standard libraries; these samplers (xoshiro256** underneath) give the same numbers everywhere.
-uint64_t mix_seed(uint64_t a, uint64_t b);  // splitmix64 of a combined with b
-class SeededRandom {
- public:
-  explicit SeededRandom(uint64_t seed);
-  uint64_t next();                       // raw 64 bits
-  double uniform();                      // [0, 1)
-  double uniform(double lo, double hi);  // [lo, hi)
-  int64_t below(int64_t n);              // integer in [0, n), n > 0
-  double normal();                       // standard normal (Box-Muller)
-  double gamma(double shape);            // Gamma(shape, 1) (Marsaglia-Tsang)
-  std::vector<double> dirichlet(double alpha, int k);
-  template <class T>
-  void shuffle(std::vector<T>& v) {  // Fisher-Yates
-    for (int64_t i = int64_t(v.size()) - 1; i > 0; --i) std::swap(v[i], v[below(i + 1)]);
-  }
-
- private:
-  uint64_t state_[4];  // xoshiro256** state
-  double spare_ = 0;
-  bool has_spare_ = false;
-};
 
 }  // namespace concord

@@ -35,7 +35,7 @@ class Buffer {
 using Bytes = std::shared_ptr<const Buffer>;
 
 struct Message {
-  std::string type;  // "train", "update", "evaluate", "metrics", "fit", "stats", ...
+  std::string type;  // the message types of the site protocol: see protocol.h
   int64_t round = 0;
   std::string site;
   NamedArrays arrays;

@@ -65,8 +65,8 @@ class TorchModuleModel : public Model {
   std::shared_ptr<torch::nn::Module> module_;
 };
 
-// A seed for model initialisation derived from the pipeline seed (splitmix64 of seed ^ salt),
-// identical on every site so that all sites start from the same weights.
+// A seed for model initialisation: derive_seed(pipeline_seed, "model/" + salt), identical on
+// every site so that all sites start from the same weights.
 uint64_t derive_model_seed(uint64_t pipeline_seed, const std::string& salt);
 
 }  // namespace concord

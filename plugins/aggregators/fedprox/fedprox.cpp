@@ -2,6 +2,7 @@
 // on the sites, which minimise  loss(w) + mu/2 ||w - w_global||^2  in local training. The
 // aggregator declares mu and hands it to the sites through client_settings().
 #include <concord/aggregator.h>
+#include <concord/protocol.h>
 
 #include "aggregation.h"
 
@@ -24,7 +25,9 @@ class FedProx : public Aggregator {
     return out;
   }
 
-  std::map<std::string, double> client_settings() const override { return {{"proximal_mu", mu_}}; }
+  std::map<std::string, double> client_settings() const override {
+    return {{protocol::kProximalMu, mu_}};
+  }
 
  private:
   std::string weighting_;

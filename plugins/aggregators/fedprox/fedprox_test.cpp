@@ -1,3 +1,5 @@
+#include <concord/protocol.h>
+
 #include "aggregator_testing.h"
 
 using namespace concord;
@@ -7,8 +9,8 @@ TEST(FedProx, DeclaresMuForTheSitesAndAveragesLikeFedAvg) {
   auto prox = make("fedprox", {{"mu", make_value(0.05)}});
   const auto settings = prox->client_settings();
   ASSERT_EQ(settings.size(), 1u);
-  EXPECT_DOUBLE_EQ(settings.at("proximal_mu"), 0.05);
-  EXPECT_DOUBLE_EQ(make("fedprox")->client_settings().at("proximal_mu"), 0.01);
+  EXPECT_DOUBLE_EQ(settings.at(protocol::kProximalMu), 0.05);
+  EXPECT_DOUBLE_EQ(make("fedprox")->client_settings().at(protocol::kProximalMu), 0.01);
 
   NamedArrays global{{"w", vec({0, 0})}};
   std::vector<SiteUpdate> ups = {update("a", {{"w", vec({1, 2})}}, 1),

@@ -3,8 +3,8 @@
 
 #include <concord/error.h>
 #include <concord/filter.h>
+#include <concord/seed.h>
 
-#include <cmath>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -36,31 +36,7 @@ inline const Array& global_of(const std::string& plugin, const FilterContext& ct
   return it->second;
 }
 
-// Standard normal draws from a 64-bit Mersenne Twister by the Box-Muller transform. Written out
-// (rather than std::normal_distribution, whose algorithm is implementation-defined) so the same
-// seed gives the same noise with every standard library.
-class StandardNormal {
- public:
-  explicit StandardNormal(std::mt19937_64& rng) : rng_(rng) {}
-  double operator()() {
-    if (has_spare_) {
-      has_spare_ = false;
-      return spare_;
-    }
-    // u1 in (0, 1] so log(u1) is finite; u2 in [0, 1). 53 random bits each.
-    const double u1 = (double(rng_() >> 11) + 1.0) * 0x1.0p-53;
-    const double u2 = double(rng_() >> 11) * 0x1.0p-53;
-    const double r = std::sqrt(-2.0 * std::log(u1));
-    const double theta = 2.0 * M_PI * u2;
-    spare_ = r * std::sin(theta);
-    has_spare_ = true;
-    return r * std::cos(theta);
-  }
-
- private:
-  std::mt19937_64& rng_;
-  double spare_ = 0;
-  bool has_spare_ = false;
-};
+// Standard normal draws from the filter's stream (seed.h: the same numbers everywhere).
+using StandardNormal = concord::StandardNormal<std::mt19937_64>;
 
 }  // namespace concord::filtering

@@ -1,0 +1,183 @@
+// The site protocol: every message a coordinator and a site exchange, as typed builders and
+// readers, with the names of its message types and fields. Nothing else in Concord spells a
+// message type or key; ARCHITECTURE.md ("The site protocol") lists every message.
+//
+// A builder stamps the protocol version (text field kVersionKey) on the message; every reader
+// refuses a message of another version, naming both. The wire format has its own version (the
+// magic bytes in message.cpp): the protocol version changes when a message type, a field or its
+// meaning changes, the wire version when the byte layout does.
+//
+// Readers of what a site sends (the coordinator's side) return Checked<T>: the value, checked,
+// or why it is unusable (the caller names the site). Readers of what a coordinator sends (the
+// site's side) throw Error.
+#pragma once
+
+#include <concord/harmonizer.h>
+#include <concord/message.h>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace concord {
+namespace protocol {
+
+constexpr int kVersion = 1;
+
+// Message types. Coordinator to site:
+inline constexpr const char* kTrain = "train";                     // train one round locally
+inline constexpr const char* kBroadcast = "broadcast";             // the new global state
+inline constexpr const char* kEvaluate = "evaluate";               // evaluate on the test split
+inline constexpr const char* kFit = "fit";                         // a harmonizer's site statistics
+inline constexpr const char* kSetStatistics = "harmonizer-stats";  // global statistics to apply
+inline constexpr const char* kPersonalize = "personalize";         // the adapter's personalisation
+// Site to coordinator:
+inline constexpr const char* kUpdate = "update";    // reply to train
+inline constexpr const char* kMetrics = "metrics";  // reply to evaluate
+inline constexpr const char* kStats = "stats";      // reply to fit
+inline constexpr const char* kAck = "ack";  // reply to broadcast, harmonizer-stats, personalize
+// Files the coordinator writes in the same form:
+inline constexpr const char* kCheckpoint = "checkpoint";     // checkpoints/round-NNNN.ckpt
+inline constexpr const char* kGlobalState = "global-state";  // <run>/global.state
+
+// Field names. Text:
+inline constexpr const char* kVersionKey = "__protocol";  // every message: kVersion in decimal
+inline constexpr const char* kPhase = "phase";            // evaluate, metrics
+inline constexpr const char* kPipeline = "pipeline";      // checkpoint: the resolved pipeline
+inline constexpr const char* kFailures = "failures";      // checkpoint: JSON list of failures
+inline constexpr const char* kMethod = "method";          // statistics file: the harmonizer type
+// Scalars:
+inline constexpr const char* kHarmonizer = "__harmonizer";   // fit, harmonizer-stats: the index
+inline constexpr const char* kWeight = "__weight";           // stats, harmonizer-stats
+inline constexpr const char* kNumSamples = "num_samples";    // update
+inline constexpr const char* kTrainLoss = "train_loss";      // update
+inline constexpr const char* kSteps = "steps";               // update
+inline constexpr const char* kNumTest = "num_test";          // metrics
+inline constexpr const char* kLocalEpochs = "local_epochs";  // train
+inline constexpr const char* kProximalMu = "proximal_mu";    // train (FedProx's client term)
+// Values of kPhase:
+inline constexpr const char* kPhaseGlobal = "global";
+inline constexpr const char* kPhasePersonalized = "personalized";
+
+// The most samples one upload may claim: weights beyond it would let one site outvote the rest.
+constexpr double kMaxUploadSamples = 1e9;
+
+// A reader's answer: the checked value, or (problem non-empty) why the message is unusable.
+template <typename T>
+struct Checked {
+  std::optional<T> value;
+  std::string problem;
+  bool ok() const { return problem.empty(); }
+  static Checked fail(std::string why) { return Checked{std::nullopt, std::move(why)}; }
+  static Checked of(T v) { return Checked{std::move(v), ""}; }
+};
+
+// "" when `m` speaks this build's protocol version, else why not (naming both versions).
+std::string version_problem(const Message& m);
+
+// ---- coordinator to site -------------------------------------------------------------------
+
+// What a site is asked to do. request_kind() checks the version and the type and throws Error
+// for another version or an unknown type.
+enum class Request { Train, Broadcast, Evaluate, Fit, SetStatistics, Personalize };
+Request request_kind(const Message& m);
+
+// train: the round's settings (local_epochs, the aggregator's client settings).
+Message train_request(int64_t round, const std::map<std::string, double>& settings);
+struct TrainSettings {
+  int local_epochs = 1;               // a whole number in [1, 100000]
+  double proximal_mu = 0;             // finite, >= 0
+  std::map<std::string, double> all;  // every setting, as sent
+};
+TrainSettings read_train_request(const Message& m);
+
+Message broadcast(int64_t round, NamedArrays global);
+
+Message evaluate_request(int64_t round, const std::string& phase);
+// The phase (kPhaseGlobal or kPhasePersonalized).
+std::string read_evaluate_request(const Message& m);
+
+Message fit_request(size_t harmonizer);
+// The harmonizer index of a fit or harmonizer-stats request: a whole number in [0, count).
+size_t read_harmonizer(const Message& m, size_t count);
+
+Message set_statistics(size_t harmonizer, Stats global);
+struct SetStatistics {
+  size_t harmonizer = 0;
+  Stats stats;
+};
+SetStatistics read_set_statistics(Message&& m, size_t count);
+
+Message personalize_request(int64_t round);
+
+// ---- site to coordinator -------------------------------------------------------------------
+
+Message ack(const std::string& site, int64_t round);
+// "" for an ack of this version, else why not.
+std::string ack_problem(const Message& reply);
+
+// update: the shared state after local training. num_samples 0: nothing trained (no state).
+Message update(const std::string& site, int64_t round, NamedArrays state, double num_samples,
+               double train_loss, int64_t steps);
+Message empty_update(const std::string& site, int64_t round);
+struct Upload {
+  NamedArrays state;
+  double num_samples = 0;  // 0: the site had nothing to train on (nothing else is checked)
+  double train_loss = 0;
+  std::map<std::string, double> scalars;  // every scalar the site sent
+};
+// Checks: type update; num_samples a whole number in [0, kMaxUploadSamples]; when > 0,
+// train_loss present, every scalar finite, the state as `global` has it (names, dtypes, shapes)
+// with finite values.
+Checked<Upload> read_update(Message&& reply, const NamedArrays& global);
+
+// stats: a harmonizer's statistics at one site (Stats::site is not sent).
+Message statistics(const std::string& site, Stats stats);
+// Checks: type stats; finite scalars and values; a weight that is there, finite and >= 0.
+Checked<Stats> read_statistics(Message&& reply);
+// "" when `stats` has the entries (names, dtypes, shapes) and scalars of `reference` (what most
+// sites send), else the difference.
+std::string statistics_mismatch(const Stats& stats, const Stats& reference);
+
+// metrics: the metric values at one site (NaN: undefined, e.g. AUC with one class).
+Message metrics(const std::string& site, int64_t round, const std::string& phase, int64_t num_test,
+                const std::map<std::string, double>& values);
+struct Metrics {
+  std::string phase;
+  double num_test = 0;
+  std::map<std::string, double> values;  // without num_test
+};
+// Checks: type metrics; no infinite value.
+Checked<Metrics> read_metrics(Message&& reply);
+
+// ---- files -----------------------------------------------------------------------------------
+
+struct SiteState {
+  NamedArrays local, store;
+  bool trained = false;
+};
+struct Checkpoint {
+  int64_t round = 0;
+  NamedArrays global, aggregator;
+  std::map<std::string, SiteState> sites;
+  std::string pipeline;               // the resolved pipeline it was written for
+  std::vector<std::string> failures;  // failures so far (a resumed run's summary keeps them)
+};
+Message checkpoint(const Checkpoint& c);
+// Splits a checkpoint message into its parts; `sites` are the run's site names (an entry naming
+// another site is an error). Arrays are copied (they do not pin the file's buffer). Throws Error.
+Checkpoint read_checkpoint(Message&& m, const std::vector<std::string>& sites);
+
+Message global_state(int64_t round, NamedArrays global);
+
+// ---- checks on named arrays ----------------------------------------------------------------
+
+// "" when `state` has exactly the entries of `reference`, each with the same dtype and shape.
+std::string state_mismatch(const NamedArrays& reference, const NamedArrays& state);
+// The first floating-point entry holding a NaN or an infinity ("" when none does).
+std::string non_finite_entry(const NamedArrays& state);
+
+}  // namespace protocol
+}  // namespace concord

@@ -1,0 +1,396 @@
+// The site protocol's builders and readers (see protocol.h). Torch-free.
+#include <concord/error.h>
+#include <concord/json_text.h>
+#include <concord/protocol.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+
+namespace concord {
+namespace protocol {
+
+namespace {
+
+const std::string& version_text() {
+  static const std::string v = std::to_string(kVersion);
+  return v;
+}
+
+// At most 40 characters of a peer's text in an error message.
+std::string shown(const std::string& s) {
+  return "'" + (s.size() > 40 ? s.substr(0, 40) + "..." : s) + "'";
+}
+
+Message stamped(const char* type, int64_t round = 0) {
+  Message m;
+  m.type = type;
+  m.round = round;
+  m.text[kVersionKey] = version_text();
+  return m;
+}
+
+// "" when `m` is of this version and of type `want` (the reply to `request`), else why not.
+std::string reply_problem(const Message& m, const char* want, const char* request) {
+  if (std::string v = version_problem(m); !v.empty()) return v;
+  if (m.type != want) return "replied " + shown(m.type) + " to " + request;
+  return "";
+}
+
+void check(const Message& m) {
+  if (std::string v = version_problem(m); !v.empty()) throw Error(v);
+}
+
+std::string non_finite_scalar(const std::map<std::string, double>& scalars) {
+  for (const auto& [k, v] : scalars)
+    if (!std::isfinite(v)) return "non-finite " + k + " (" + std::to_string(v) + ")";
+  return "";
+}
+
+std::string shape_str(const Array& a) {
+  std::string s = std::string(dtype_name(a.dtype())) + " [";
+  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? "," : "") + std::to_string(a.shape()[i]);
+  return s + "]";
+}
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+}  // namespace
+
+std::string version_problem(const Message& m) {
+  auto it = m.text.find(kVersionKey);
+  if (it == m.text.end())
+    return "message " + shown(m.type) + " carries no protocol version (this build speaks " +
+           "protocol version " + version_text() + ")";
+  if (it->second != version_text())
+    return "message " + shown(m.type) + " speaks protocol version " + shown(it->second) +
+           "; this build speaks protocol version " + version_text();
+  return "";
+}
+
+// ---- coordinator to site -------------------------------------------------------------------
+
+Request request_kind(const Message& m) {
+  check(m);
+  static const std::map<std::string, Request> kinds = {{kTrain, Request::Train},
+                                                       {kBroadcast, Request::Broadcast},
+                                                       {kEvaluate, Request::Evaluate},
+                                                       {kFit, Request::Fit},
+                                                       {kSetStatistics, Request::SetStatistics},
+                                                       {kPersonalize, Request::Personalize}};
+  auto it = kinds.find(m.type);
+  if (it == kinds.end()) throw Error("unknown request " + shown(m.type));
+  return it->second;
+}
+
+Message train_request(int64_t round, const std::map<std::string, double>& settings) {
+  Message m = stamped(kTrain, round);
+  m.scalars = settings;
+  return m;
+}
+
+TrainSettings read_train_request(const Message& m) {
+  check(m);
+  if (m.type != kTrain) throw Error("expected a train request, got " + shown(m.type));
+  TrainSettings t;
+  t.all = m.scalars;
+  if (auto it = m.scalars.find(kLocalEpochs); it != m.scalars.end()) {
+    const double e = it->second;
+    if (!(e >= 1 && e <= 100000) || e != std::floor(e))
+      throw Error(std::string(kLocalEpochs) + " " + std::to_string(e) +
+                  " is not a whole number in [1, 100000]");
+    t.local_epochs = int(e);
+  }
+  if (auto it = m.scalars.find(kProximalMu); it != m.scalars.end()) {
+    if (!std::isfinite(it->second) || it->second < 0)
+      throw Error(std::string(kProximalMu) + " " + std::to_string(it->second) +
+                  " is not a finite number >= 0");
+    t.proximal_mu = it->second;
+  }
+  return t;
+}
+
+Message broadcast(int64_t round, NamedArrays global) {
+  Message m = stamped(kBroadcast, round);
+  m.arrays = std::move(global);
+  return m;
+}
+
+Message evaluate_request(int64_t round, const std::string& phase) {
+  Message m = stamped(kEvaluate, round);
+  m.text[kPhase] = phase;
+  return m;
+}
+
+std::string read_evaluate_request(const Message& m) {
+  check(m);
+  auto it = m.text.find(kPhase);
+  if (it == m.text.end() || (it->second != kPhaseGlobal && it->second != kPhasePersonalized))
+    throw Error("evaluate request without a phase ('" + std::string(kPhaseGlobal) + "' or '" +
+                kPhasePersonalized + "')");
+  return it->second;
+}
+
+Message fit_request(size_t harmonizer) {
+  Message m = stamped(kFit);
+  m.scalars[kHarmonizer] = double(harmonizer);
+  return m;
+}
+
+size_t read_harmonizer(const Message& m, size_t count) {
+  check(m);
+  auto it = m.scalars.find(kHarmonizer);
+  if (it == m.scalars.end()) throw Error(shown(m.type) + " request names no harmonizer");
+  const double i = it->second;
+  if (!(i >= 0 && i < double(count)) || i != std::floor(i))
+    throw Error(shown(m.type) + " request names harmonizer " + std::to_string(i) + "; there are " +
+                std::to_string(count) + ", numbered from 0");
+  return size_t(i);
+}
+
+Message set_statistics(size_t harmonizer, Stats global) {
+  Message m = stats_message(std::move(global), kSetStatistics);
+  m.text[kVersionKey] = version_text();
+  m.scalars[kHarmonizer] = double(harmonizer);
+  return m;
+}
+
+SetStatistics read_set_statistics(Message&& m, size_t count) {
+  SetStatistics out;
+  out.harmonizer = read_harmonizer(m, count);
+  m.scalars.erase(kHarmonizer);
+  out.stats = stats_from_message(std::move(m));
+  return out;
+}
+
+Message personalize_request(int64_t round) {
+  return stamped(kPersonalize, round);
+}
+
+// ---- site to coordinator -------------------------------------------------------------------
+
+Message ack(const std::string& site, int64_t round) {
+  Message m = stamped(kAck, round);
+  m.site = site;
+  return m;
+}
+
+std::string ack_problem(const Message& reply) {
+  if (std::string v = version_problem(reply); !v.empty()) return v;
+  if (reply.type != kAck) return "replied " + shown(reply.type) + " instead of '" + kAck + "'";
+  return "";
+}
+
+Message update(const std::string& site, int64_t round, NamedArrays state, double num_samples,
+               double train_loss, int64_t steps) {
+  Message m = stamped(kUpdate, round);
+  m.site = site;
+  m.arrays = std::move(state);
+  m.scalars[kNumSamples] = num_samples;
+  m.scalars[kTrainLoss] = train_loss;
+  m.scalars[kSteps] = double(steps);
+  return m;
+}
+
+Message empty_update(const std::string& site, int64_t round) {
+  Message m = stamped(kUpdate, round);
+  m.site = site;
+  m.scalars[kNumSamples] = 0;
+  return m;
+}
+
+Checked<Upload> read_update(Message&& reply, const NamedArrays& global) {
+  using R = Checked<Upload>;
+  if (std::string p = reply_problem(reply, kUpdate, kTrain); !p.empty()) return R::fail(p);
+  auto n = reply.scalars.find(kNumSamples);
+  if (n == reply.scalars.end()) return R::fail(std::string("no ") + kNumSamples);
+  const double samples = n->second;
+  if (!(samples >= 0 && samples <= kMaxUploadSamples) || samples != std::floor(samples))
+    return R::fail(std::string(kNumSamples) + " " + std::to_string(samples) +
+                   " is not a whole number in [0, " + std::to_string(int64_t(kMaxUploadSamples)) +
+                   "]");
+  Upload u;
+  if (samples > 0) {  // a site with nothing trained sends nothing else to check
+    auto loss = reply.scalars.find(kTrainLoss);
+    if (loss == reply.scalars.end()) return R::fail(std::string("no ") + kTrainLoss);
+    if (std::string s = non_finite_scalar(reply.scalars); !s.empty()) return R::fail(s);
+    if (std::string s = state_mismatch(global, reply.arrays); !s.empty())
+      return R::fail("update " + s);
+    if (std::string bad = non_finite_entry(reply.arrays); !bad.empty())
+      return R::fail("non-finite values in '" + bad + "'");
+    u.train_loss = loss->second;
+    u.state = std::move(reply.arrays);
+  }
+  u.num_samples = samples;
+  u.scalars = std::move(reply.scalars);
+  return R::of(std::move(u));
+}
+
+Message statistics(const std::string& site, Stats stats) {
+  Message m = stats_message(std::move(stats), kStats);
+  m.text[kVersionKey] = version_text();
+  m.site = site;
+  return m;
+}
+
+Checked<Stats> read_statistics(Message&& reply) {
+  using R = Checked<Stats>;
+  if (std::string p = reply_problem(reply, kStats, kFit); !p.empty()) return R::fail(p);
+  if (std::string s = non_finite_scalar(reply.scalars); !s.empty())
+    return R::fail("statistics: " + s);
+  auto w = reply.scalars.find(kWeight);
+  if (w == reply.scalars.end())
+    return R::fail(std::string("statistics lack scalar '") + kWeight + "'");
+  if (w->second < 0) return R::fail("statistics: negative weight " + std::to_string(w->second));
+  if (std::string bad = non_finite_entry(reply.arrays); !bad.empty())
+    return R::fail("statistics: non-finite values in '" + bad + "'");
+  try {
+    return R::of(stats_from_message(std::move(reply)));
+  } catch (const std::exception& e) {
+    return R::fail(e.what());
+  }
+}
+
+std::string statistics_mismatch(const Stats& stats, const Stats& reference) {
+  if (std::string s = state_mismatch(reference.arrays, stats.arrays); !s.empty())
+    return "statistics " + s + " (as the other sites send them)";
+  for (const auto& [k, v] : reference.scalars)
+    if (!stats.scalars.count(k)) return "statistics lack scalar '" + k + "'";
+  for (const auto& [k, v] : stats.scalars)
+    if (!reference.scalars.count(k)) return "statistics have unexpected scalar '" + k + "'";
+  return "";
+}
+
+Message metrics(const std::string& site, int64_t round, const std::string& phase, int64_t num_test,
+                const std::map<std::string, double>& values) {
+  Message m = stamped(kMetrics, round);
+  m.site = site;
+  m.text[kPhase] = phase;
+  m.scalars = values;
+  m.scalars[kNumTest] = double(num_test);
+  return m;
+}
+
+Checked<Metrics> read_metrics(Message&& reply) {
+  using R = Checked<Metrics>;
+  if (std::string p = reply_problem(reply, kMetrics, kEvaluate); !p.empty()) return R::fail(p);
+  Metrics out;
+  for (const auto& [k, v] : reply.scalars)
+    if (std::isinf(v)) return R::fail("metric " + k + " is infinite");
+  if (auto n = reply.scalars.find(kNumTest); n != reply.scalars.end()) {
+    out.num_test = n->second;
+    reply.scalars.erase(n);
+  }
+  out.phase = reply.text[kPhase];
+  out.values = std::move(reply.scalars);
+  return R::of(std::move(out));
+}
+
+// ---- files -----------------------------------------------------------------------------------
+
+namespace {
+const std::string kGlobalPrefix = "global/", kAggregatorPrefix = "aggregator/",
+                  kSitePrefix = "site/", kLocal = "/local/", kStore = "/store/",
+                  kTrained = "/trained";
+}  // namespace
+
+Message checkpoint(const Checkpoint& c) {
+  Message m = stamped(kCheckpoint, c.round);
+  for (const auto& [k, v] : c.global) m.arrays[kGlobalPrefix + k] = v;
+  for (const auto& [k, v] : c.aggregator) m.arrays[kAggregatorPrefix + k] = v;
+  for (const auto& [name, s] : c.sites) {
+    for (const auto& [k, v] : s.local) m.arrays[kSitePrefix + name + kLocal + k] = v;
+    for (const auto& [k, v] : s.store) m.arrays[kSitePrefix + name + kStore + k] = v;
+    m.scalars[kSitePrefix + name + kTrained] = s.trained ? 1 : 0;
+  }
+  m.text[kPipeline] = c.pipeline;
+  m.text[kFailures] = json_text(nlohmann::json(c.failures));
+  return m;
+}
+
+Checkpoint read_checkpoint(Message&& m, const std::vector<std::string>& sites) {
+  if (m.type != kCheckpoint) throw Error("not a checkpoint (message type " + shown(m.type) + ")");
+  check(m);
+  Checkpoint c;
+  c.round = m.round;
+  c.pipeline = m.text[kPipeline];
+  for (const auto& name : sites) c.sites[name];
+  for (auto& [k, v] : m.arrays) {
+    Array copy = v.clone();  // do not pin the whole file buffer
+    if (starts_with(k, kGlobalPrefix)) {
+      c.global[k.substr(kGlobalPrefix.size())] = copy;
+    } else if (starts_with(k, kAggregatorPrefix)) {
+      c.aggregator[k.substr(kAggregatorPrefix.size())] = copy;
+    } else if (starts_with(k, kSitePrefix)) {
+      const std::string rest = k.substr(kSitePrefix.size());
+      bool known = false;
+      for (const auto& name : sites) {
+        if (starts_with(rest, name + kLocal)) {
+          c.sites[name].local[rest.substr(name.size() + kLocal.size())] = copy;
+          known = true;
+        } else if (starts_with(rest, name + kStore)) {
+          c.sites[name].store[rest.substr(name.size() + kStore.size())] = copy;
+          known = true;
+        }
+      }
+      if (!known) throw Error("entry '" + k + "' names no site of this run");
+    } else {
+      throw Error("unexpected entry '" + k + "'");
+    }
+  }
+  for (auto& [name, s] : c.sites) {
+    auto it = m.scalars.find(kSitePrefix + name + kTrained);
+    s.trained = it != m.scalars.end() && it->second > 0;
+  }
+  // Checkpoints from before failures were stored have none.
+  const std::string& stored = m.text[kFailures];
+  nlohmann::json past =
+      stored.empty() ? nlohmann::json::array() : nlohmann::json::parse(stored, nullptr, false);
+  if (!past.is_array()) throw Error("no readable failure list");
+  for (const auto& f : past)
+    c.failures.push_back(f.is_string() ? f.get<std::string>() : json_text(f));
+  return c;
+}
+
+Message global_state(int64_t round, NamedArrays global) {
+  Message m = stamped(kGlobalState, round);
+  m.arrays = std::move(global);
+  return m;
+}
+
+// ---- checks on named arrays ----------------------------------------------------------------
+
+std::string state_mismatch(const NamedArrays& reference, const NamedArrays& state) {
+  for (const auto& [name, want] : reference) {
+    auto it = state.find(name);
+    if (it == state.end()) return "lacks entry '" + name + "'";
+    if (it->second.dtype() != want.dtype() || it->second.shape() != want.shape())
+      return "entry '" + name + "' is " + shape_str(it->second) + ", expected " + shape_str(want);
+  }
+  for (const auto& [name, a] : state)
+    if (!reference.count(name)) return "unexpected entry '" + name + "'";
+  return "";
+}
+
+std::string non_finite_entry(const NamedArrays& state) {
+  for (const auto& [name, a] : state) {
+    if (a.dtype() == DType::F32) {
+      // Exponent bits all ones <=> Inf or NaN; an OR-reduction over integers vectorises.
+      const uint32_t* p = static_cast<const uint32_t*>(a.raw());
+      uint32_t any = 0;
+      for (int64_t i = 0, n = a.numel(); i < n; ++i)
+        any |= uint32_t((p[i] & 0x7f800000u) == 0x7f800000u);
+      if (any) return name;
+    } else if (a.dtype() == DType::F64) {
+      const double* p = a.data<double>();
+      for (int64_t i = 0, n = a.numel(); i < n; ++i)
+        if (!std::isfinite(p[i])) return name;
+    }
+  }
+  return "";
+}
+
+}  // namespace protocol
+}  // namespace concord
