@@ -811,9 +811,28 @@ Image read_itk(const std::string& path, size_t max_bytes) {
     check_declared(path, {g.columns, g.rows, g.frames}, g.frames > 1 ? 3 : 2, g.samples, max_bytes);
   }
   if (ext == ".nii" || ext == ".nii.gz") check_nifti_header(path);
-  itk::ImageIOBase::Pointer io =
-      itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::IOFileModeEnum::ReadMode);
-  if (!io) throw Error(path + ": no ITK reader recognises this file (corrupt or unsupported)");
+  // The reader is chosen by the extension, whose checks ran above. ITK's factory would offer a
+  // file its own reader refuses to every other one: GDCM then parsed a .mha, .nrrd or .nii
+  // holding DICOM bytes without the DICOM walk (and aborted or allocated gigabytes on a bad one).
+  itk::ImageIOBase::Pointer io;
+  const char* kind = "";
+  if (ext == ".nii" || ext == ".nii.gz") {
+    io = itk::NiftiImageIO::New();
+    kind = "NIfTI";
+  } else if (ext == ".nrrd" || ext == ".nhdr") {
+    io = itk::NrrdImageIO::New();
+    kind = "NRRD";
+  } else if (ext == ".mha" || ext == ".mhd") {
+    io = itk::MetaImageIO::New();
+    kind = "MetaImage";
+  } else if (ext == ".dcm") {
+    io = itk::GDCMImageIO::New();
+    kind = "DICOM";
+  } else {
+    throw Error(path + ": unknown image format (extension '" + ext + "')");
+  }
+  if (!io->CanReadFile(path.c_str()))
+    throw Error(path + ": not a readable " + std::string(kind) + " file (corrupt or unsupported)");
   try {
     io->SetFileName(path);
     io->ReadImageInformation();

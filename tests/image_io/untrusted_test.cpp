@@ -399,6 +399,30 @@ TEST(ImageIoUntrusted, OddHeadersAreRefusedNamingTheFile) {
   refusal((d / "text.png").string());
 }
 
+// The reader is the one the extension names: DICOM bytes in a file named .mha, .mhd, .nrrd or
+// .nhdr (which their own readers refuse) never reach GDCM, which ITK's factory offered every
+// refused file to, bypassing the DICOM walk (GDCM aborts or allocates gigabytes on bad files;
+// fuzz finding "dicom-in-other-extension", notes/fuzz-findings). A valid DICOM file is used: before
+// the fix it was read as an image.
+TEST(ImageIoUntrusted, DicomBytesUnderAnotherExtensionAreNotParsedByGdcm) {
+  testkit::TempDir tmp;
+  const fs::path series = tmp.path() / "series";
+  write_image(ramp({6, 6, 2}, PixelType::I16), series.string());  // a DICOM series folder
+  fs::path one;
+  for (const auto& e : fs::directory_iterator(series)) one = e.path();
+  ASSERT_FALSE(one.empty());
+  const std::string dicom = slurp(one);
+  const fs::path as_dcm = tmp.path() / "one.dcm";
+  spit(as_dcm, dicom);
+  EXPECT_EQ(read_image(as_dcm.string()).size, (std::array<int64_t, 3>{6, 6, 1}));
+  for (const char* name : {"dicom.mha", "dicom.mhd", "dicom.nrrd", "dicom.nhdr"}) {
+    const fs::path p = tmp.path() / name;
+    spit(p, dicom);
+    const std::string e = refusal(p.string());
+    EXPECT_TRUE(contains(e, "not a readable")) << name << ": " << e;
+  }
+}
+
 // A bounded random-mutation run over every reader (the fuzz targets go further, outside the
 // suite): seeded byte flips and truncations of small valid files either read or throw
 // concord::Error naming the file; nothing else escapes, nothing aborts, memory stays bounded.
