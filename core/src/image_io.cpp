@@ -777,17 +777,18 @@ void check_metaimage_header(const std::string& path, uint64_t file_bytes) {
     std::string value = sep < line.size() ? line.substr(sep + 1) : "";
     value.erase(0, value.find_first_not_of(" \t=:"));
     value.erase(value.find_last_not_of(" \t\v\f") + 1);
+    // (values are not echoed in errors: they may hold any bytes, NULs included)
     if (lower(key) == "ndims") {  // MetaIO reads it as a double
       char* end = nullptr;
       const double n = std::strtod(value.c_str(), &end);
       if (end == value.c_str() || !(n >= 1 && n < 9))
-        throw Error(path + ": MetaImage header declares NDims '" + value.substr(0, 32) +
-                    "' (1 to 8 read)");
+        throw Error(path + ": MetaImage header declares an NDims outside 1 to 8");
     }
     if (lower(key) == "elementdatafile") {
       if (value.rfind("LIST", 0) == 0 || value.find('%') != std::string::npos)
-        throw Error(path + ": MetaImage ElementDataFile '" + value.substr(0, 64) +
-                    "' (a LIST or a '%' pattern of slice files) is not supported");
+        throw Error(path +
+                    ": MetaImage ElementDataFile is a LIST or a '%' pattern of slice "
+                    "files (not supported)");
       if (key == "ElementDataFile") return;  // MetaIO stops reading the header here
     }
   }
