@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -748,13 +749,58 @@ void check_available(const std::string& path, const std::string& data_file, uint
                 std::to_string(need) + ")");
 }
 
+// What MetaIO (ITK's MetaImage reader) cannot be trusted with, refused before it reads the header:
+// a field name of 255 bytes or more (copied with strcpy into a 255-byte name: the process
+// aborts), an NDims outside 1..8 (MetaIO reads NDims values for each array field into a fixed
+// table, and loops billions of times on a huge one), and an ElementDataFile that is a LIST or a
+// '%' pattern (MetaIO passes the pattern to sprintf as the format, and divides by values from
+// it; the files either names are not checked). Field names run up to '=', ':' or the line's end.
+void check_metaimage_header(const std::string& path, uint64_t file_bytes) {
+  std::ifstream in(path, std::ios::binary);
+  std::string text(size_t(std::min<uint64_t>(file_bytes, 1 << 20)), '\0');
+  in.read(text.data(), std::streamsize(text.size()));
+  text.resize(size_t(in.gcount()));
+  size_t pos = 0, line_no = 0;
+  while (pos < text.size()) {
+    ++line_no;
+    const size_t nl = std::min(text.find_first_of("\r\n", pos), text.size());
+    const std::string line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    const size_t start = line.find_first_not_of(" \t\v\f");
+    if (start == std::string::npos) continue;
+    const size_t sep = std::min(line.find_first_of("=:", start), line.size());
+    std::string key = line.substr(start, sep - start);
+    key.erase(key.find_last_not_of(" \t\v\f") + 1);
+    if (key.size() >= 255)
+      throw Error(path + ": MetaImage header line " + std::to_string(line_no) + " has a " +
+                  std::to_string(key.size()) + "-byte field name (corrupt file)");
+    std::string value = sep < line.size() ? line.substr(sep + 1) : "";
+    value.erase(0, value.find_first_not_of(" \t=:"));
+    value.erase(value.find_last_not_of(" \t\v\f") + 1);
+    // (values are not echoed in errors: they may hold any bytes, NULs included)
+    if (lower(key) == "ndims") {  // MetaIO reads it as a double
+      char* end = nullptr;
+      const double n = std::strtod(value.c_str(), &end);
+      if (end == value.c_str() || !(n >= 1 && n < 9))
+        throw Error(path + ": MetaImage header declares an NDims outside 1 to 8");
+    }
+    if (lower(key) == "elementdatafile") {
+      if (value.rfind("LIST", 0) == 0 || value.find('%') != std::string::npos)
+        throw Error(path +
+                    ": MetaImage ElementDataFile is a LIST or a '%' pattern of slice "
+                    "files (not supported)");
+      if (key == "ElementDataFile") return;  // MetaIO stops reading the header here
+    }
+  }
+  if (text.size() < file_bytes)
+    throw Error(path + ": MetaImage header without ElementDataFile in its first MiB");
+}
+
 void check_metaimage_complete(const std::string& path, uint64_t data_bytes, uint64_t file_bytes) {
   const TextHeader h = read_text_header(path, false, file_bytes);
   const std::string data_file = h.get("elementdatafile");
   if (data_file.empty()) throw Error(path + ": MetaImage header without ElementDataFile");
-  if (data_file == "LIST" || data_file.find('%') != std::string::npos ||
-      data_file.find(' ') != std::string::npos)
-    return;  // one file per slice: the ceiling applies (checked by the caller)
+  // LIST and '%' patterns were refused by check_metaimage_header; any other name is one file.
   const bool local = data_file == "LOCAL";
   const std::string df = local ? path : data_file_of(path, data_file);
   const uint64_t df_bytes = local ? file_bytes : detail::regular_file_size(df, path);
@@ -811,9 +857,29 @@ Image read_itk(const std::string& path, size_t max_bytes) {
     check_declared(path, {g.columns, g.rows, g.frames}, g.frames > 1 ? 3 : 2, g.samples, max_bytes);
   }
   if (ext == ".nii" || ext == ".nii.gz") check_nifti_header(path);
-  itk::ImageIOBase::Pointer io =
-      itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::IOFileModeEnum::ReadMode);
-  if (!io) throw Error(path + ": no ITK reader recognises this file (corrupt or unsupported)");
+  if (ext == ".mha" || ext == ".mhd") check_metaimage_header(path, file_bytes);
+  // The reader is chosen by the extension, whose checks ran above. ITK's factory would offer a
+  // file its own reader refuses to every other one: GDCM then parsed a .mha, .nrrd or .nii
+  // holding DICOM bytes without the DICOM walk (and aborted or allocated gigabytes on a bad one).
+  itk::ImageIOBase::Pointer io;
+  const char* kind = "";
+  if (ext == ".nii" || ext == ".nii.gz") {
+    io = itk::NiftiImageIO::New();
+    kind = "NIfTI";
+  } else if (ext == ".nrrd" || ext == ".nhdr") {
+    io = itk::NrrdImageIO::New();
+    kind = "NRRD";
+  } else if (ext == ".mha" || ext == ".mhd") {
+    io = itk::MetaImageIO::New();
+    kind = "MetaImage";
+  } else if (ext == ".dcm") {
+    io = itk::GDCMImageIO::New();
+    kind = "DICOM";
+  } else {
+    throw Error(path + ": unknown image format (extension '" + ext + "')");
+  }
+  if (!io->CanReadFile(path.c_str()))
+    throw Error(path + ": not a readable " + std::string(kind) + " file (corrupt or unsupported)");
   try {
     io->SetFileName(path);
     io->ReadImageInformation();

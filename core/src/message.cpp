@@ -104,6 +104,23 @@ size_t align64(size_t n, const std::string& what) {
   return checked_add(n, 63, what) & ~size_t(63);
 }
 
+// A name from the bytes as error text: control bytes (a NUL would cut the message short, an ESC
+// would reach the terminal) as \xNN, and at most 64 bytes of it.
+std::string printable(const std::string& name) {
+  std::string out;
+  for (size_t i = 0; i < name.size() && i < 64; ++i) {
+    const unsigned char c = static_cast<unsigned char>(name[i]);
+    if (c < 0x20 || c == 0x7f) {
+      static const char* hex = "0123456789abcdef";
+      out += {'\\', 'x', hex[c >> 4], hex[c & 15]};
+    } else {
+      out += char(c);
+    }
+  }
+  if (name.size() > 64) out += "... (" + std::to_string(name.size()) + " bytes)";
+  return out;
+}
+
 // The smallest encoding of one entry of each table: a bound on how many the remaining bytes can
 // hold, checked before anything is reserved for them.
 constexpr size_t kMinScalar = 4 + 8;     // empty key, double
@@ -247,7 +264,8 @@ Message decode(const Bytes& bytes) {
   m.round = r.get<int64_t>();
   m.site = r.str();
   const auto duplicate = [](const char* what, const std::string& key) {
-    return Error(std::string("corrupt message: ") + what + " '" + key + "' appears twice");
+    return Error(std::string("corrupt message: ") + what + " '" + printable(key) +
+                 "' appears twice");
   };
   for (uint32_t i = 0, n = r.count(kMinScalar, "scalars"); i < n; ++i) {
     std::string k = r.str();
@@ -271,7 +289,7 @@ Message decode(const Bytes& bytes) {
   for (uint32_t i = 0; i < na; ++i) {
     Entry e;
     e.name = r.str();
-    const std::string what = "corrupt message: array " + e.name;
+    const std::string what = "corrupt message: array " + printable(e.name);
     uint8_t dt = r.get<uint8_t>();
     if (dt > uint8_t(DType::U8)) throw Error(what + ": unknown dtype " + std::to_string(dt));
     e.dtype = DType(dt);
@@ -287,7 +305,7 @@ Message decode(const Bytes& bytes) {
   auto owner = std::shared_ptr<const void>(bytes, bytes->data());
   for (auto& e : entries) {
     if (off > bytes->size() || e.nbytes > bytes->size() - off)
-      throw Error("corrupt or truncated message: array " + e.name + " (" +
+      throw Error("corrupt or truncated message: array " + printable(e.name) + " (" +
                   std::to_string(e.nbytes) + " bytes at offset " + std::to_string(off) +
                   ") runs past the end");
     Array a =

@@ -59,14 +59,22 @@ inline void check_shape(const std::string& name, const Array& a) {
 // (an allocation sized from what the file claims) is a finding: abort so libFuzzer saves the
 // input. Other exceptions (a library's own, std::out_of_range, ...) escape without naming the
 // file; they are findings too with CONCORD_FUZZ_STRICT=1.
+// CONCORD_FUZZ_PRINT=1 (replaying one file) prints the verdict: "accepted" or the error's text.
 inline void run(const std::function<void()>& f) {
+  static const bool print = [] {
+    const char* v = std::getenv("CONCORD_FUZZ_PRINT");
+    return v && std::string(v) == "1";
+  }();
   try {
     f();
-  } catch (const Error&) {
+    if (print) std::fprintf(stderr, "concord-fuzz: accepted\n");
+  } catch (const Error& e) {
+    if (print) std::fprintf(stderr, "concord-fuzz: concord::Error: %s\n", e.what());
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "concord-fuzz: std::bad_alloc (allocation sized from the input)\n");
     std::abort();
   } catch (const std::exception& e) {
+    if (print) std::fprintf(stderr, "concord-fuzz: other exception: %s\n", e.what());
     static const bool strict = [] {
       const char* v = std::getenv("CONCORD_FUZZ_STRICT");
       return v && std::string(v) == "1";

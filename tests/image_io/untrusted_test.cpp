@@ -399,6 +399,74 @@ TEST(ImageIoUntrusted, OddHeadersAreRefusedNamingTheFile) {
   refusal((d / "text.png").string());
 }
 
+// The reader is the one the extension names: DICOM bytes in a file named .mha, .mhd, .nrrd or
+// .nhdr (which their own readers refuse) never reach GDCM, which ITK's factory offered every
+// refused file to, bypassing the DICOM walk (GDCM aborts or allocates gigabytes on bad files;
+// fuzz finding "dicom-in-other-extension", notes/fuzz-findings). A valid DICOM file is used: before
+// the fix it was read as an image.
+TEST(ImageIoUntrusted, DicomBytesUnderAnotherExtensionAreNotParsedByGdcm) {
+  testkit::TempDir tmp;
+  const fs::path series = tmp.path() / "series";
+  write_image(ramp({6, 6, 2}, PixelType::I16), series.string());  // a DICOM series folder
+  fs::path one;
+  for (const auto& e : fs::directory_iterator(series)) one = e.path();
+  ASSERT_FALSE(one.empty());
+  const std::string dicom = slurp(one);
+  const fs::path as_dcm = tmp.path() / "one.dcm";
+  spit(as_dcm, dicom);
+  EXPECT_EQ(read_image(as_dcm.string()).size, (std::array<int64_t, 3>{6, 6, 1}));
+  for (const char* name : {"dicom.mha", "dicom.mhd", "dicom.nrrd", "dicom.nhdr"}) {
+    const fs::path p = tmp.path() / name;
+    spit(p, dicom);
+    const std::string e = refusal(p.string());
+    // .mha/.mhd: MetaImage's header check refuses the binary first (a 666-byte field name)
+    EXPECT_TRUE(contains(e, "not a readable") || contains(e, "MetaImage header"))
+        << name << ": " << e;
+  }
+}
+
+// MetaImage headers that ITK's MetaIO cannot survive are refused before it reads them (fuzz
+// findings on merged main, notes/fuzz-findings): a field name of 255+ bytes (strcpy into a
+// 255-byte name: abort), a huge NDims (a loop of billions of reads; more values than MetaIO's
+// table), and a '%' pattern or LIST as ElementDataFile (the pattern becomes sprintf's format,
+// and the step a divisor). The control reads.
+TEST(ImageIoUntrusted, MetaImageHeadersMetaIoCannotSurviveAreRefused) {
+  testkit::TempDir tmp;
+  const std::string head =
+      "ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n";
+  const std::string pixels(16, '\x07');
+  auto mha = [&](const std::string& name, const std::string& text) {
+    const fs::path p = tmp.path() / name;
+    spit(p, text);
+    return p.string();
+  };
+  const std::string ok = mha("ok.mha", head + "ElementDataFile = LOCAL\n" + pixels);
+  EXPECT_EQ(read_image(ok).size, (std::array<int64_t, 3>{4, 4, 1}));
+  const std::string long_key =
+      mha("longkey.mha", "ObjectType = Image\n" + std::string(300, 'B') + " = 1\n" +
+                             head.substr(19) + "ElementDataFile = LOCAL\n" + pixels);
+  EXPECT_TRUE(contains(refusal(long_key), "300-byte field name"));
+  // without '=' the name runs to the line's end (MetaIO then looks for '=' on the next lines)
+  const std::string bare_key = mha(
+      "barekey.mha", std::string(400, 'x') + "\n" + head + "ElementDataFile = LOCAL\n" + pixels);
+  EXPECT_TRUE(contains(refusal(bare_key), "400-byte field name"));
+  const std::string ndims = mha("ndims.mha", "ObjectType = Image\nNDims = 3111111111111\n" +
+                                                 head.substr(29) + "ElementDataFile = LOCAL\n");
+  EXPECT_TRUE(contains(refusal(ndims), "NDims"));
+  EXPECT_TRUE(
+      contains(refusal(mha("ndims0.mha", "NDims = 0\nElementDataFile = LOCAL\n")), "NDims"));
+  EXPECT_TRUE(
+      contains(refusal(mha("ndimsexp.mha", "NDims = 1e9\nElementDataFile = LOCAL\n")), "NDims"));
+  // Well-formed slice lists (one 4-byte row per file), which MetaIO would read.
+  for (int i = 1; i <= 4; ++i) spit(tmp.path() / ("slice" + std::to_string(i) + ".raw"), "abcd");
+  const std::string pattern = mha("pattern.mhd", head + "ElementDataFile = slice%d.raw 1 4 1\n");
+  EXPECT_TRUE(contains(refusal(pattern), "'%' pattern"));
+  const std::string list =
+      mha("list.mhd",
+          head + "ElementDataFile = LIST\nslice1.raw\nslice2.raw\nslice3.raw\nslice4.raw\n");
+  EXPECT_TRUE(contains(refusal(list), "LIST"));
+}
+
 // A bounded random-mutation run over every reader (the fuzz targets go further, outside the
 // suite): seeded byte flips and truncations of small valid files either read or throw
 // concord::Error naming the file; nothing else escapes, nothing aborts, memory stays bounded.

@@ -109,6 +109,35 @@ TEST(Checked, DecodeRefusesAShapeWhoseByteSizeOverflows) {
   EXPECT_THROW(decode(message_with_dim(17)), Error);  // 68 bytes do not fit
 }
 
+// A peer chooses array names: control bytes in one reach the error text escaped (the fuzz
+// finding message-overflowing-shape-accepted.msg has NULs in its name, and the refusal's reason
+// was cut off at the first one), and a long name is shortened.
+TEST(Checked, DecodeErrorsShowNamesFromTheBytesEscapedAndShortened) {
+  for (const std::string& name : {std::string("\0\x1b[2Jw", 6), std::string(5000, 'n')}) {
+    Message m;
+    m.type = "update";
+    m.arrays[name] = Array::from(std::vector<float>(16, 1.f));
+    Bytes b = encode(m);
+    // the name (u32 length, bytes), dtype F32 (0), 1 dim (u32), then the dim as int64
+    std::string field(4, '\0');
+    const uint32_t len = uint32_t(name.size());
+    std::memcpy(&field[0], &len, 4);
+    field += name + std::string("\0\x01\0\0\0", 5);
+    const size_t at = find_bytes(b, field) + field.size();
+    auto bad = std::make_shared<Buffer>(b->size());
+    std::memcpy(bad->data(), b->data(), b->size());
+    std::memcpy(bad->data() + at, &kHuge, 8);
+    const std::string e = testkit::error_of([&] { decode(bad); });
+    EXPECT_NE(e.find("overflow"), std::string::npos) << e;  // the reason is not cut off
+    EXPECT_EQ(e.find('\0'), std::string::npos) << e;
+    EXPECT_EQ(e.find('\x1b'), std::string::npos) << e;
+    EXPECT_LT(e.size(), 400u) << e;
+    if (name.size() == 6) {
+      EXPECT_NE(e.find("array \\x00\\x1b[2Jw"), std::string::npos) << e;
+    }
+  }
+}
+
 TEST(Checked, StatisticsFileWithAnOverflowingShapeIsRefusedNamingTheFile) {
   testkit::TempDir dir;
   const std::string good = dir.str() + "/good.stats", bad = dir.str() + "/bad.stats";
