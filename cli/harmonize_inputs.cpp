@@ -44,15 +44,6 @@ std::vector<std::string> dir_components(const std::string& rel, bool is_dir_item
   return out;
 }
 
-// A DICOM Part 10 file: named .dcm, or "DICM" after the 128-byte preamble (as is_dicom_dir
-// decides for a folder).
-bool is_dicom_file(const fs::path& p) {
-  if (lower(p.extension().string()) == ".dcm") return true;
-  std::ifstream in(p, std::ios::binary);
-  char magic[4] = {};
-  return in.seekg(128) && in.read(magic, 4) && std::memcmp(magic, "DICM", 4) == 0;
-}
-
 std::string root_name(const fs::path& root) {
   fs::path p = fs::absolute(root).lexically_normal();
   if (p.filename().empty()) p = p.parent_path();
@@ -141,7 +132,7 @@ struct Builder {
         subdirs.push_back(p);
       else if (is_image_file(p.string()))
         images.push_back(p);
-      else if (fs::is_regular_file(p, ec) && is_dicom_file(p))
+      else if (fs::is_regular_file(p, ec) && is_dicom_file(p.string()))
         dicom = true;
       else
         out.ignored.push_back(p.string());

@@ -1407,28 +1407,27 @@ DicomDirInfo scan_dicom_dir(const std::string& path) {
     }
     if (!fs::is_regular_file(st) || name.empty() || name[0] == '.') continue;
     if (lower(name) == "dicomdir") continue;  // the media index, not an image
-    const std::string ext = extension_of(p);
-    if (ext == ".dcm") {
-      info.dicom_files.push_back(p);
-      continue;
-    }
-    if (is_image_file(p)) {
+    if (extension_of(p) != ".dcm" && is_image_file(p)) {
       info.image_files.push_back(p);
       continue;
     }
-    // DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name.
-    std::ifstream in(it->path(), std::ios::binary);
-    char magic[4] = {};
-    if (!in) {
+    if (extension_of(p) != ".dcm" && ::access(p.c_str(), R_OK) != 0) {
       info.skipped.push_back(p + ": cannot open: " + std::strerror(errno));
       continue;
     }
-    if (in.seekg(128) && in.read(magic, 4) && std::memcmp(magic, "DICM", 4) == 0)
-      info.dicom_files.push_back(p);
+    if (is_dicom_file(p)) info.dicom_files.push_back(p);
   }
   std::sort(info.dicom_files.begin(), info.dicom_files.end());
   std::sort(info.image_files.begin(), info.image_files.end());
   return info;
+}
+
+bool is_dicom_file(const std::string& path) {
+  if (extension_of(path) == ".dcm") return true;
+  // DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name.
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in && in.seekg(128) && in.read(magic, 4) && std::memcmp(magic, "DICM", 4) == 0;
 }
 
 bool is_dicom_dir(const std::string& path) {

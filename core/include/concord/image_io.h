@@ -86,6 +86,9 @@ struct DicomDirInfo {
 // Throws Error only when `path` itself cannot be listed.
 DicomDirInfo scan_dicom_dir(const std::string& path);
 // True for a folder holding DICOM files (scan_dicom_dir(path).has_dicom()); never throws.
+// True for a DICOM Part 10 file: named .dcm, or "DICM" after the 128-byte preamble whatever its
+// name. Never throws (an unreadable file is not DICOM).
+bool is_dicom_file(const std::string& path);
 bool is_dicom_dir(const std::string& path);
 
 // Finishes written outputs on a background thread, in submission order: each output's files are

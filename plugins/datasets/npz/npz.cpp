@@ -1,6 +1,7 @@
 // npz: MedMNIST-style .npz archives (a zip of .npy arrays) as one pooled site "all".
 // Zip parsing is done here (central directory, zip64 extras, stored and deflated entries via
 // zlib) because numpy writes plain zips and one small reader avoids a libzip dependency.
+#include <concord/checked.h>
 #include <concord/dataset.h>
 #include <concord/error.h>
 #include <concord/federation_tools.h>
@@ -244,13 +245,10 @@ NpyArray parse_npy(std::vector<uint8_t> b, const std::string& where) {
   auto w = widths.find(a.kind);
   if (w == widths.end()) fail("dtype '" + t + "' is not supported");
   a.width = size_t(w->second);
+  const std::string what = "npz: " + where + ": shape";
   uint64_t count = 1;
-  for (auto d : a.shape)
-    if (__builtin_mul_overflow(count, uint64_t(d), &count))
-      fail("shape has too many elements (overflows)");
-  uint64_t data_bytes;
-  if (__builtin_mul_overflow(count, uint64_t(a.width), &data_bytes))
-    fail("shape has too many elements (overflows)");
+  for (auto d : a.shape) count = checked_mul(count, uint64_t(d), what);
+  const uint64_t data_bytes = checked_mul(count, uint64_t(a.width), what);
   a.offset = offset + header_len;
   // The entry's size (checked against the limit before it was inflated) and the shape agree.
   if (data_bytes != b.size() - a.offset)
