@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -84,12 +85,35 @@ static void print_table(const RunSummary& s) {
   }
 }
 
+namespace {
+
+// SIGINT / SIGTERM during a run: the first asks the run to stop after its current round (which is
+// checkpointed, so --resume continues it); a second one ends the process at once.
+volatile std::sig_atomic_t stop_requested = 0;
+
+void on_stop_signal(int sig) {
+  if (stop_requested) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+    return;
+  }
+  stop_requested = 1;
+  const char msg[] =
+      "\nconcord: stopping after the current round (checkpointed; resume with --resume). "
+      "Press Ctrl-C again to stop now.\n";
+  ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+  (void)ignored;
+}
+
+}  // namespace
+
 void add_run_command(CLI::App& app, Globals& g) {
   auto* sub = app.add_subcommand("run", "Run a federated pipeline");
   sub->footer(
       "Exit status: 0 when every round aggregated and every site did its part; 1 when the run "
       "could not start or stopped, or when it completed with failures (a site failed or was "
-      "rejected, a round aggregated nothing): summary.json then lists them under 'failures'.\n");
+      "rejected, a round aggregated nothing): summary.json then lists them under 'failures'; "
+      "130 when SIGINT or SIGTERM stopped it after a round (continue with --resume).\n");
   struct Opts {
     std::string file, run_dir, resume;
     std::vector<std::string> sets;
@@ -139,8 +163,19 @@ void add_run_command(CLI::App& app, Globals& g) {
       std::shared_ptr<spdlog::logger> logger;
       ~Restore() { spdlog::set_default_logger(logger); }
     } restore{previous};
+    opts.stop_after = [](int) { return stop_requested != 0; };
+    std::signal(SIGINT, on_stop_signal);
+    std::signal(SIGTERM, on_stop_signal);
     RunSummary s = exp.run(opts);
+    std::signal(SIGINT, SIG_DFL);
+    std::signal(SIGTERM, SIG_DFL);
     bar->finish();
+    if (s.rounds_completed < config.federation.rounds) {
+      std::cout << "stopped after round " << s.rounds_completed << " of "
+                << config.federation.rounds << "; continue with: concord run --resume " << s.run_dir
+                << "\n";
+      throw Exit{130};
+    }
     print_table(s);
     if (!s.failures.empty()) throw Exit{1};
   });

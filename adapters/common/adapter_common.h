@@ -1,8 +1,9 @@
-// Shared by the adapter plugins: BatchNorm found by module type, parts of a model named by module
+// Shared by the adapter plugins: parts of a model named by module
 // path prefixes (validated against the model), and snapshots of model state.
 #pragma once
 
 #include <concord/adapter.h>
+#include <concord/batchnorm.h>
 #include <concord/model.h>
 
 #include <string>
@@ -10,16 +11,10 @@
 
 namespace concord::adapters {
 
-// The class name without namespace or TorchScript qualification and without LibTorch's "Impl":
-// "torch::nn::BatchNorm2dImpl" and "__torch__.torch.nn.modules.batchnorm.BatchNorm2d" both give
-// "BatchNorm2d".
-std::string short_type_name(const std::string& module_type);
-
-// BatchNorm1d/2d/3d (also SyncBatchNorm, LazyBatchNorm*), decided by the module's type only.
-bool is_batchnorm_type(const std::string& module_type);
-inline bool is_batchnorm(const StateEntry& e) {
-  return is_batchnorm_type(e.module_type);
-}
+// BatchNorm is recognised by module type through core's one helper (concord/batchnorm.h).
+using concord::is_batchnorm;
+using concord::is_batchnorm_type;
+using concord::short_type_name;
 
 // True when `module_path` is `prefix` or lies below it ("encoder" covers "encoder.down1.conv",
 // not "encoder2"). The empty prefix covers everything.

@@ -89,21 +89,8 @@ class Ditto : public Adapter {
 
  private:
   // lambda/2 * sum over parameters of ||v - w_t||^2, on the live tensors of the model.
-  LossTerm proximal(Model& model, std::map<std::string, at::Tensor> global) const {
-    if (lambda_ == 0) return nullptr;
-    std::vector<std::pair<at::Tensor, at::Tensor>> pairs;
-    for (const StateEntry& e : model.state())
-      if (e.is_parameter) pairs.emplace_back(e.tensor, global.at(e.name));
-    if (pairs.empty()) return nullptr;
-    const double half_lambda = lambda_ / 2;
-    return [pairs, half_lambda]() {
-      at::Tensor sum;
-      for (const auto& [v, w] : pairs) {
-        at::Tensor d = v.sub(w.to(v.device(), v.scalar_type())).pow(2).sum();
-        sum = sum.defined() ? sum.add(d) : d;
-      }
-      return sum.mul(half_lambda);
-    };
+  LossTerm proximal(Model& model, const std::map<std::string, at::Tensor>& global) const {
+    return proximal_term(model, global, lambda_);
   }
 
   double lambda_;

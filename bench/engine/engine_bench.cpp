@@ -89,7 +89,7 @@ int overhead(int sites, int64_t params, int reps) {
   InProcessChannel ch;
   std::vector<std::unique_ptr<NoopSite>> ss;
   std::vector<std::string> names = connect_sites(ch, sites, ss);
-  Coordinator c(ch, *agg, 1);
+  Coordinator c(ch, 1);
   c.set_global(model(params));
   const size_t bytes = size_t(params) * 4;
 
@@ -105,7 +105,7 @@ int overhead(int sites, int64_t params, int reps) {
 
     t = Clock::now();
     auto sel = c.select(r, names, 1.0, 1.0, {});
-    auto out = c.train_round(r, reps, sel, {}, 1);
+    auto out = c.train_round(*agg, r, reps, sel, {}, 1);
     double t_train = seconds_since(t);
     c.broadcast(r, names);
     best_round = std::min(best_round, seconds_since(t));
@@ -138,14 +138,14 @@ int scale(int sites, int64_t params, double fraction, int rounds) {
   InProcessChannel ch;
   std::vector<std::unique_ptr<NoopSite>> ss;
   std::vector<std::string> names = connect_sites(ch, sites, ss);
-  Coordinator c(ch, *agg, 1);
+  Coordinator c(ch, 1);
   c.set_global(model(params));
   auto t = Clock::now();
   c.broadcast(0, names);
   size_t trained = 0;
   for (int r = 1; r <= rounds; ++r) {
     auto sel = c.select(r, names, fraction, 1.0, {});
-    auto out = c.train_round(r, rounds, sel, {}, 1);
+    auto out = c.train_round(*agg, r, rounds, sel, {}, 1);
     trained += out.updates.size();
     c.broadcast(r, names);
   }

@@ -10,7 +10,6 @@ void InProcessChannel::connect(const std::string& site, SiteHandler handler) {
 Bytes InProcessChannel::call(const std::string& site, const Bytes& request) {
   auto it = sites_.find(site);
   if (it == sites_.end()) throw SiteError(site, "not connected to the channel");
-  bytes_sent_ += request->size();
   Bytes reply;
   try {
     reply = it->second(request);
@@ -20,7 +19,6 @@ Bytes InProcessChannel::call(const std::string& site, const Bytes& request) {
     throw SiteError(site, e.what());
   }
   if (!reply) throw SiteError(site, "sent no reply");
-  bytes_received_ += reply->size();
   // A reply is bytes from a peer: checked here with decode's limits (size, lengths, counts,
   // shapes) so a corrupt one is this site's failure, reported by name, like a network error.
   try {
@@ -29,12 +27,6 @@ Bytes InProcessChannel::call(const std::string& site, const Bytes& request) {
     throw SiteError(site, std::string("sent a corrupt reply: ") + e.what());
   }
   return reply;
-}
-
-std::vector<std::string> InProcessChannel::sites() const {
-  std::vector<std::string> out;
-  for (const auto& [name, h] : sites_) out.push_back(name);
-  return out;
 }
 
 }  // namespace concord

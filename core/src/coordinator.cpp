@@ -10,8 +10,7 @@
 
 namespace concord {
 
-Coordinator::Coordinator(Channel& channel, Aggregator& aggregator, uint64_t seed)
-    : channel_(channel), aggregator_(aggregator), seed_(seed) {}
+Coordinator::Coordinator(Channel& channel, uint64_t seed) : channel_(channel), seed_(seed) {}
 
 std::vector<std::string> Coordinator::select(
     int round, const std::vector<std::string>& candidates, double fraction, double availability,
@@ -42,7 +41,7 @@ std::string site_failure(const std::string& site, const std::exception& e) {
 }
 
 Coordinator::RoundOutcome Coordinator::train_round(
-    int round, int rounds, const std::vector<std::string>& selected,
+    Aggregator& aggregator, int round, int rounds, const std::vector<std::string>& selected,
     const std::map<std::string, double>& settings, int min_sites,
     const std::function<void(const std::string&, size_t, size_t)>& on_site) {
   RoundOutcome out;
@@ -91,9 +90,9 @@ Coordinator::RoundOutcome Coordinator::train_round(
   // only, never the run or the global model; its server state (e.g. FedOpt's moments) is put
   // back as it was, so a resumed run and this one agree.
   NamedArrays server_state;
-  for (const auto& [k, v] : aggregator_.state()) server_state[k] = v.clone();
+  for (const auto& [k, v] : aggregator.state()) server_state[k] = v.clone();
   try {
-    NamedArrays next = aggregator_.aggregate(global_, out.updates, RoundInfo{round, rounds, seed_});
+    NamedArrays next = aggregator.aggregate(global_, out.updates, RoundInfo{round, rounds, seed_});
     if (std::string s = protocol::state_mismatch(global_, next); !s.empty())
       throw Error("its result " + s);
     if (std::string bad = protocol::non_finite_entry(next); !bad.empty())
@@ -103,7 +102,7 @@ Coordinator::RoundOutcome Coordinator::train_round(
   } catch (const std::exception& e) {
     out.not_aggregated = std::string("aggregation failed: ") + e.what();
     try {
-      if (!server_state.empty()) aggregator_.load_state(server_state);
+      if (!server_state.empty()) aggregator.load_state(server_state);
     } catch (const std::exception& again) {
       out.not_aggregated += std::string("; restoring its state failed too: ") + again.what();
     }
@@ -128,8 +127,93 @@ std::vector<std::string> Coordinator::broadcast(int round, const std::vector<std
   return failures;
 }
 
-Message Coordinator::call(const std::string& site, const Message& request) {
-  return decode(channel_.call(site, encode(request)));
+namespace {
+
+// Asks each of `sites` with the same request bytes; `take(site, reply)` reads a reply and returns
+// "" or why it is unusable. Failures (thrown or refused) are added to `failures`, by site.
+template <class Take>
+void ask_each(Channel& channel, const char* what, int round, const Bytes& request,
+              const std::vector<std::string>& sites, Coordinator::Failures& failures, Take take) {
+  for (const auto& site : sites) {
+    try {
+      if (std::string why = take(site, decode(channel.call(site, request))); !why.empty())
+        throw SiteError(site, why);
+    } catch (const std::exception& e) {
+      failures.push_back({site, site_failure(site, e)});
+      spdlog::error("round {}: {}: {}", round, what, failures.back().what);
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, Stats>> Coordinator::fit_statistics(
+    size_t index, const std::vector<std::string>& sites, Failures& failures,
+    const std::function<void(const std::string&)>& after_each) {
+  std::vector<std::pair<std::string, Stats>> out;
+  ask_each(channel_, "fit", 0, encode(protocol::fit_request(index)), sites, failures,
+           [&](const std::string& site, Message&& reply) {
+             auto stats = protocol::read_statistics(std::move(reply));
+             if (after_each) after_each(site);
+             if (!stats.ok()) return stats.problem;
+             out.emplace_back(site, std::move(*stats.value));
+             return std::string();
+           });
+  return out;
+}
+
+Coordinator::Failures Coordinator::set_statistics(size_t index, Stats global,
+                                                  const std::vector<std::string>& sites) {
+  Failures failures;
+  ask_each(channel_, "harmonizer statistics", 0,
+           encode(protocol::set_statistics(index, std::move(global))), sites, failures,
+           [](const std::string&, Message&& reply) { return protocol::ack_problem(reply); });
+  return failures;
+}
+
+std::map<std::string, std::map<std::string, double>> Coordinator::evaluate(
+    int round, const std::string& phase, const std::vector<std::string>& sites,
+    Failures& failures) {
+  std::map<std::string, std::map<std::string, double>> out;
+  ask_each(channel_, "evaluate", round, encode(protocol::evaluate_request(round, phase)), sites,
+           failures, [&](const std::string& site, Message&& reply) {
+             auto m = protocol::read_metrics(std::move(reply));
+             if (!m.ok()) return m.problem;
+             out[site] = std::move(m.value->values);
+             return std::string();
+           });
+  return out;
+}
+
+Coordinator::Failures Coordinator::personalize(int round, const std::vector<std::string>& sites) {
+  Failures failures;
+  ask_each(channel_, "personalize", round, encode(protocol::personalize_request(round)), sites,
+           failures,
+           [](const std::string&, Message&& reply) { return protocol::ack_problem(reply); });
+  return failures;
+}
+
+std::map<std::string, protocol::SiteState> Coordinator::export_states(
+    int round, const std::vector<std::string>& sites, Failures& failures) {
+  std::map<std::string, protocol::SiteState> out;
+  ask_each(channel_, "export state", round, encode(protocol::export_state_request(round)), sites,
+           failures, [&](const std::string& site, Message&& reply) {
+             auto st = protocol::read_site_state(std::move(reply));
+             if (!st.ok()) return st.problem;
+             out[site] = std::move(*st.value);
+             return std::string();
+           });
+  return out;
+}
+
+Coordinator::Failures Coordinator::restore_states(
+    int round, const std::map<std::string, protocol::SiteState>& states) {
+  Failures failures;
+  for (const auto& [site, st] : states)
+    ask_each(channel_, "restore state", round, encode(protocol::restore_state_request(round, st)),
+             {site}, failures,
+             [](const std::string&, Message&& reply) { return protocol::ack_problem(reply); });
+  return failures;
 }
 
 }  // namespace concord

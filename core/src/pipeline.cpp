@@ -2,6 +2,8 @@
 // arguments against their declarations, and report all problems at once with FILE:LINE:COL.
 #include <concord/pipeline.h>
 
+#include "local_training.h"
+
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
@@ -26,7 +28,7 @@ namespace {
 std::vector<ArgSpec> training_specs() {
   return {ArgSpec::integer("local_epochs", 1, "Local epochs per round").range(1, 1000),
           ArgSpec::integer("batch_size", 32, "Mini-batch size").range(1, 65536),
-          ArgSpec::choice("optimizer", {"sgd", "adam"}, "adam", "Local optimizer"),
+          ArgSpec::choice("optimizer", optimizer_names(), "adam", "Local optimizer"),
           ArgSpec::real("lr", 1e-3, "Learning rate").range(0, 10),
           ArgSpec::real("momentum", 0.9, "SGD momentum").range(0, 1),
           ArgSpec::real("weight_decay", 0, "L2 weight decay").range(0, 1),
@@ -488,8 +490,25 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
   {
     YAML::Node r;
     YAML::Node agg = root["aggregator"];
-    if (!agg) agg.reset(YAML::Node("fedavg"));
-    if (auto comp = p.component(agg, "aggregator", Kind::Aggregator, r)) c.aggregator = *comp;
+    if (!agg) {
+      // The default is whichever aggregator plugin declares itself one (fedavg, built in).
+      auto defaults = registry.defaults(Kind::Aggregator, "aggregator");
+      if (defaults.size() == 1) {
+        agg.reset(YAML::Node(defaults.front()->name));
+      } else {
+        std::string names;
+        for (const auto* d : defaults) names += " '" + d->name + "'";
+        p.error(root, "aggregator",
+                defaults.empty()
+                    ? "no aggregator given and no loaded plugin declares itself the default "
+                      "aggregator: name one (concord plugins --kind aggregator)"
+                    : "no aggregator given and several plugins declare themselves the default "
+                      "(" +
+                          names.substr(1) + "): name one");
+      }
+    }
+    if (agg)
+      if (auto comp = p.component(agg, "aggregator", Kind::Aggregator, r)) c.aggregator = *comp;
     out["aggregator"] = r;
   }
 

@@ -79,7 +79,9 @@ Request request_kind(const Message& m) {
                                                        {kEvaluate, Request::Evaluate},
                                                        {kFit, Request::Fit},
                                                        {kSetStatistics, Request::SetStatistics},
-                                                       {kPersonalize, Request::Personalize}};
+                                                       {kPersonalize, Request::Personalize},
+                                                       {kExportState, Request::ExportState},
+                                                       {kRestoreState, Request::RestoreState}};
   auto it = kinds.find(m.type);
   if (it == kinds.end()) throw Error("unknown request " + shown(m.type));
   return it->second;
@@ -102,12 +104,6 @@ TrainSettings read_train_request(const Message& m) {
       throw Error(std::string(kLocalEpochs) + " " + std::to_string(e) +
                   " is not a whole number in [1, 100000]");
     t.local_epochs = int(e);
-  }
-  if (auto it = m.scalars.find(kProximalMu); it != m.scalars.end()) {
-    if (!std::isfinite(it->second) || it->second < 0)
-      throw Error(std::string(kProximalMu) + " " + std::to_string(it->second) +
-                  " is not a finite number >= 0");
-    t.proximal_mu = it->second;
   }
   return t;
 }
@@ -288,12 +284,78 @@ Checked<Metrics> read_metrics(Message&& reply) {
   return R::of(std::move(out));
 }
 
+// ---- site state -----------------------------------------------------------------------------
+
+namespace {
+const std::string kLocalPrefix = "local/", kStorePrefix = "store/";
+
+Message with_state(const char* type, int64_t round, SiteState state) {
+  Message m = stamped(type, round);
+  for (auto& [k, v] : state.local) m.arrays[kLocalPrefix + k] = std::move(v);
+  for (auto& [k, v] : state.store) m.arrays[kStorePrefix + k] = std::move(v);
+  m.scalars[kTrained] = state.trained ? 1 : 0;
+  return m;
+}
+
+// The state in `m`'s arrays; throws Error on an entry outside local/ and store/. Arrays are
+// copied (they do not pin the message's buffer).
+SiteState state_of(Message& m) {
+  SiteState st;
+  for (auto& [k, v] : m.arrays) {
+    if (starts_with(k, kLocalPrefix))
+      st.local[k.substr(kLocalPrefix.size())] = v.clone();
+    else if (starts_with(k, kStorePrefix))
+      st.store[k.substr(kStorePrefix.size())] = v.clone();
+    else
+      throw Error("unexpected entry " + shown(k) + " (neither local/ nor store/)");
+  }
+  auto it = m.scalars.find(kTrained);
+  st.trained = it != m.scalars.end() && it->second > 0;
+  return st;
+}
+}  // namespace
+
+Message export_state_request(int64_t round) {
+  return stamped(kExportState, round);
+}
+
+Message restore_state_request(int64_t round, SiteState state) {
+  return with_state(kRestoreState, round, std::move(state));
+}
+
+SiteState read_restore_state(Message&& m) {
+  check(m);
+  if (m.type != kRestoreState)
+    throw Error("expected a restore-state request, got " + shown(m.type));
+  return state_of(m);
+}
+
+Message site_state(const std::string& site, int64_t round, SiteState state) {
+  Message m = with_state(kSiteState, round, std::move(state));
+  m.site = site;
+  return m;
+}
+
+Checked<SiteState> read_site_state(Message&& reply) {
+  using R = Checked<SiteState>;
+  if (std::string p = reply_problem(reply, kSiteState, kExportState); !p.empty()) return R::fail(p);
+  try {
+    SiteState st = state_of(reply);
+    for (const auto* part : {&st.local, &st.store})
+      if (std::string bad = non_finite_entry(*part); !bad.empty())
+        return R::fail("its state has non-finite values in '" + bad + "'");
+    return R::of(std::move(st));
+  } catch (const Error& e) {
+    return R::fail(e.what());
+  }
+}
+
 // ---- files -----------------------------------------------------------------------------------
 
 namespace {
 const std::string kGlobalPrefix = "global/", kAggregatorPrefix = "aggregator/",
                   kSitePrefix = "site/", kLocal = "/local/", kStore = "/store/",
-                  kTrained = "/trained";
+                  kTrainedSuffix = "/trained";
 }  // namespace
 
 Message checkpoint(const Checkpoint& c) {
@@ -303,7 +365,7 @@ Message checkpoint(const Checkpoint& c) {
   for (const auto& [name, s] : c.sites) {
     for (const auto& [k, v] : s.local) m.arrays[kSitePrefix + name + kLocal + k] = v;
     for (const auto& [k, v] : s.store) m.arrays[kSitePrefix + name + kStore + k] = v;
-    m.scalars[kSitePrefix + name + kTrained] = s.trained ? 1 : 0;
+    m.scalars[kSitePrefix + name + kTrainedSuffix] = s.trained ? 1 : 0;
   }
   m.text[kPipeline] = c.pipeline;
   m.text[kFailures] = json_text(nlohmann::json(c.failures));
@@ -341,7 +403,7 @@ Checkpoint read_checkpoint(Message&& m, const std::vector<std::string>& sites) {
     }
   }
   for (auto& [name, s] : c.sites) {
-    auto it = m.scalars.find(kSitePrefix + name + kTrained);
+    auto it = m.scalars.find(kSitePrefix + name + kTrainedSuffix);
     s.trained = it != m.scalars.end() && it->second > 0;
   }
   // Checkpoints from before failures were stored have none.

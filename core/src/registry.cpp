@@ -95,6 +95,15 @@ std::vector<std::string> Registry::names(Kind kind) const {
   return out;
 }
 
+std::vector<const PluginDesc*> Registry::defaults(Kind kind, const std::string& use) const {
+  std::vector<const PluginDesc*> out;
+  for (const auto& [key, d] : plugins_)
+    if (key.first == kind &&
+        std::find(d.default_for.begin(), d.default_for.end(), use) != d.default_for.end())
+      out.push_back(&d);
+  return out;
+}
+
 static size_t edit_distance(const std::string& a, const std::string& b) {
   std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
   for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;

@@ -1,3 +1,4 @@
+#include <concord/batchnorm.h>
 #include <concord/error.h>
 #include <concord/message.h>
 #include <concord/seed.h>
@@ -48,13 +49,7 @@ TorchModuleModel::TorchModuleModel(std::string plugin) : plugin_(std::move(plugi
 TorchModuleModel::~TorchModuleModel() = default;
 
 std::string TorchModuleModel::type_name(const std::string& module_name) {
-  std::string s = module_name.substr(0, module_name.find('<'));  // drop template arguments
-  const size_t colon = s.rfind("::");
-  if (colon != std::string::npos) s = s.substr(colon + 2);
-  const std::string impl = "Impl";
-  if (s.size() > impl.size() && s.compare(s.size() - impl.size(), impl.size(), impl) == 0)
-    s.resize(s.size() - impl.size());
-  return s;
+  return short_type_name(module_name);
 }
 
 torch::nn::Module& TorchModuleModel::module() const {

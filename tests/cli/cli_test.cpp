@@ -157,3 +157,30 @@ TEST(Cli, RunExitStatusSaysWhetherEverythingWorked) {
   EXPECT_NE(out.find("site-Z"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(dir.path() / "bad")) << "a failed set-up must leave no run folder";
 }
+
+// Ctrl-C (SIGINT) during a run stops it after the round in progress, checkpointed, with exit
+// status 130; --resume then finishes it.
+TEST(Cli, InterruptedRunStopsAfterARoundAndResumes) {
+  testkit::TempDir dir;
+  const std::string run_dir = dir.str() + "/run";
+  const std::string cmd = exe() + " run " + testkit::source_dir() +
+                          "/pipelines/quickstart.yaml --no-progress --run-dir " + run_dir +
+                          " --set federation.rounds=30 --set data.dataset.args.train_per_site=8" +
+                          " --set data.dataset.args.test_per_site=4" +
+                          " --set data.dataset.args.size=32 --set model.args.width=8";
+  std::string out;
+  // Start the run, wait for its first metric line, then interrupt it.
+  testkit::run_command("sh -c '" + cmd + " > " + dir.str() + "/log 2>&1 & pid=$!; " +
+                           "while [ ! -s " + run_dir + "/metrics.jsonl ]; do sleep 0.05; done; " +
+                           "kill -INT $pid; wait $pid; echo rc=$?'",
+                       &out);
+  std::ifstream logf(dir.path() / "log");
+  std::string log((std::istreambuf_iterator<char>(logf)), std::istreambuf_iterator<char>());
+  ASSERT_NE(out.find("rc=130"), std::string::npos) << out << log;
+  EXPECT_NE(log.find("continue with: concord run --resume"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(fs::path(run_dir) / "summary.json")) << "the run did not finish";
+  EXPECT_EQ(run("run --no-progress --resume " + run_dir, &out), 0) << out;
+  std::ifstream summary(fs::path(run_dir) / "summary.json");
+  std::string text((std::istreambuf_iterator<char>(summary)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("\"rounds\": 30"), std::string::npos) << text;
+}

@@ -1,9 +1,11 @@
 #include <concord/dataset.h>
 #include <concord/engine.h>
+#include <concord/fault_injection.h>
 #include <concord/protocol.h>
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 
@@ -88,9 +90,9 @@ TEST(Engine, FailedSiteIsReportedAndRoundGoesOnWithKofN) {
   auto names = site_names();
   testkit::TempDir dir;
   Experiment exp(config(pipeline(2, 2)), testkit::builtin_registry());
-  FaultPlan plan;
+  test_seam::FaultPlan plan;
   plan.fail[{names[1], 1}] = "GPU on fire";
-  exp.inject_faults(plan);
+  test_seam::inject_faults(exp, plan);
   RunOptions o;
   o.run_dir = dir.str();
   RunSummary s = exp.run(o);
@@ -106,9 +108,9 @@ TEST(Engine, TooFewRepliesLeaveTheGlobalModelUnchanged) {
   auto names = site_names();
   testkit::TempDir dir;
   Experiment exp(config(pipeline(1, 3)), testkit::builtin_registry());
-  FaultPlan plan;
+  test_seam::FaultPlan plan;
   plan.fail[{names[0], 1}] = "offline";
-  exp.inject_faults(plan);
+  test_seam::inject_faults(exp, plan);
   RunOptions o;
   o.run_dir = dir.str();
   exp.run(o);
@@ -118,9 +120,9 @@ TEST(Engine, TooFewRepliesLeaveTheGlobalModelUnchanged) {
   // Global state equals a fresh initialisation with the same seed (no aggregation happened).
   testkit::TempDir dir2;
   Experiment zero(config(pipeline(1, 3)), testkit::builtin_registry());
-  FaultPlan all;
+  test_seam::FaultPlan all;
   for (const auto& n : names) all.fail[{n, 1}] = "offline";
-  zero.inject_faults(all);
+  test_seam::inject_faults(zero, all);
   RunOptions o2;
   o2.run_dir = dir2.str();
   zero.run(o2);
@@ -140,7 +142,7 @@ TEST(Engine, ResumedRunIsBitIdenticalToUninterruptedRun) {
                      testkit::builtin_registry());
     RunOptions cut;
     cut.run_dir = cut_dir.str();
-    cut.stop_after_round = 2;
+    cut.stop_after = [](int r) { return r == 2; };
     first.run(cut);
   }
   Experiment resumed(config(pipeline(3, 1), {"federation.fraction=0.67"}),
@@ -169,7 +171,7 @@ TEST(Engine, ResumeRefusesAChangedPipeline) {
     Experiment first(config(pipeline(2, 1)), testkit::builtin_registry());
     RunOptions cut;
     cut.run_dir = dir.str();
-    cut.stop_after_round = 1;
+    cut.stop_after = [](int r) { return r == 1; };
     first.run(cut);
   }
   Experiment changed(config(pipeline(2, 1), {"training.lr=0.5"}), testkit::builtin_registry());
@@ -192,7 +194,8 @@ class Null : public Aggregator {
 TEST(Coordinator, SelectionIsSeededAndHonoursFractionAndAvailability) {
   InProcessChannel ch;
   Null agg;
-  Coordinator c(ch, agg, 5);
+  Coordinator c(ch, 5);
+  Aggregator& aggregator = agg;
   std::vector<std::string> sites;
   for (int i = 0; i < 20; ++i) sites.push_back("s" + std::to_string(i));
   auto a = c.select(3, sites, 0.25, 1.0, {});
@@ -216,7 +219,8 @@ TEST(Coordinator, SelectionIsSeededAndHonoursFractionAndAvailability) {
 TEST(Coordinator, SelectionIsPinnedOnEveryPlatform) {
   InProcessChannel ch;
   Null agg;
-  Coordinator c(ch, agg, 1);
+  Coordinator c(ch, 1);
+  Aggregator& aggregator = agg;
   std::vector<std::string> sites;
   for (int i = 0; i < 20; ++i) sites.push_back("s" + std::to_string(i));
   EXPECT_EQ(c.select(3, sites, 0.25, 1.0, {}),
@@ -237,9 +241,10 @@ TEST(Coordinator, RejectsNonFiniteUpdatesNamingTheSite) {
   ch.connect("good", reply_with(2));
   ch.connect("bad", reply_with(NAN));
   Null agg;
-  Coordinator c(ch, agg, 1);
+  Coordinator c(ch, 1);
+  Aggregator& aggregator = agg;
   c.set_global({{"w", Array::from(std::vector<float>{0, 0})}});
-  auto out = c.train_round(1, 1, {"good", "bad"}, {}, 1);
+  auto out = c.train_round(aggregator, 1, 1, {"good", "bad"}, {}, 1);
   ASSERT_EQ(out.updates.size(), 1u);
   EXPECT_EQ(out.updates[0].site, "good");
   ASSERT_EQ(out.failures.size(), 1u);
@@ -268,9 +273,10 @@ SiteHandler replying(const std::function<void(Message&)>& edit) {
 }
 
 // Runs `c` into `dir` with the faults of `plan`.
-RunSummary run_with(const PipelineConfig& c, FaultPlan plan, const testkit::TempDir& dir) {
+RunSummary run_with(const PipelineConfig& c, test_seam::FaultPlan plan,
+                    const testkit::TempDir& dir) {
   Experiment exp(c, testkit::builtin_registry());
-  exp.inject_faults(std::move(plan));
+  test_seam::inject_faults(exp, std::move(plan));
   RunOptions o;
   o.run_dir = dir.str();
   return exp.run(o);
@@ -278,9 +284,9 @@ RunSummary run_with(const PipelineConfig& c, FaultPlan plan, const testkit::Temp
 
 // A fault plan in which `site` rewrites its replies of `type` (in round `round`; -1: any) with
 // `edit`: a misbehaving peer.
-FaultPlan tampering(const std::string& site, const std::string& type,
-                    std::function<void(Message&)> edit, int round = -1) {
-  FaultPlan plan;
+test_seam::FaultPlan tampering(const std::string& site, const std::string& type,
+                               std::function<void(Message&)> edit, int round = -1) {
+  test_seam::FaultPlan plan;
   plan.tamper = [=](const std::string& from, Message& reply) {
     if (from == site && reply.type == type && (round < 0 || reply.round == round)) edit(reply);
   };
@@ -322,7 +328,8 @@ TEST(Coordinator, RejectsEveryMalformedUploadByNameAndAggregatesTheOthers) {
       {"non-finite train_loss", [](Message& m) { m.scalars[protocol::kTrainLoss] = INFINITY; }},
       {"no train_loss", [](Message& m) { m.scalars.erase(protocol::kTrainLoss); }},
       {"replied 'metrics'", [](Message& m) { m.type = protocol::kMetrics; }},
-      {"speaks protocol version '0'; this build speaks protocol version 1",
+      {"speaks protocol version '0'; this build speaks protocol version " +
+           std::to_string(protocol::kVersion),
        [](Message& m) { m.text[protocol::kVersionKey] = "0"; }},
       {"carries no protocol version", [](Message& m) { m.text.clear(); }},
   };
@@ -333,9 +340,10 @@ TEST(Coordinator, RejectsEveryMalformedUploadByNameAndAggregatesTheOthers) {
     ch.connect("bad", replying(edit));
     ch.connect("good-2", replying(nullptr));
     Counting agg;
-    Coordinator c(ch, agg, 1);
+    Coordinator c(ch, 1);
+    Aggregator& aggregator = agg;
     c.set_global(sample_global());
-    auto out = c.train_round(1, 1, {"good-1", "bad", "good-2"}, {}, 2);
+    auto out = c.train_round(aggregator, 1, 1, {"good-1", "bad", "good-2"}, {}, 2);
     EXPECT_TRUE(out.aggregated) << out.not_aggregated;
     EXPECT_EQ(agg.seen, (std::vector<std::string>{"good-1", "good-2"}));
     ASSERT_EQ(out.failures.size(), 1u);
@@ -349,9 +357,10 @@ TEST(Coordinator, ZeroSampleUploadIsSkippedNotWeighed) {
   ch.connect("good", replying(nullptr));
   ch.connect("empty", replying([](Message& m) { m.scalars[protocol::kNumSamples] = 0; }));
   Counting agg;
-  Coordinator c(ch, agg, 1);
+  Coordinator c(ch, 1);
+  Aggregator& aggregator = agg;
   c.set_global(sample_global());
-  auto out = c.train_round(1, 1, {"good", "empty"}, {}, 1);
+  auto out = c.train_round(aggregator, 1, 1, {"good", "empty"}, {}, 1);
   EXPECT_TRUE(out.aggregated);
   EXPECT_EQ(agg.seen, std::vector<std::string>{"good"});
   EXPECT_EQ(out.skipped, std::vector<std::string>{"empty"});
@@ -395,9 +404,10 @@ TEST(Coordinator, AFailingAggregatorCostsTheRoundNotTheRun) {
     SCOPED_TRACE(expect);
     InProcessChannel ch;
     ch.connect("a", replying(nullptr));
-    Coordinator c(ch, *agg, 1);
+    Coordinator c(ch, 1);
+    Aggregator& aggregator = *agg;
     c.set_global(sample_global());
-    auto out = c.train_round(1, 1, {"a"}, {}, 1);
+    auto out = c.train_round(aggregator, 1, 1, {"a"}, {}, 1);
     EXPECT_FALSE(out.aggregated);
     EXPECT_NE(out.not_aggregated.find("aggregation failed"), std::string::npos);
     EXPECT_NE(out.not_aggregated.find(expect), std::string::npos) << out.not_aggregated;
@@ -412,7 +422,7 @@ TEST(Engine, MisshapenUploadIsRejectedAndTheRunCompletes) {
   auto names = site_names();
   testkit::TempDir dir;
   const std::string bad = names[1];
-  FaultPlan plan = tampering(
+  test_seam::FaultPlan plan = tampering(
       bad, protocol::kUpdate,
       [](Message& m) {
         m.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3});
@@ -440,7 +450,7 @@ TEST(Engine, MisshapenHarmonizerStatisticsAreLeftOutByName) {
   auto names = site_names();
   testkit::TempDir dir;
   const std::string bad = names[2];
-  FaultPlan plan = tampering(bad, protocol::kStats, [](Message& m) {
+  test_seam::FaultPlan plan = tampering(bad, protocol::kStats, [](Message& m) {
     ASSERT_FALSE(m.arrays.empty());
     m.arrays.begin()->second = Array::from(std::vector<float>{1, 2, 3, 4, 5});
   });
@@ -459,7 +469,7 @@ TEST(Engine, BadEvaluationRepliesAreNamedFailures) {
   auto names = site_names();
   testkit::TempDir dir;
   const std::string bad = names[0];
-  FaultPlan plan =
+  test_seam::FaultPlan plan =
       tampering(bad, protocol::kMetrics, [](Message& m) { m.scalars["accuracy"] = INFINITY; });
   const std::string crashing = names[1];  // and one whose evaluation throws
   plan.tamper = [crashing, inf = plan.tamper](const std::string& site, Message& reply) {
@@ -484,7 +494,7 @@ TEST(Engine, BadEvaluationRepliesAreNamedFailures) {
 TEST(Engine, InvalidUtf8InFailuresStillWritesTheSummary) {
   auto names = site_names();
   testkit::TempDir dir;
-  FaultPlan plan;
+  test_seam::FaultPlan plan;
   plan.fail[{names[0], 1}] = "cannot read scan-\xff\xfe.nii";
   RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
   ASSERT_EQ(s.failures.size(), 1u);
@@ -510,7 +520,7 @@ TEST(Engine, ZeroSampleUploadIsReportedAsSkippedWithoutALoss) {
   auto names = site_names();
   testkit::TempDir dir;
   const std::string empty = names[0];
-  FaultPlan plan =
+  test_seam::FaultPlan plan =
       tampering(empty, protocol::kUpdate, [](Message& m) { m.scalars[protocol::kNumSamples] = 0; });
   RunSummary s = run_with(config(pipeline(1, 1)), plan, dir);
   EXPECT_TRUE(s.failures.empty()) << testing::PrintToString(s.failures);
@@ -567,7 +577,7 @@ TEST(Engine, TruncatedLatestCheckpointFallsBackToThePreviousOne) {
     Experiment first(c, testkit::builtin_registry());
     RunOptions cut;
     cut.run_dir = cut_dir.str();
-    cut.stop_after_round = 2;
+    cut.stop_after = [](int r) { return r == 2; };
     first.run(cut);
   }
   const fs::path ckpt = cut_dir.path() / "checkpoints";
@@ -638,7 +648,7 @@ TEST(Protocol, StatisticsAndMetricsRepliesAreChecked) {
       {"negative weight", [](Message& m) { m.scalars[protocol::kWeight] = -1; }},
       {"non-finite __weight", [](Message& m) { m.scalars[protocol::kWeight] = INFINITY; }},
       {"lack scalar '__weight'", [](Message& m) { m.scalars.clear(); }},
-      {"speaks protocol version '2'", [](Message& m) { m.text[protocol::kVersionKey] = "2"; }},
+      {"speaks protocol version '99'", [](Message& m) { m.text[protocol::kVersionKey] = "99"; }},
       {"entry 'mean' is float64 [2], expected float64 [3]",
        [](Message& m) {
          m.arrays["mean"] = Array::from(std::vector<double>{1, 2});
@@ -663,4 +673,113 @@ TEST(Protocol, StatisticsAndMetricsRepliesAreChecked) {
   EXPECT_NE(protocol::read_metrics(protocol::metrics("a", 1, protocol::kPhaseGlobal, 4, values))
                 .problem.find("accuracy is infinite"),
             std::string::npos);
+}
+
+namespace {
+
+// Passes every exchange on, recording (site, request type); optionally rewrites requests.
+class Recorder : public Channel {
+ public:
+  Recorder(Channel& inner, std::vector<std::pair<std::string, std::string>>& log,
+           std::function<void(Message&)> rewrite = nullptr)
+      : inner_(inner), log_(log), rewrite_(std::move(rewrite)) {}
+  Bytes call(const std::string& site, const Bytes& request) override {
+    Message m = decode(request);
+    log_.emplace_back(site, m.type);
+    if (!rewrite_) return inner_.call(site, request);
+    rewrite_(m);
+    return inner_.call(site, encode(m));
+  }
+
+ private:
+  Channel& inner_;
+  std::vector<std::pair<std::string, std::string>>& log_;
+  std::function<void(Message&)> rewrite_;
+};
+
+size_t count(const std::vector<std::pair<std::string, std::string>>& log, const std::string& site,
+             const std::string& type) {
+  return size_t(std::count(log.begin(), log.end(), std::make_pair(site, type)));
+}
+
+const std::string kFedBN = "adapter: {type: batchnorm, args: {policy: local}}\n";
+
+}  // namespace
+
+// Checkpoints hold every site's own state (FedBN: its BatchNorm entries), which the coordinator
+// gets by asking each site through the Channel and gives back the same way on resume.
+TEST(Engine, CheckpointsAskEachSiteForItsStateThroughTheChannel) {
+  const auto sites = site_names();
+  testkit::TempDir full_dir, cut_dir;
+  Experiment full(config(pipeline(3, 1, kFedBN)), testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = full_dir.str();
+  full.run(o);
+
+  std::vector<std::pair<std::string, std::string>> first_log, resume_log;
+  {
+    Experiment first(config(pipeline(3, 1, kFedBN)), testkit::builtin_registry());
+    first.interpose_channel(
+        [&](Channel& inner) { return std::make_unique<Recorder>(inner, first_log); });
+    RunOptions cut;
+    cut.run_dir = cut_dir.str();
+    cut.stop_after = [](int r) { return r == 2; };
+    first.run(cut);
+  }
+  for (const auto& s : sites) {
+    EXPECT_EQ(count(first_log, s, protocol::kExportState), 2u) << s;  // one per round
+    EXPECT_EQ(count(first_log, s, protocol::kRestoreState), 0u) << s;
+  }
+  Experiment resumed(config(pipeline(3, 1, kFedBN)), testkit::builtin_registry());
+  resumed.interpose_channel(
+      [&](Channel& inner) { return std::make_unique<Recorder>(inner, resume_log); });
+  RunOptions r;
+  r.run_dir = cut_dir.str();
+  r.resume = true;
+  resumed.run(r);
+  for (const auto& s : sites) {
+    EXPECT_EQ(count(resume_log, s, protocol::kRestoreState), 1u) << s;
+    // Restored before the site trains again.
+    auto restore = std::find(resume_log.begin(), resume_log.end(),
+                             std::make_pair(s, std::string(protocol::kRestoreState)));
+    auto train = std::find(resume_log.begin(), resume_log.end(),
+                           std::make_pair(s, std::string(protocol::kTrain)));
+    EXPECT_LT(restore - resume_log.begin(), train - resume_log.begin()) << s;
+  }
+  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+}
+
+// A state that does not fit the site's model is refused by the site, by name, before anything
+// is installed; with no other checkpoint the resume fails naming the site and the entry.
+TEST(Engine, ASiteRefusesARestoredStateThatDoesNotFitItsModel) {
+  testkit::TempDir dir;
+  {
+    Experiment first(config(pipeline(2, 1, kFedBN)), testkit::builtin_registry());
+    RunOptions cut;
+    cut.run_dir = dir.str();
+    cut.stop_after = [](int r) { return r == 1; };
+    first.run(cut);
+  }
+  std::vector<std::pair<std::string, std::string>> log;
+  Experiment resumed(config(pipeline(2, 1, kFedBN)), testkit::builtin_registry());
+  std::string victim;
+  resumed.interpose_channel([&](Channel& inner) {
+    return std::make_unique<Recorder>(inner, log, [&](Message& m) {
+      if (m.type != protocol::kRestoreState || !victim.empty()) return;
+      for (auto& [k, v] : m.arrays)
+        if (k.rfind("local/", 0) == 0) {
+          victim = k.substr(6);
+          v = Array::from(std::vector<float>{1, 2, 3});  // not the entry's shape
+          return;
+        }
+    });
+  });
+  RunOptions r;
+  r.run_dir = dir.str();
+  r.resume = true;
+  const std::string err = testkit::error_of([&] { resumed.run(r); });
+  ASSERT_FALSE(victim.empty()) << "FedBN sites must have local entries to restore";
+  EXPECT_NE(err.find("cannot resume"), std::string::npos) << err;
+  EXPECT_NE(err.find(victim), std::string::npos) << err;
+  EXPECT_NE(err.find("site '"), std::string::npos) << err;
 }

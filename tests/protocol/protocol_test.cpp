@@ -51,9 +51,9 @@ TEST(Protocol, EveryBuilderStampsTheVersionAndRequestsRoundTripThroughTheWire) {
 }
 
 TEST(Protocol, AMessageOfAnotherVersionIsRefusedNamingBothVersions) {
-  const Message train = other_version(protocol::train_request(1, {}), "2");
+  const Message train = other_version(protocol::train_request(1, {}), "99");
   const std::string why = error_of([&] { protocol::request_kind(train); });
-  EXPECT_NE(why.find("message 'train' speaks protocol version '2'"), std::string::npos) << why;
+  EXPECT_NE(why.find("message 'train' speaks protocol version '99'"), std::string::npos) << why;
   EXPECT_NE(why.find("this build speaks protocol version " + std::to_string(protocol::kVersion)),
             std::string::npos)
       << why;
@@ -122,11 +122,9 @@ TEST(Protocol, SetStatisticsCarriesTheIndexApartFromTheStatistics) {
 TEST(Protocol, TrainSettingsAreTypedAndChecked) {
   protocol::TrainSettings none = protocol::read_train_request(protocol::train_request(1, {}));
   EXPECT_EQ(none.local_epochs, 1);
-  EXPECT_EQ(none.proximal_mu, 0);
-  protocol::TrainSettings t = protocol::read_train_request(
-      protocol::train_request(1, {{protocol::kLocalEpochs, 3}, {protocol::kProximalMu, 0.01}}));
+  protocol::TrainSettings t =
+      protocol::read_train_request(protocol::train_request(1, {{protocol::kLocalEpochs, 3}}));
   EXPECT_EQ(t.local_epochs, 3);
-  EXPECT_EQ(t.proximal_mu, 0.01);
   for (double e : {0.0, 2.5, -1.0, double(NAN), 1e12})
     EXPECT_NE(
         error_of([&] {
@@ -134,13 +132,6 @@ TEST(Protocol, TrainSettingsAreTypedAndChecked) {
         }).find("local_epochs"),
         std::string::npos)
         << e;
-  for (double mu : {-0.1, double(NAN), double(INFINITY)})
-    EXPECT_NE(
-        error_of([&] {
-          protocol::read_train_request(protocol::train_request(1, {{protocol::kProximalMu, mu}}));
-        }).find("proximal_mu"),
-        std::string::npos)
-        << mu;
 }
 
 TEST(Protocol, EvaluateRequestNamesAKnownPhase) {

@@ -4,6 +4,7 @@
 // choice derives from the pipeline seed), measured in units of how far clean FedAvg training
 // moved the model from its initialisation.
 #include <concord/engine.h>
+#include <concord/fault_injection.h>
 
 #include <cmath>
 #include <cstdio>
@@ -66,10 +67,10 @@ Outcome run(const std::string& aggregator, const std::string& attack_mode,
                                     "robustness-test.yaml", {}, testkit::builtin_registry());
   Experiment exp(std::move(c), testkit::builtin_registry());
   if (everyone_fails) {  // no round aggregates: the global state stays the initialisation
-    FaultPlan plan;
+    test_seam::FaultPlan plan;
     for (char s = 'A'; s <= 'E'; ++s)
       for (int r = 1; r <= 6; ++r) plan.fail[{std::string("site-") + s, r}] = "offline";
-    exp.inject_faults(plan);
+    test_seam::inject_faults(exp, plan);
   }
   testkit::TempDir dir;
   RunOptions o;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <concord/array.h>
+#include <concord/local_trainer.h>
 #include <concord/registry.h>
 
 namespace concord {
@@ -29,8 +30,10 @@ class Aggregator : public Plugin {
   // Server-side state (optimizer moments); saved in checkpoints for bit-identical resume.
   virtual NamedArrays state() const { return {}; }
   virtual void load_state(const NamedArrays& /*state*/) {}
-  // Settings the sites must apply in local training (e.g. FedProx "proximal_mu").
-  virtual std::map<std::string, double> client_settings() const { return {}; }
+  // Site side: a term every site adds to its local training loss, or null (the default). FedProx
+  // returns proximal_term(trainer.model(), trainer.received(), mu). Each site builds its own
+  // instance of the pipeline's aggregator, so the term's settings never travel in a message.
+  virtual LossTerm local_loss_term(LocalTrainer& /*trainer*/) const { return nullptr; }
 };
 
 }  // namespace concord

@@ -6,6 +6,7 @@
 #include <concord/channel.h>
 #include <concord/harmonizer.h>
 #include <concord/pipeline.h>
+#include <concord/protocol.h>
 #include <concord/seed.h>
 
 #include <functional>
@@ -21,7 +22,7 @@ namespace concord {
 // it moves named arrays over a Channel and asks the aggregator plugin to combine them.
 class Coordinator {
  public:
-  Coordinator(Channel& channel, Aggregator& aggregator, uint64_t seed);
+  Coordinator(Channel& channel, uint64_t seed);
 
   // Step 1: sites available this round (each with its probability), then a seeded sample of
   // ceil(fraction * available) of them. Deterministic in (seed, round), on every platform.
@@ -37,27 +38,50 @@ class Coordinator {
     std::string not_aggregated;         // why not (too few usable uploads, aggregator failed)
   };
   // Steps 2-4: ask each selected site to train (the request carries `settings`), collect the
-  // uploads (rejecting, by site, any that protocol::read_update() refuses), aggregate when at least
-  // `min_sites` are usable. An aggregator that throws or returns a state unlike the global one
-  // leaves the global model unchanged (aggregated = false, not_aggregated says why).
-  // `on_site(site, i, n)` is called before each site's exchange (for progress display).
+  // uploads (rejecting, by site, any that protocol::read_update() refuses), aggregate with
+  // `aggregator` when at least `min_sites` are usable. An aggregator that throws or returns a
+  // state unlike the global one leaves the global model unchanged (aggregated = false,
+  // not_aggregated says why). `on_site(site, i, n)` is called before each site's exchange.
   RoundOutcome train_round(
-      int round, int rounds, const std::vector<std::string>& selected,
+      Aggregator& aggregator, int round, int rounds, const std::vector<std::string>& selected,
       const std::map<std::string, double>& settings, int min_sites,
       const std::function<void(const std::string&, size_t, size_t)>& on_site = nullptr);
   // Step 5: send the global state to `sites` (encoded once; one call per site). Returns a
   // failure line per site that did not acknowledge it.
   std::vector<std::string> broadcast(int round, const std::vector<std::string>& sites);
 
-  // Other exchanges (evaluation, personalisation; see protocol.h) use the same Channel.
-  Message call(const std::string& site, const Message& request);
+  // The other exchanges, each asking `sites` in turn. A site that fails or whose reply the
+  // protocol's reader refuses adds one line naming it to `failures` and is left out of the
+  // result; the others go on.
+  struct Failure {
+    std::string site;
+    std::string what;  // "site 'x': reason"
+  };
+  using Failures = std::vector<Failure>;
+  // Harmonizer phase: every site's statistics for harmonizers[index]. `after_each(site)` is
+  // called after each site's reply (progress).
+  std::vector<std::pair<std::string, Stats>> fit_statistics(
+      size_t index, const std::vector<std::string>& sites, Failures& failures,
+      const std::function<void(const std::string&)>& after_each = nullptr);
+  // Harmonizer phase: the combined statistics of harmonizers[index], for each site to apply.
+  Failures set_statistics(size_t index, Stats global, const std::vector<std::string>& sites);
+  // Evaluation of the current model at each site (phase kPhaseGlobal or kPhasePersonalized).
+  std::map<std::string, std::map<std::string, double>> evaluate(
+      int round, const std::string& phase, const std::vector<std::string>& sites,
+      Failures& failures);
+  // The adapter's personalisation at each site.
+  Failures personalize(int round, const std::vector<std::string>& sites);
+  // Checkpointing: each site's own state (local model parts, adapter store), and back.
+  std::map<std::string, protocol::SiteState> export_states(int round,
+                                                           const std::vector<std::string>& sites,
+                                                           Failures& failures);
+  Failures restore_states(int round, const std::map<std::string, protocol::SiteState>& states);
 
   const NamedArrays& global() const { return global_; }
   void set_global(NamedArrays g) { global_ = std::move(g); }
 
  private:
   Channel& channel_;
-  Aggregator& aggregator_;
   uint64_t seed_;
   NamedArrays global_;
 };
@@ -83,21 +107,16 @@ struct RunSummary {
 };
 
 struct RunOptions {
-  std::string run_dir;        // empty: <output>/<name>
-  bool resume = false;        // continue from run_dir/checkpoints/latest
-  bool progress = false;      // draw a progress bar (terminal)
-  int stop_after_round = -1;  // stop (as if interrupted) after this round; tests only
-  // Called after every round with the round number (for tests and progress).
+  std::string run_dir;    // empty: <output>/<name>
+  bool resume = false;    // continue from run_dir/checkpoints/latest
+  bool progress = false;  // draw a progress bar (terminal)
+  // Called after every round with the round number (progress).
   std::function<void(int)> on_round;
+  // Asked after each round is checkpointed: true ends the run there, as an interruption would,
+  // and resume continues it (the CLI's answer to SIGINT/SIGTERM; tests interrupt with it).
+  std::function<bool(int round)> stop_after;
   // Called as work advances: phase ("fit", "round 3/5", "evaluate"), step, steps in phase.
   std::function<void(const std::string& phase, int done, int total)> on_progress;
-};
-
-// Fault injection for tests: makes a site throw in a given round, or lets a test rewrite any
-// reply a site sends (a misbehaving peer: wrong shapes, bogus scalars) before it is encoded.
-struct FaultPlan {
-  std::map<std::pair<std::string, int>, std::string> fail;  // (site, round) -> message
-  std::function<void(const std::string& site, Message& reply)> tamper;
 };
 
 // The harmonization phase of a run on its own (Experiment::harmonize; `concord harmonize
@@ -128,7 +147,10 @@ class Experiment {
   Experiment(PipelineConfig config, const Registry& registry);
   ~Experiment();
   RunSummary run(const RunOptions& options);
-  void inject_faults(FaultPlan plan);
+  // Test and tooling seam: every exchange between the coordinator and the sites passes through
+  // the channel `wrap` returns around the simulation's own (fault injection, recording what
+  // crosses the wire: concord/fault_injection.h). Call before run() or harmonize().
+  void interpose_channel(std::function<std::unique_ptr<Channel>(Channel& inner)> wrap);
   // Only the start of run(): builds the dataset as run() does (plugin, arguments, seed, site
   // list, partition, scanner shift) and runs the harmonizer fit phase (fit_site per site over
   // its training images, combine, broadcast, apply), without a model. Call it instead of run().

@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define CONCORD_API_VERSION 1u
+#define CONCORD_API_VERSION 2u
 #define CONCORD_PLUGIN_SYMBOL "concord_plugin"
 
 #ifdef __cplusplus

@@ -24,7 +24,8 @@
 namespace concord {
 namespace protocol {
 
-constexpr int kVersion = 1;
+// 2: state export/restore for checkpoints through the Channel; FedProx's mu no longer sent.
+constexpr int kVersion = 2;
 
 // Message types. Coordinator to site:
 inline constexpr const char* kTrain = "train";                     // train one round locally
@@ -33,11 +34,15 @@ inline constexpr const char* kEvaluate = "evaluate";               // evaluate o
 inline constexpr const char* kFit = "fit";                         // a harmonizer's site statistics
 inline constexpr const char* kSetStatistics = "harmonizer-stats";  // global statistics to apply
 inline constexpr const char* kPersonalize = "personalize";         // the adapter's personalisation
+inline constexpr const char* kExportState = "export-state";        // the site's state, to keep
+inline constexpr const char* kRestoreState = "restore-state";      // a kept state, to resume
 // Site to coordinator:
-inline constexpr const char* kUpdate = "update";    // reply to train
-inline constexpr const char* kMetrics = "metrics";  // reply to evaluate
-inline constexpr const char* kStats = "stats";      // reply to fit
-inline constexpr const char* kAck = "ack";  // reply to broadcast, harmonizer-stats, personalize
+inline constexpr const char* kUpdate = "update";         // reply to train
+inline constexpr const char* kMetrics = "metrics";       // reply to evaluate
+inline constexpr const char* kStats = "stats";           // reply to fit
+inline constexpr const char* kSiteState = "site-state";  // reply to export-state
+// reply to broadcast, harmonizer-stats, personalize, restore-state:
+inline constexpr const char* kAck = "ack";
 // Files the coordinator writes in the same form:
 inline constexpr const char* kCheckpoint = "checkpoint";     // checkpoints/round-NNNN.ckpt
 inline constexpr const char* kGlobalState = "global-state";  // <run>/global.state
@@ -56,7 +61,7 @@ inline constexpr const char* kTrainLoss = "train_loss";      // update
 inline constexpr const char* kSteps = "steps";               // update
 inline constexpr const char* kNumTest = "num_test";          // metrics
 inline constexpr const char* kLocalEpochs = "local_epochs";  // train
-inline constexpr const char* kProximalMu = "proximal_mu";    // train (FedProx's client term)
+inline constexpr const char* kTrained = "trained";           // site-state, restore-state
 // Values of kPhase:
 inline constexpr const char* kPhaseGlobal = "global";
 inline constexpr const char* kPhasePersonalized = "personalized";
@@ -81,14 +86,22 @@ std::string version_problem(const Message& m);
 
 // What a site is asked to do. request_kind() checks the version and the type and throws Error
 // for another version or an unknown type.
-enum class Request { Train, Broadcast, Evaluate, Fit, SetStatistics, Personalize };
+enum class Request {
+  Train,
+  Broadcast,
+  Evaluate,
+  Fit,
+  SetStatistics,
+  Personalize,
+  ExportState,
+  RestoreState
+};
 Request request_kind(const Message& m);
 
-// train: the round's settings (local_epochs, the aggregator's client settings).
+// train: the round's settings (local_epochs).
 Message train_request(int64_t round, const std::map<std::string, double>& settings);
 struct TrainSettings {
   int local_epochs = 1;               // a whole number in [1, 100000]
-  double proximal_mu = 0;             // finite, >= 0
   std::map<std::string, double> all;  // every setting, as sent
 };
 TrainSettings read_train_request(const Message& m);
@@ -111,6 +124,17 @@ struct SetStatistics {
 SetStatistics read_set_statistics(Message&& m, size_t count);
 
 Message personalize_request(int64_t round);
+
+// A site's own state, kept by the coordinator in checkpoints (export-state, restore-state): the
+// model entries its adapter keeps local, the adapter's store, whether it has trained.
+struct SiteState {
+  NamedArrays local, store;
+  bool trained = false;
+};
+Message export_state_request(int64_t round);
+Message restore_state_request(int64_t round, SiteState state);
+// The state a restore-state request carries (local/ and store/ entries, the trained flag).
+SiteState read_restore_state(Message&& m);
 
 // ---- site to coordinator -------------------------------------------------------------------
 
@@ -152,12 +176,13 @@ struct Metrics {
 // Checks: type metrics; no infinite value.
 Checked<Metrics> read_metrics(Message&& reply);
 
+// site-state: the reply to export-state.
+Message site_state(const std::string& site, int64_t round, SiteState state);
+// Checks: type site-state; every entry under local/ or store/; finite floating-point values.
+Checked<SiteState> read_site_state(Message&& reply);
+
 // ---- files -----------------------------------------------------------------------------------
 
-struct SiteState {
-  NamedArrays local, store;
-  bool trained = false;
-};
 struct Checkpoint {
   int64_t round = 0;
   NamedArrays global, aggregator;

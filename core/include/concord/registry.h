@@ -37,17 +37,22 @@ using Factory = std::function<std::unique_ptr<Plugin>(const Args&, const BuildCo
 struct PluginDesc {
   PluginDesc() = default;
   PluginDesc(Kind kind, std::string name, std::string summary, std::vector<ArgSpec> args,
-             Factory make)
+             Factory make, std::vector<std::string> default_for = {})
       : kind(kind),
         name(std::move(name)),
         summary(std::move(summary)),
         args(std::move(args)),
-        make(std::move(make)) {}
+        make(std::move(make)),
+        default_for(std::move(default_for)) {}
   Kind kind = Kind::Dataset;
   std::string name;     // unique within its kind, e.g. "fedavg"
   std::string summary;  // one line
   std::vector<ArgSpec> args;
   Factory make;
+  // Where the plugin is used when a pipeline names none of its kind: an aggregator declares
+  // {"aggregator"}; a metric the tasks it is a default for ({"classification"}, {"segmentation"}).
+  // Core names no plugin: these declarations are the defaults.
+  std::vector<std::string> default_for;
   std::string library;          // filled by the loader: file it came from
   std::string library_version;  // filled by the loader
 };
@@ -68,6 +73,9 @@ class Registry {
   const PluginDesc& get(Kind kind, const std::string& name) const;  // throws with did-you-mean
   std::vector<const PluginDesc*> list(std::optional<Kind> kind = std::nullopt) const;
   std::vector<std::string> names(Kind kind) const;
+  // The plugins of `kind` that declare themselves a default for `use` (PluginDesc::default_for),
+  // in name order.
+  std::vector<const PluginDesc*> defaults(Kind kind, const std::string& use) const;
   // Closest registered name (edit distance), or "" when nothing is close.
   std::string suggest(Kind kind, const std::string& name) const;
 

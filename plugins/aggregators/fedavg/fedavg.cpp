@@ -36,5 +36,6 @@ CONCORD_PLUGIN("concord-aggregator-fedavg", "0.1.0") {
                 "Federated averaging of the sites' shared state",
                 {ArgSpec::choice("weighting", {"samples", "uniform"}, "samples",
                                  "Weight sites by training samples, or equally")},
-                factory_of<FedAvg>()});
+                factory_of<FedAvg>(),
+                {"aggregator"}});
 }

@@ -1,8 +1,8 @@
 // fedprox (Li et al., MLSys 2020): the server step is FedAvg's weighted mean; the difference is
 // on the sites, which minimise  loss(w) + mu/2 ||w - w_global||^2  in local training. The
-// aggregator declares mu and hands it to the sites through client_settings().
+// aggregator's local_loss_term() is that term; every site builds its own FedProx instance from
+// the pipeline, so mu is never sent.
 #include <concord/aggregator.h>
-#include <concord/protocol.h>
 
 #include "aggregation.h"
 
@@ -25,8 +25,8 @@ class FedProx : public Aggregator {
     return out;
   }
 
-  std::map<std::string, double> client_settings() const override {
-    return {{protocol::kProximalMu, mu_}};
+  LossTerm local_loss_term(LocalTrainer& trainer) const override {
+    return proximal_term(trainer.model(), trainer.received(), mu_);
   }
 
  private:

@@ -135,16 +135,19 @@ CONCORD_PLUGIN("concord-metrics-classification", "0.1.0") {
                 "accuracy",
                 "Fraction of samples whose most probable class is right",
                 {},
-                factory_of<Accuracy>()});
+                factory_of<Accuracy>(),
+                {"classification"}});
   registry.add({Kind::Metric,
                 "balanced-accuracy",
                 "Mean per-class recall over the classes present in the labels",
                 {},
-                factory_of<BalancedAccuracy>()});
+                factory_of<BalancedAccuracy>(),
+                {"classification"}});
   registry.add({Kind::Metric,
                 "roc-auc",
                 "ROC AUC (binary: class-1 probability; multiclass: macro one-vs-rest); "
                 "NaN when a class is absent",
                 {},
-                factory_of<RocAuc>()});
+                factory_of<RocAuc>(),
+                {"classification"}});
 }

@@ -80,5 +80,6 @@ CONCORD_PLUGIN("concord-metrics-dice", "0.1.0") {
                 {ArgSpec::choice("empty", {"one", "skip"}, "one",
                                  "A class absent from both masks scores 1 (one) or is left out "
                                  "(skip; a sample with nothing left is left out)")},
-                factory_of<Dice>()});
+                factory_of<Dice>(),
+                {"segmentation"}});
 }

@@ -1,0 +1,257 @@
+// Local training at one site (see local_training.h).
+#include "local_training.h"
+
+#include <concord/batchnorm.h>
+#include <concord/error.h>
+#include <concord/seed.h>
+#include <concord/tensor_bridge.h>
+#include <concord/torch_model.h>
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <random>
+
+namespace concord {
+
+namespace {
+
+using OptimizerFactory = std::function<std::unique_ptr<torch::optim::Optimizer>(
+    std::vector<at::Tensor>, const PipelineConfig::Training&)>;
+
+const std::map<std::string, OptimizerFactory>& optimizers() {
+  static const std::map<std::string, OptimizerFactory> table = {
+      {"sgd",
+       [](std::vector<at::Tensor> p, const PipelineConfig::Training& t) {
+         return std::make_unique<torch::optim::SGD>(
+             std::move(p),
+             torch::optim::SGDOptions(t.lr).momentum(t.momentum).weight_decay(t.weight_decay));
+       }},
+      {"adam", [](std::vector<at::Tensor> p, const PipelineConfig::Training& t) {
+         return std::make_unique<torch::optim::Adam>(
+             std::move(p), torch::optim::AdamOptions(t.lr).weight_decay(t.weight_decay));
+       }}};
+  return table;
+}
+
+void restore_grad(std::vector<std::pair<at::Tensor, bool>>& saved) {
+  for (auto& [t, g] : saved) t.set_requires_grad(g);
+}
+
+// An NCHW batch of `samples[idx]` and its targets; with `rng`, the augmenting harmonizers draw.
+std::pair<at::Tensor, at::Tensor> make_batch(const std::string& site, Task task,
+                                             const std::vector<Sample>& samples,
+                                             const std::vector<size_t>& idx,
+                                             const std::vector<Harmonizer*>& augmenters,
+                                             std::mt19937_64* rng) {
+  std::vector<at::Tensor> xs, ys;
+  for (size_t i : idx) {
+    const Sample& s = samples[i];
+    if (rng && !augmenters.empty()) {
+      Image im = s.image;
+      for (Harmonizer* h : augmenters) h->augment(im, *rng);
+      xs.push_back(image_to_tensor(im));
+    } else {
+      xs.push_back(image_to_tensor(s.image));
+    }
+    if (task == Task::Classification) {
+      ys.push_back(torch::tensor({s.label}, torch::kLong));
+    } else {
+      if (!s.mask) throw SiteError(site, "sample '" + s.id + "' has no mask");
+      ys.push_back(image_to_tensor(*s.mask)[0].round().to(torch::kLong));
+    }
+  }
+  at::Tensor x = torch::stack(xs);
+  at::Tensor y = task == Task::Classification ? torch::cat(ys) : torch::stack(ys);
+  return {x, y};
+}
+
+// Classification: cross-entropy. Segmentation: cross-entropy + soft Dice over foreground classes.
+at::Tensor task_loss(Task task, const at::Tensor& logits, const at::Tensor& y) {
+  at::Tensor ce = torch::nn::functional::cross_entropy(logits, y);
+  if (task == Task::Classification) return ce;
+  at::Tensor prob = torch::softmax(logits, 1);
+  at::Tensor onehot = torch::one_hot(y, logits.size(1)).permute({0, 3, 1, 2}).to(torch::kFloat);
+  at::Tensor inter = (prob * onehot).sum({0, 2, 3});
+  at::Tensor denom = prob.sum({0, 2, 3}) + onehot.sum({0, 2, 3});
+  at::Tensor dice = (2 * inter + 1) / (denom + 1);
+  return ce + (1 - dice.slice(0, 1).mean());
+}
+
+}  // namespace
+
+std::vector<std::string> optimizer_names() {
+  std::vector<std::string> out;
+  for (const auto& [name, make] : optimizers()) out.push_back(name);
+  return out;
+}
+
+LossTerm proximal_term(Model& model, const std::map<std::string, at::Tensor>& target,
+                       double weight) {
+  if (weight == 0) return nullptr;
+  std::vector<std::pair<at::Tensor, at::Tensor>> pairs;
+  for (const StateEntry& e : model.state())
+    if (e.is_parameter)
+      if (auto it = target.find(e.name); it != target.end())
+        pairs.emplace_back(e.tensor, it->second);
+  if (pairs.empty()) return nullptr;
+  const double half = weight / 2;
+  return [pairs, half]() {
+    at::Tensor sum;
+    for (const auto& [w, g] : pairs) {
+      if (!w.requires_grad()) continue;  // frozen this call: a constant, no gradient
+      at::Tensor d = w.sub(g.to(w.device(), w.scalar_type())).pow(2).sum();
+      sum = sum.defined() ? sum.add(d) : d;
+    }
+    return sum.defined() ? sum.mul(half) : torch::zeros({}, torch::kFloat);
+  };
+}
+
+TrainResult LocalTraining::train(int epochs, const ParamFilter& trainable, const LossTerm& extra) {
+  const auto& t = *c_.training;
+  Model& model = *c_.model;
+  const std::vector<Sample>& samples = c_.data->train;
+  auto entries = model.state();
+  std::vector<at::Tensor> params;
+  std::vector<std::pair<at::Tensor, bool>> saved_grad;
+  for (auto& e : entries) {
+    if (!e.is_parameter) continue;
+    bool on = !trainable || trainable(e);
+    saved_grad.emplace_back(e.tensor, e.tensor.requires_grad());
+    e.tensor.set_requires_grad(on);
+    if (on) params.push_back(e.tensor);
+  }
+  TrainResult result;
+  if (params.empty() || samples.empty()) return restore_grad(saved_grad), result;
+  auto make = optimizers().find(t.optimizer);
+  if (make == optimizers().end())
+    throw SiteError(*c_.site, "unknown optimizer '" + t.optimizer + "'");
+  std::unique_ptr<torch::optim::Optimizer> opt = make->second(params, t);
+  model.set_training(true);
+  std::mt19937_64 rng(derive_seed(c_.seed, "shuffle/" + *c_.site, round_ * 1000 + (*c_.calls)++));
+  for (int ep = 0; ep < epochs; ++ep) {
+    std::vector<size_t> order(samples.size());
+    std::iota(order.begin(), order.end(), 0);
+    shuffle(order, rng);
+    double loss_sum = 0;
+    int64_t seen = 0;
+    for (size_t start = 0; start < order.size(); start += size_t(t.batch_size)) {
+      size_t end = std::min(order.size(), start + size_t(t.batch_size));
+      if (end - start < 2 && order.size() >= 2) break;  // BatchNorm needs 2+ samples
+      std::vector<size_t> idx(order.begin() + long(start), order.begin() + long(end));
+      auto [x, y] = make_batch(*c_.site, c_.task, samples, idx, *c_.augmenters, &rng);
+      opt->zero_grad();
+      at::Tensor loss = task_loss(c_.task, model.forward(x), y);
+      if (extra) loss = loss + extra();
+      if (c_.aggregator_term) loss = loss + c_.aggregator_term();
+      loss.backward();
+      opt->step();
+      loss_sum += loss.item<double>() * double(idx.size());
+      seen += int64_t(idx.size());
+      result.steps++;
+    }
+    result.samples += seen;
+    result.loss = seen ? loss_sum / double(seen) : 0;
+  }
+  restore_grad(saved_grad);
+  return result;
+}
+
+void LocalTraining::recalibrate_batchnorm() {
+  torch::NoGradGuard ng;
+  Model& model = *c_.model;
+  const std::vector<Sample>& samples = c_.data->train;
+  // Fresh running statistics estimated from this site's images alone (labels unused). With
+  // LibTorch modules the momentum is switched off during the passes (a cumulative average, as
+  // PyTorch does with momentum=None); other models get enough passes for the default
+  // momentum 0.1 to forget the reset values (0.9^50 < 1%).
+  std::vector<std::pair<torch::nn::BatchNormOptions*, c10::optional<double>>> saved_momentum;
+  if (auto* tm = dynamic_cast<TorchModuleModel*>(&model)) {
+    for (const auto& m : tm->module().modules(/*include_self=*/true)) {
+      torch::nn::BatchNormOptions* o = nullptr;
+      if (auto* b = m->as<torch::nn::BatchNorm1d>()) o = &b->options;
+      if (auto* b = m->as<torch::nn::BatchNorm2d>()) o = &b->options;
+      if (auto* b = m->as<torch::nn::BatchNorm3d>()) o = &b->options;
+      if (!o) continue;
+      saved_momentum.emplace_back(o, o->momentum());
+      o->momentum(c10::nullopt);
+    }
+  }
+  const bool cumulative = !saved_momentum.empty();
+  for (auto& e : model.state()) {
+    if (!is_batchnorm(e) || e.is_parameter) continue;
+    const std::string leaf = e.name.substr(e.name.rfind('.') + 1);
+    if (leaf == "running_mean" || leaf == "num_batches_tracked") e.tensor.zero_();
+    if (leaf == "running_var") e.tensor.fill_(1);
+  }
+  model.set_training(true);
+  std::vector<size_t> idx(samples.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  const size_t bs = size_t(c_.training->batch_size);
+  int passes = 0;
+  for (int epoch = 0; epoch < 1000 && (epoch == 0 || (!cumulative && passes < 50)); ++epoch) {
+    for (size_t s = 0; s < idx.size(); s += bs) {
+      std::vector<size_t> part(idx.begin() + long(s),
+                               idx.begin() + long(std::min(idx.size(), s + bs)));
+      if (part.size() < 2) break;
+      model.forward(make_batch(*c_.site, c_.task, samples, part, *c_.augmenters, nullptr).first);
+      ++passes;
+    }
+    if (passes == 0) break;
+  }
+  for (auto& [o, m] : saved_momentum) o->momentum(m);
+  model.set_training(false);
+}
+
+Predictions LocalTraining::predict(int num_classes) {
+  Model& model = *c_.model;
+  const std::vector<Sample>& test = c_.data->test;
+  Predictions p;
+  p.task = c_.task;
+  p.num_classes = num_classes;
+  model.set_training(false);
+  torch::NoGradGuard ng;
+  const size_t bs = 64;
+  for (size_t s = 0; s < test.size(); s += bs) {
+    std::vector<size_t> idx;
+    for (size_t i = s; i < std::min(test.size(), s + bs); ++i) idx.push_back(i);
+    auto [x, y] = make_batch(*c_.site, c_.task, test, idx, *c_.augmenters, nullptr);
+    at::Tensor prob = torch::softmax(model.forward(x), 1);
+    if (c_.task == Task::Classification) {
+      auto pc = prob.contiguous();
+      const float* pp = pc.data_ptr<float>();
+      p.probs.insert(p.probs.end(), pp, pp + pc.numel());
+      auto yc = y.contiguous();
+      const int64_t* yy = yc.data_ptr<int64_t>();
+      p.labels.insert(p.labels.end(), yy, yy + yc.numel());
+    } else {
+      at::Tensor pred = prob.argmax(1).to(torch::kUInt8).contiguous();
+      at::Tensor truth = y.to(torch::kUInt8).contiguous();
+      const int64_t per = pred[0].numel();
+      for (int64_t i = 0; i < pred.size(0); ++i) {
+        const uint8_t* a = pred[i].data_ptr<uint8_t>();
+        const uint8_t* b = truth[i].data_ptr<uint8_t>();
+        p.pred_masks.emplace_back(a, a + per);
+        p.true_masks.emplace_back(b, b + per);
+      }
+    }
+  }
+  return p;
+}
+
+}  // namespace concord
+
+namespace concord {
+
+void seed_torch(uint64_t seed) {
+  torch::manual_seed(seed);
+}
+
+void set_torch_threads(int threads) {
+  if (threads > 0) torch::set_num_threads(threads);
+}
+
+}  // namespace concord

@@ -1,0 +1,71 @@
+// Local training at one site: batching, the task loss, the optimizer, BatchNorm re-estimation and
+// prediction over the test split. Private to libconcord; the Site drives it (site.h).
+#pragma once
+
+#include <concord/dataset.h>
+#include <concord/harmonizer.h>
+#include <concord/local_trainer.h>
+#include <concord/metric.h>
+#include <concord/pipeline.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace concord {
+
+// The local optimizers a pipeline may name in training.optimizer (one table: the pipeline's
+// validation lists these names, local training builds from the same table).
+std::vector<std::string> optimizer_names();
+
+// Seeds LibTorch's global generator (model initialisation; dropout and other draws of the model
+// during local training).
+void seed_torch(uint64_t seed);
+// LibTorch's intra-op threads (training.threads; 0 keeps LibTorch's default).
+void set_torch_threads(int threads);
+
+// A site's local trainer for one request: the LocalTrainer that adapters and aggregators see.
+// Holds references only; the Site owns everything it points to.
+class LocalTraining : public LocalTrainer {
+ public:
+  struct Context {
+    const std::string* site = nullptr;
+    const PipelineConfig::Training* training = nullptr;
+    uint64_t seed = 0;  // the pipeline's
+    int rounds = 0;
+    Task task = Task::Classification;
+    const SiteData* data = nullptr;
+    Model* model = nullptr;
+    const std::vector<Harmonizer*>* augmenters = nullptr;  // applied per training draw
+    NamedArrays* store = nullptr;
+    const std::map<std::string, at::Tensor>* received = nullptr;
+    LossTerm aggregator_term;  // the aggregator's local_loss_term(), or null
+    bool trained = false;
+    // train() calls since the site's last train request: each call draws its own shuffling
+    // stream, (seed, site, round, call), so a resumed run replays it exactly.
+    int64_t* calls = nullptr;
+  };
+  LocalTraining(Context c, int round) : c_(std::move(c)), round_(round) {}
+  // The aggregator's term needs this trainer to exist first (it reads model() and received()).
+  void set_aggregator_term(LossTerm t) { c_.aggregator_term = std::move(t); }
+
+  const std::string& site() const override { return *c_.site; }
+  int round() const override { return round_; }
+  int rounds() const override { return c_.rounds; }
+  Model& model() override { return *c_.model; }
+  const std::map<std::string, at::Tensor>& received() const override { return *c_.received; }
+  NamedArrays& site_store() override { return *c_.store; }
+  int64_t train_samples() const override { return int64_t(c_.data->train.size()); }
+  bool has_trained() const override { return c_.trained; }
+  TrainResult train(int epochs, const ParamFilter& trainable, const LossTerm& extra) override;
+  void recalibrate_batchnorm() override;
+
+  // The model's predictions over the test split (eval mode, no gradients).
+  Predictions predict(int num_classes);
+
+ private:
+  Context c_;
+  int round_;
+};
+
+}  // namespace concord
