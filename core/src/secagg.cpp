@@ -56,14 +56,6 @@ class Stream {
       n -= take;
     }
   }
-  uint64_t next64() {
-    uint8_t b[8];
-    fill(b, 8);
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; --i) v = (v << 8) | b[i];  // little-endian on every platform
-    return v;
-  }
-  double uniform() { return double(next64() >> 11) * 0x1.0p-53; }
 
  private:
   void refill() {
@@ -80,27 +72,57 @@ class Stream {
   uint64_t block_ = 0;
 };
 
-// Adds (or subtracts) the mask PRG(seed) to acc[0..n) mod 2^64: ChaCha20 keyed by the full
-// 256-bit seed, 8 little-endian bytes per value. The caller reduces mod 2^bits.
-void apply_mask(uint64_t* acc, int64_t n, const Bytes32& seed, bool subtract) {
-  constexpr int64_t kChunk = 8192;  // values per keystream call (64 KiB)
-  static thread_local std::vector<uint64_t> words(kChunk);
-  const uint8_t nonce[crypto_stream_chacha20_NONCEBYTES] = {};
-  uint64_t block = 0;
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t m = std::min(kChunk, n - start);
-    auto* bytes = reinterpret_cast<uint8_t*>(words.data());
-    std::memset(bytes, 0, size_t(m) * 8);
-    crypto_stream_chacha20_xor_ic(bytes, bytes, size_t(m) * 8, nonce, block, seed.data());
-    block += uint64_t(m) * 8 / 64;  // kChunk * 8 is a whole number of 64-byte blocks
+// The ChaCha20 keystream of `key` (nonce 0: every key serves one purpose), consumed in chunks of
+// whole 64-byte blocks as words of 4 or 8 little-endian bytes.
+class WordStream {
+ public:
+  static constexpr int64_t kChunk = 8192;  // words per keystream call
+  WordStream(const Bytes32& key, int word_bytes) : key_(key), word_bytes_(word_bytes) {}
+  // The next m <= kChunk words into out[0..m).
+  void next(uint64_t* out, int64_t m) {
+    const size_t nbytes = size_t(m) * size_t(word_bytes_);
+    buf_.assign(nbytes, 0);
+    const uint8_t nonce[crypto_stream_chacha20_NONCEBYTES] = {};
+    crypto_stream_chacha20_xor_ic(buf_.data(), buf_.data(), nbytes, nonce, block_, key_.data());
+    block_ += (nbytes + 63) / 64;  // only a last, partial chunk leaves part of a block unused
+    const uint8_t* b = buf_.data();
+    if (word_bytes_ == 8) {
+      std::memcpy(out, b, nbytes);
 #if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    for (int64_t i = 0; i < m; ++i) words[i] = __builtin_bswap64(words[i]);
+      for (int64_t i = 0; i < m; ++i) out[i] = __builtin_bswap64(out[i]);
 #endif
+    } else {
+      for (int64_t i = 0; i < m; ++i, b += 4)
+        out[i] = uint64_t(b[0]) | uint64_t(b[1]) << 8 | uint64_t(b[2]) << 16 | uint64_t(b[3]) << 24;
+    }
+  }
+
+ private:
+  Bytes32 key_;
+  int word_bytes_;
+  uint64_t block_ = 0;
+  std::vector<uint8_t> buf_;
+};
+
+// Bytes of keystream per masked value: 4 when the modulus is at most 2^32 (half the ChaCha20
+// work), else 8. Sites and coordinator derive it from the same config.
+int mask_word_bytes(const Config& c) {
+  return c.modulus_bits <= 32 ? 4 : 8;
+}
+
+// Adds (or subtracts) the mask PRG(seed) to acc[0..n) mod 2^64; the caller reduces mod 2^bits
+// (2^bits divides 2^64, so the result is the sum mod 2^bits).
+void apply_mask(uint64_t* acc, int64_t n, const Bytes32& seed, bool subtract, int word_bytes) {
+  WordStream stream(seed, word_bytes);
+  static thread_local std::vector<uint64_t> words(WordStream::kChunk);
+  for (int64_t start = 0; start < n; start += WordStream::kChunk) {
+    const int64_t m = std::min(WordStream::kChunk, n - start);
+    stream.next(words.data(), m);
     uint64_t* a = acc + start;
     if (subtract)
-      for (int64_t i = 0; i < m; ++i) a[i] -= words[i];
+      for (int64_t i = 0; i < m; ++i) a[i] -= words[size_t(i)];
     else
-      for (int64_t i = 0; i < m; ++i) a[i] += words[i];
+      for (int64_t i = 0; i < m; ++i) a[i] += words[size_t(i)];
   }
 }
 
@@ -270,6 +292,10 @@ Config Config::defaults(uint32_t sites, int64_t length, uint64_t graph_seed) {
     c.neighbours = std::min(k, sites - 1);
   }
   c.threshold = c.degree() / 2 + 1;
+  // 32-bit words when n * (2^16 - 1) fits (up to 65536 sites at weight 1): half the keystream
+  // and upload of 64-bit words. A larger max_weight may need modulus_bits = 64 (check() says).
+  c.modulus_bits = 32;
+  if (sites > 65536) c.modulus_bits = 64;
   return c;
 }
 
@@ -456,27 +482,32 @@ MaskedInput Site::masked_input(const ShareDelivery& delivery, const float* value
   // y = w * quantize(x) ++ [w], then the masks, all mod 2^bits.
   MaskedInput out{s.index, std::vector<uint64_t>(size_t(c.length) + 1)};
   const double levels = std::ldexp(1.0, int(c.quant_bits)) - 1;
-  Stream rounding(s.rounding_key);
-  for (int64_t j = 0; j < c.length; ++j) {
-    double x = double(values[j]);
-    if (!std::isfinite(x))
-      throw Error("secure aggregation, " + site_name(s.index) + ": value " + std::to_string(j) +
-                  " is not finite");
-    x = std::clamp(x, -c.clip, c.clip);
-    const double v = (x + c.clip) / (2 * c.clip) * levels;
-    double q = std::floor(v);
-    if (rounding.uniform() < v - q) q += 1;  // stochastic rounding: unbiased
-    out.values[size_t(j)] = uint64_t(std::min(q, levels)) * weight;
+  WordStream rounding(s.rounding_key, 8);
+  std::vector<uint64_t> random(WordStream::kChunk);
+  for (int64_t start = 0; start < c.length; start += WordStream::kChunk) {
+    const int64_t m = std::min(WordStream::kChunk, c.length - start);
+    rounding.next(random.data(), m);
+    for (int64_t i = 0; i < m; ++i) {
+      double x = double(values[start + i]);
+      if (!std::isfinite(x))
+        throw Error("secure aggregation, " + site_name(s.index) + ": value " +
+                    std::to_string(start + i) + " is not finite");
+      x = std::clamp(x, -c.clip, c.clip);
+      const double v = (x + c.clip) / (2 * c.clip) * levels;
+      double q = std::floor(v);
+      if (double(random[size_t(i)] >> 11) * 0x1.0p-53 < v - q) q += 1;  // stochastic: unbiased
+      out.values[size_t(start + i)] = uint64_t(std::min(q, levels)) * weight;
+    }
   }
   out.values[size_t(c.length)] = weight;
   const int64_t n = c.length + 1;
-  apply_mask(out.values.data(), n, s.self_seed, false);
+  apply_mask(out.values.data(), n, s.self_seed, false, mask_word_bytes(c));
   for (const auto& [v, advert] : s.keys) {
     if (index_of(s.sharing, v) < 0) continue;  // v did not share keys: no mask with it
     const bool lo = s.index < v;
     const Bytes32 seed = pair_seed(s.mask_sk, advert.mask_pk, lo ? s.mask_pk : advert.mask_pk,
                                    lo ? advert.mask_pk : s.mask_pk);
-    apply_mask(out.values.data(), n, seed, !lo);
+    apply_mask(out.values.data(), n, seed, !lo, mask_word_bytes(c));
   }
   const uint64_t m = modulus_mask(c.modulus_bits);
   for (auto& y : out.values) y &= m;
@@ -683,7 +714,7 @@ Aggregate Coordinator::finish() {
   // Remove every survivor's self mask.
   for (uint32_t u : s.survivors) {
     Bytes32 b = rebuild(u, "self-mask seed");
-    apply_mask(s.sum.data(), int64_t(n), b, true);
+    apply_mask(s.sum.data(), int64_t(n), b, true, mask_word_bytes(c));
     sodium_memzero(b.data(), 32);
   }
   // Remove the pairwise masks the survivors shared with a site that dropped after sharing keys.
@@ -703,7 +734,7 @@ Aggregate Coordinator::finish() {
       const bool v_lo = v < u;  // v added +PRG(s_uv) when v < u, -PRG otherwise
       const Bytes32 seed = pair_seed(sk, other.mask_pk, v_lo ? other.mask_pk : adv.mask_pk,
                                      v_lo ? adv.mask_pk : other.mask_pk);
-      apply_mask(s.sum.data(), int64_t(n), seed, v_lo);
+      apply_mask(s.sum.data(), int64_t(n), seed, v_lo, mask_word_bytes(c));
     }
     sodium_memzero(sk.data(), 32);
     out.recovered.push_back(u);

@@ -132,6 +132,12 @@ TEST(SecAgg, MaskedSumEqualsPlainSumWithinQuantizationError) {
   EXPECT_LE(max_abs_diff(rw.aggregate.weighted_sum, wexp), quantization_error_bound(w, 1384));
   const auto mean = rw.aggregate.mean();
   EXPECT_NEAR(mean[17], wexp[17] / 1384.0, quantization_error_bound(w, 1384) / 1384.0);
+  // 8-byte mask words with a modulus of 2^64: the same sum within the same bound.
+  Config w64 = w;
+  w64.modulus_bits = 64;
+  const Round r64 = run_round(w64, x, weights, 8);
+  EXPECT_LE(max_abs_diff(r64.aggregate.weighted_sum, wexp), quantization_error_bound(w, 1384));
+  EXPECT_NE(r64.uploads[0].values, rw.uploads[0].values);
 }
 
 TEST(SecAgg, AMaskedUploadIsUncorrelatedWithItsUpdate) {

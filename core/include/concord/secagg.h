@@ -66,8 +66,9 @@ struct Config {
   // naming the values otherwise.
   void check() const;
   uint32_t degree() const { return neighbours >= sites - 1 ? sites - 1 : neighbours; }
-  // Sensible defaults for n sites: k = n - 1 up to 10 sites, else the even number near
-  // 2 log2(n) + 2 (Bell et al.: O(log n)); t = k / 2 + 1.
+  // Sensible defaults for n sites: k = n - 1 up to 11 sites, else the even number near
+  // 2 log2(n) + 2 (Bell et al.: O(log n)); t = k / 2 + 1; 16-bit quantization, max_weight 1,
+  // modulus 2^32 (masks and uploads in 4-byte words; with a modulus above 2^32 they take 8).
   static Config defaults(uint32_t sites, int64_t length, uint64_t graph_seed);
 };
 
