@@ -335,6 +335,42 @@ std::vector<double> Aggregate::mean() const {
   return out;
 }
 
+std::vector<float> flatten_delta(const NamedArrays& update, const NamedArrays& global) {
+  std::vector<float> out;
+  for (const auto& [name, a] : update) {
+    if (a.dtype() != DType::F32) continue;
+    auto it = global.find(name);
+    if (it == global.end() || it->second.dtype() != DType::F32 || it->second.numel() != a.numel())
+      throw Error("secure aggregation: update entry '" + name +
+                  "' has no float32 global value of the same size");
+    const float* x = a.data<float>();
+    const float* x0 = it->second.data<float>();
+    for (int64_t k = 0; k < a.numel(); ++k) out.push_back(x[k] - x0[k]);
+  }
+  return out;
+}
+
+NamedArrays apply_delta(const NamedArrays& global, const std::vector<double>& delta) {
+  NamedArrays out;
+  size_t pos = 0;
+  for (const auto& [name, g] : global) {
+    Array a = g.clone();
+    if (a.dtype() == DType::F32) {
+      if (delta.size() - pos < size_t(a.numel()))
+        throw Error("secure aggregation: " + std::to_string(delta.size()) +
+                    " delta values do not cover the global state's float32 entries (short at '" +
+                    name + "')");
+      float* x = a.data<float>();
+      for (int64_t k = 0; k < a.numel(); ++k) x[k] = float(double(x[k]) + delta[pos++]);
+    }
+    out[name] = std::move(a);
+  }
+  if (pos != delta.size())
+    throw Error("secure aggregation: " + std::to_string(delta.size()) + " delta values for " +
+                std::to_string(pos) + " float32 values in the global state");
+  return out;
+}
+
 // ---- Site -----------------------------------------------------------------------------------
 
 struct Site::State {

@@ -348,3 +348,32 @@ TEST(SecAgg, UntrustedMessagesAreRefused) {
   sites[3].masked_input(d3, v.data(), 10, 1);
   EXPECT_THROW(sites[3].unmask({{0, 1, 2, 3}, {2}}), Error);
 }
+
+TEST(SecAgg, ModelStatesGoThroughAsDeltas) {
+  NamedArrays global{{"a.weight", Array::from(std::vector<float>{1, 2, 3})},
+                     {"b.bias", Array::from(std::vector<float>{-1})},
+                     {"bn.num_batches_tracked", Array::from(std::vector<int64_t>{7})}};
+  // Three sites' updates: global + small deltas.
+  const Config c = Config::defaults(3, 4, 1);
+  std::vector<std::vector<float>> deltas;
+  std::vector<double> mean(4, 0.0);
+  for (int u = 0; u < 3; ++u) {
+    NamedArrays up{
+        {"a.weight", Array::from(std::vector<float>{1.0f + 0.1f * float(u + 1), 2, 3.5f})},
+        {"b.bias", Array::from(std::vector<float>{-1.25f})},
+        {"bn.num_batches_tracked", Array::from(std::vector<int64_t>{9})}};
+    deltas.push_back(flatten_delta(up, global));
+    ASSERT_EQ(deltas.back().size(), 4u);  // the int64 counter is left out
+    for (size_t j = 0; j < 4; ++j) mean[j] += deltas.back()[j] / 3.0;
+  }
+  const Round r = run_round(c, deltas, {1, 1, 1}, 5);
+  const NamedArrays next = apply_delta(global, r.aggregate.mean());
+  const double tol = quantization_error_bound(c, 3) / 3 + 1e-6;
+  EXPECT_NEAR(next.at("a.weight").data<float>()[0], 1 + mean[0], tol);
+  EXPECT_NEAR(next.at("a.weight").data<float>()[2], 3 + mean[2], tol);
+  EXPECT_NEAR(next.at("b.bias").data<float>()[0], -1.25, tol);
+  EXPECT_EQ(next.at("bn.num_batches_tracked").data<int64_t>()[0], 7);
+  EXPECT_THROW(apply_delta(global, {0.0, 0.0}), Error);
+  NamedArrays other{{"c", Array::from(std::vector<float>{1})}};
+  EXPECT_THROW(flatten_delta(other, global), Error);
+}

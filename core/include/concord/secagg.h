@@ -30,6 +30,7 @@
 // simulation_secret() (derived from the pipeline seed, hence NOT secret) for reproducible runs.
 #pragma once
 
+#include <concord/array.h>
 #include <concord/error.h>
 
 #include <array>
@@ -142,6 +143,17 @@ struct Aggregate {
   std::vector<uint32_t> recovered;   // dropped after sharing keys, masks removed via shares
   std::vector<double> mean() const;  // weighted_sum / total_weight (Error when 0)
 };
+
+// ---- between model states and masked vectors ------------------------------------------------
+
+// The float32 entries of (update - global) in name order, as one vector: what a site masks. Mask
+// deltas, not weights: they are small, and DP clipping to L2 norm C bounds every coordinate by C
+// (so Config::clip = C loses nothing). An entry missing from `global` or of another size is an
+// Error naming it. Other dtypes are left out (they cannot be summed securely here).
+std::vector<float> flatten_delta(const NamedArrays& update, const NamedArrays& global);
+// global + delta: the float32 entries of `global` (in name order) advanced by `delta` (e.g.
+// Aggregate::mean()), the others copied unchanged. Error unless the sizes match.
+NamedArrays apply_delta(const NamedArrays& global, const std::vector<double>& delta);
 
 // ---- state machines -------------------------------------------------------------------------
 
