@@ -120,8 +120,7 @@ int main(int argc, char** argv) {
     std::vector<std::vector<float>> x(n, std::vector<float>(size_t(params)));
     for (auto& v : x)
       for (auto& e : v) e = float(rng.uniform(-0.5, 0.5));
-    Config c = Config::defaults(n, params, 7);
-    c.max_weight = 1000;  // weights 1 + u, as in the plain sum
+    const Config c = Config::defaults(n, params, 7, 1000);  // weights 1 + u, as in the plain sum
     double plain = 1e300;
     std::vector<double> sum(static_cast<size_t>(params));
     for (int r = 0; r < 10 * reps; ++r) {  // cheap and noisy: more repetitions

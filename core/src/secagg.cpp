@@ -279,11 +279,12 @@ void Config::check() const {
          std::to_string(modulus_bits) + ": the sum would wrap around");
 }
 
-Config Config::defaults(uint32_t sites, int64_t length, uint64_t graph_seed) {
+Config Config::defaults(uint32_t sites, int64_t length, uint64_t graph_seed, uint64_t max_weight) {
   Config c;
   c.sites = sites;
   c.length = length;
   c.graph_seed = graph_seed;
+  c.max_weight = max_weight;
   if (sites <= 11) {
     c.neighbours = sites - 1;
   } else {
@@ -292,10 +293,10 @@ Config Config::defaults(uint32_t sites, int64_t length, uint64_t graph_seed) {
     c.neighbours = std::min(k, sites - 1);
   }
   c.threshold = c.degree() / 2 + 1;
-  // 32-bit words when n * (2^16 - 1) fits (up to 65536 sites at weight 1): half the keystream
-  // and upload of 64-bit words. A larger max_weight may need modulus_bits = 64 (check() says).
-  c.modulus_bits = 32;
-  if (sites > 65536) c.modulus_bits = 64;
+  // 32-bit words when n * max_weight * (2^16 - 1) fits: half the keystream and upload of 64-bit
+  // words.
+  const unsigned __int128 largest = (unsigned __int128)sites * max_weight * 65535u;
+  c.modulus_bits = largest < ((unsigned __int128)1 << 32) ? 32 : 64;
   return c;
 }
 

@@ -297,6 +297,11 @@ TEST(SecAgg, ConfigurationIsCheckedIncludingOverflow) {
       << message(c);
   c.modulus_bits = 40;
   EXPECT_EQ(message(c), "");
+  // The defaults pick the modulus the weights need.
+  EXPECT_EQ(Config::defaults(32, 10, 1).modulus_bits, 32u);
+  EXPECT_EQ(Config::defaults(32, 10, 1, 2000).modulus_bits, 32u);  // 32 * 2000 * 65535 < 2^32
+  EXPECT_EQ(Config::defaults(32, 10, 1, 100000).modulus_bits, 64u);
+  EXPECT_EQ(message(Config::defaults(32, 10, 1, 100000)), "");
   c.neighbours = 5;  // odd and below n - 1
   EXPECT_NE(message(c).find("even"), std::string::npos);
   c.neighbours = 6;

@@ -68,9 +68,11 @@ struct Config {
   void check() const;
   uint32_t degree() const { return neighbours >= sites - 1 ? sites - 1 : neighbours; }
   // Sensible defaults for n sites: k = n - 1 up to 11 sites, else the even number near
-  // 2 log2(n) + 2 (Bell et al.: O(log n)); t = k / 2 + 1; 16-bit quantization, max_weight 1,
-  // modulus 2^32 (masks and uploads in 4-byte words; with a modulus above 2^32 they take 8).
-  static Config defaults(uint32_t sites, int64_t length, uint64_t graph_seed);
+  // 2 log2(n) + 2 (Bell et al.: O(log n)); t = k / 2 + 1; clip 1, 16-bit quantization; modulus
+  // 2^32 when n * max_weight * (2^16 - 1) fits below it (masks and uploads in 4-byte words),
+  // else 2^64 (8-byte words). check() may still refuse a max_weight too large for 2^64.
+  static Config defaults(uint32_t sites, int64_t length, uint64_t graph_seed,
+                         uint64_t max_weight = 1);
 };
 
 // The neighbour lists (sorted) of the k-regular graph that `config` describes.
