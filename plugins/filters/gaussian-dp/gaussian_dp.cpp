@@ -1,13 +1,13 @@
 // gaussian-dp: the client-side Gaussian mechanism of DP-FedAvg (McMahan et al., ICLR 2018;
 // Geyer et al., 2017). Δ = update − global over the included float32 entries, taken as one
 // vector; Δ' = Δ · min(1, C / ‖Δ‖₂) + N(0, (z C)² I); the site uploads global + Δ'.
+// The clipping and the noise are concord::dp::clip_update and add_gaussian_noise (dp_mechanism.h).
 // No privacy accounting is done here: see README.md for what this does and does not give.
+#include <concord/dp_mechanism.h>
 #include <concord/filter.h>
 
 #include <spdlog/spdlog.h>
 
-#include <algorithm>
-#include <cmath>
 #include <set>
 
 #include "filtering.h"
@@ -26,40 +26,27 @@ class GaussianDp : public Filter {
         exclude_leaves_(leaves(args)) {}
 
   void apply(NamedArrays& update, const NamedArrays& global, FilterContext& ctx) override {
-    // The included entries and their global values; everything else passes through untouched.
-    std::vector<std::pair<Array*, const Array*>> entries;
-    for (auto& [name, a] : update)
-      if (a.dtype() == DType::F32 && !excluded(name))
-        entries.push_back({&a, &filtering::global_of(kName, ctx, global, name, a)});
-    if (entries.empty())
+    // The included entries, checked against their global values (errors name plugin, site,
+    // round); everything else passes through untouched.
+    const dp::EntrySelector select = [this](const std::string& name, const Array& a) {
+      return a.dtype() == DType::F32 && !excluded(name);
+    };
+    size_t included = 0;
+    for (const auto& [name, a] : update)
+      if (select(name, a)) {
+        filtering::global_of(kName, ctx, global, name, a);
+        ++included;
+      }
+    if (included == 0)
       throw Error(filtering::where(kName, ctx) +
                   ": no float32 entry left to privatise after the exclusions");
+    auto& rng = filtering::rng_of(kName, ctx);  // before anything changes
 
-    double norm2 = 0;
-    for (const auto& [u, g] : entries) {
-      const float* x = u->data<float>();
-      const float* x0 = g->data<float>();
-      for (int64_t k = 0; k < u->numel(); ++k) {
-        const double d = double(x[k]) - double(x0[k]);
-        norm2 += d * d;
-      }
-    }
-    const double norm = std::sqrt(norm2);
-    const double scale = norm > clip_ ? clip_ / norm : 1.0;
+    const double norm = dp::clip_update(update, global, clip_, select);
     const double sigma = noise_multiplier_ * clip_;
     spdlog::debug("{}: ‖Δ‖₂ = {:.6g}, scaled by {:.6g}, noise σ = {:.6g}",
-                  filtering::where(kName, ctx), norm, scale, sigma);
-
-    filtering::StandardNormal normal(filtering::rng_of(kName, ctx));
-    for (auto& [u, g] : entries) {
-      float* x = u->data<float>();
-      const float* x0 = g->data<float>();
-      for (int64_t k = 0; k < u->numel(); ++k) {
-        double d = (double(x[k]) - double(x0[k])) * scale;
-        if (sigma > 0) d += sigma * normal();
-        x[k] = float(double(x0[k]) + d);
-      }
-    }
+                  filtering::where(kName, ctx), norm, norm > clip_ ? clip_ / norm : 1.0, sigma);
+    dp::add_gaussian_noise(update, sigma, rng, select);
   }
 
  private:
