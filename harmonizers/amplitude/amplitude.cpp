@@ -466,7 +466,7 @@ class Amplitude : public Harmonizer {
     const std::string& mode = args.str("mode");
     mode_ = mode == "normalize" ? Mode::Normalize : mode == "swap" ? Mode::Swap : Mode::Interpolate;
     beta_ = args.has("beta")             ? args.real("beta")
-            : mode_ == Mode::Normalize   ? 1.0
+            : mode_ == Mode::Normalize   ? 0.01
             : mode_ == Mode::Interpolate ? 0.1
                                          : 0.01;
     lambda_ = float(args.real("lambda"));
@@ -849,7 +849,8 @@ CONCORD_PLUGIN("concord-harmonizer-amplitude", "0.1.0") {
                "beta", 1.0,
                "band: half-width b = floor(min(size) * beta) of the centred "
                "low-frequency window |k_d| <= b; 0 = DC only, 1 = every bin (whole spectrum) "
-               "(default by mode: normalize 1, interpolate 0.1, swap 0.01)")
+               "(default by mode: normalize 0.01, interpolate 0.1, swap 0.01; "
+               "docs/results-harmonization-eval.md)")
                .range(0, 1)
                .not_required(),
            ArgSpec::real("lambda", 1.0,
