@@ -129,6 +129,16 @@ json measure(const Federation& harmonized, const Federation& before) {
       throw Error(
           "harmonize evaluate: every site needs the same, non-zero number of test "
           "subjects (brainsim same_test_subjects)");
+  // Test sample i must be one subject at every site: its neutral renderings are identical.
+  for (size_t i = 0; i < subjects; ++i)
+    for (const auto& s : sites) {
+      const auto& r0 = sites.front().test[i].reference;
+      const auto& r = s.test[i].reference;
+      if (!r0 || !r || r0->data != r->data)
+        throw Error("harmonize evaluate: test sample " + std::to_string(i) + " of site '" + s.name +
+                    "' is not the same subject as at the other sites, or has no neutral "
+                    "rendering (keep data.dataset.args.same_test_subjects: true)");
+    }
   // Cross-site agreement, in units of the row's pooled robust range mapped to [0, 1].
   std::vector<const Image*> all;
   for (const auto& s : sites)
@@ -153,8 +163,6 @@ json measure(const Federation& harmonized, const Federation& before) {
   for (size_t s = 0; s < sites.size(); ++s)
     for (size_t i = 0; i < subjects; ++i, ++images) {
       const Sample& t = sites[s].test[i];
-      if (!t.reference)
-        throw Error("harmonize evaluate: test sample '" + t.id + "' has no neutral rendering");
       const Image fitted = apply_linear(t.image, fit_linear(t.image, *t.reference));
       ssim_f += ssim(fitted, *t.reference, 1.0);
       psnr_f += capped_psnr(psnr(fitted, *t.reference, 1.0));

@@ -110,3 +110,18 @@ TEST(HarmonizeEvaluate, SmallBrainsimRunWritesAFiniteTable) {
   EXPECT_LT(amp["cross_site"]["mae"].get<double>(), none["cross_site"]["mae"].get<double>());
   fs::remove_all(dir);
 }
+
+TEST(HarmonizeEvaluate, RefusesSitesWithoutTheSameSubjects) {
+  if (!fs::exists("/usr/share/mricron/templates/ch2bet.nii.gz"))
+    GTEST_SKIP() << "mricron-data absent (scripts/bootstrap)";
+  std::string text;
+  const int rc = testkit::run_command(
+      testkit::concord_exe() +
+          " harmonize evaluate --no-progress --row none=none"
+          " --set data.dataset.args.sites=2 --set data.dataset.args.size=32"
+          " --set data.dataset.args.train_per_site=4 --set data.dataset.args.test_per_site=2"
+          " --set data.dataset.args.same_test_subjects=false",
+      &text);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(text.find("same_test_subjects"), std::string::npos) << text;
+}
