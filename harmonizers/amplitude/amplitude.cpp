@@ -16,6 +16,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -515,7 +516,9 @@ class Amplitude : public Harmonizer {
   Stats fit_site(const ImageSource& images) override {
     // Sum of per-voxel amplitudes per image shape, in double.
     std::map<Grid, std::pair<std::vector<double>, int64_t>> groups;
-    std::vector<Grid> order;  // first-seen order, for a deterministic tie break
+    std::vector<Grid> order;                    // first-seen order, for a deterministic tie break
+    std::vector<std::array<double, 3>> fields;  // per shape: size x spacing of its first image
+    bool spacing_known = false;
     int channels = -1, dim = -1;
     images([&](const Image& im) {
       const Grid g = grid_of(im, who_ + " fit");
@@ -527,12 +530,16 @@ class Amplitude : public Harmonizer {
       if (fresh) {
         it->second.first.assign(size_t(g.channels * g.half()), 0.0);
         order.push_back(g);
+        const auto& sp = im.geometry.spacing;
+        fields.push_back({double(g.nx) * sp[0], double(g.ny) * sp[1], double(g.nz) * sp[2]});
+        spacing_known = spacing_known || sp != std::array<double, 3>{1, 1, 1};
       }
       accumulate(im, g, it->second.first.data());
       ++it->second.second;
     });
     Stats out;
     if (groups.empty()) return out;  // a site without images: weight 0, ignored by combine
+    warn_if_fields_differ(order, fields, spacing_known);
     // The site's grid: the smallest size on each axis over its image shapes (common_grid).
     Grid best = order.front();
     for (const Grid& g : order) best = common_grid(best, g);
@@ -700,6 +707,28 @@ class Amplitude : public Harmonizer {
   std::vector<std::shared_ptr<Reference>> references_;
   std::vector<std::string> reference_names_;
   bool ready_ = false;
+
+  // Spectra of different sizes are compared in cycles per image, which assumes one field of
+  // view at different resolutions (README). When the images carry a voxel spacing and their
+  // fields of view differ by more than 10%, that assumption is wrong: say so.
+  void warn_if_fields_differ(const std::vector<Grid>& shapes,
+                             const std::vector<std::array<double, 3>>& fields,
+                             bool spacing_known) const {
+    if (!spacing_known) return;
+    for (size_t i = 1; i < shapes.size(); ++i)
+      for (int d = 0; d < 3; ++d) {
+        const double a = fields[0][size_t(d)], b = fields[i][size_t(d)];
+        if (std::abs(a - b) > 0.1 * std::max(a, b)) {
+          spdlog::warn(
+              "{} fit: images of {} and {} cover different fields of view ({:.1f} vs {:.1f} "
+              "along axis {}); amplitude compares spectra of different sizes at the same "
+              "frequency in cycles per image, which assumes one field of view at different "
+              "resolutions: resample the images to one field of view first",
+              who_, shapes[0].str(), shapes[i].str(), a, b, "xyz"[d]);
+          return;
+        }
+      }
+  }
 
   void require_ready() const {
     if (!ready_)

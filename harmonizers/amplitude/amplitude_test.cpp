@@ -2,6 +2,8 @@
 // make_fixtures.py), a naive DFT, hand-computed statistics and real multi-site prostate MRI.
 #include <concord/harmonizer.h>
 
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <spdlog/spdlog.h>
 #include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
@@ -985,4 +987,34 @@ TEST(Amplitude, RealProstateAtTwoSizesSiteShiftFalls) {
     std::cout << "beta " << beta << ": site W1 " << before << " -> " << after << "\n";
     EXPECT_LT(after, 0.8 * before) << "beta " << beta;
   }
+}
+
+TEST(Amplitude, WarnsWhenImagesOfDifferentSizesCoverDifferentFieldsOfView) {
+  // Sizes are compared as one field of view at two resolutions. With a voxel spacing that says
+  // otherwise (64 x 0.5 mm against 32 x 2 mm), the fit says so; a matching spacing (32 x 1 mm)
+  // is silent, and so are images without one (PNG: spacing 1).
+  auto sink = std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(16);
+  auto logger = std::make_shared<spdlog::logger>("capture", sink);
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(logger);
+  auto warnings = [&](double small_spacing) {
+    Image big = scene(0, 64), small = scene(0, 32);
+    big.geometry.spacing = {0.5, 0.5, 1};
+    small.geometry.spacing = {small_spacing, small_spacing, 1};
+    auto h = make();
+    const size_t before = sink->last_formatted().size();
+    h->fit_site(source({big, small}));
+    return sink->last_formatted().size() - before;
+  };
+  const size_t differ = warnings(2.0);
+  const size_t same = warnings(1.0);
+  auto h = make();  // no spacing at all: silent
+  h->fit_site(source({scene(0, 64), scene(0, 32)}));
+  const size_t total = sink->last_formatted().size();
+  spdlog::set_default_logger(previous);
+  EXPECT_EQ(differ, 1u);
+  EXPECT_EQ(same, 0u);
+  EXPECT_EQ(total, 1u);
+  ASSERT_FALSE(sink->last_formatted().empty());
+  EXPECT_NE(sink->last_formatted().front().find("fields of view"), std::string::npos);
 }
