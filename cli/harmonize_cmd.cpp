@@ -17,6 +17,7 @@
 
 #include <concord/pipeline.h>
 #include "harmonize_common.h"
+#include "harmonize_evaluate.h"
 #include "harmonize_inputs.h"
 #include "harmonize_report.h"
 #include "harmonize_sites.h"
@@ -808,6 +809,7 @@ void add_harmonize_command(CLI::App& app, Globals& g) {
                         "JSON report: counts, failures, site shift before/after");
   add_common(apply_cmd, *apply_opts);
   apply_cmd->callback([&g, apply_opts] { run_apply(g, *apply_opts); });
+  add_harmonize_evaluate(*sub, g);
 }
 
 }  // namespace concord::cli

@@ -16,6 +16,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -84,7 +85,8 @@ Grid grid_of(const Image& im, const std::string& who) {
 // Half-width b of the centred low-frequency window: floor(min(sizes) * beta), over the axes
 // of size > 1 (a 1-voxel axis has only its DC bin). beta = 1 is the whole spectrum whatever the
 // aspect ratio: b = max(sizes) / 2 (floor(min * 1) would leave out the high frequencies of an
-// axis more than twice as long as the shortest).
+// axis more than twice as long as the shortest). `g` is the reference's grid, so that images of
+// every size get the same band in cycles per image.
 int64_t band_halfwidth(const Grid& g, double beta) {
   if (beta >= 1) return std::max({g.nx / 2, g.ny / 2, g.nz / 2});
   int64_t m = std::numeric_limits<int64_t>::max();
@@ -94,9 +96,19 @@ int64_t band_halfwidth(const Grid& g, double beta) {
   return int64_t(std::floor(double(m) * beta));
 }
 
-// True when the window |k_d| <= b holds every bin of the grid.
-bool band_is_whole(const Grid& g, int64_t b) {
-  return b >= std::max({g.nx / 2, g.ny / 2, g.nz / 2});
+// The band on one image, per axis: |k_d| <= b_d with b_d = min(b, the reference grid's highest
+// frequency n_ref/2, the image's n/2). Frequencies above the reference's (an image larger than
+// the grid the spectra were fitted on) are never changed: the reference knows nothing there.
+struct Band {
+  int64_t x = 0, y = 0, z = 0;
+  bool dc_only() const { return x == 0 && y == 0 && z == 0; }
+  // True when the window holds every bin of the image grid g.
+  bool whole(const Grid& g) const { return x >= g.nx / 2 && y >= g.ny / 2 && z >= g.nz / 2; }
+};
+Band band_of(const Grid& image, const Grid& ref, double beta) {
+  const int64_t b = band_halfwidth(ref, beta);
+  return {std::min({b, ref.nx / 2, image.nx / 2}), std::min({b, ref.ny / 2, image.ny / 2}),
+          std::min({b, ref.nz / 2, image.nz / 2})};
 }
 
 // Indices i of an axis of size n whose signed frequency k (numpy.fft.fftfreq * n) has |k| <= b.
@@ -260,31 +272,53 @@ struct Spectrum {
   }
 };
 
-// Linear interpolation weights of one target axis: target index -> two source indices.
+// Spectra of images of different sizes are compared at the same frequency in cycles per image
+// (bin k of an n-voxel axis, whatever n): images of one field of view at different resolutions
+// (X-rays of 640 and 1024 pixels, ROI crops resized) then have the same per-voxel amplitude
+// a(k) = |X(k)| / N ~ |G(k)|, the continuous image's Fourier coefficient. (Comparing at the same
+// k / n instead, as before, laid the steep low-frequency spectrum of one size onto other bins
+// of the other: it raised the site shift it should lower on real data.)
+//
+// The common grid of several spectra: the smallest size on each axis, so that every spectrum
+// holds every bin of it (no frequency is invented above a spectrum's Nyquist).
+Grid common_grid(const Grid& a, const Grid& b) {
+  Grid g = a;
+  g.nx = std::min(a.nx, b.nx);
+  g.ny = std::min(a.ny, b.ny);
+  g.nz = std::min(a.nz, b.nz);
+  return g;
+}
+
+// Where one target axis reads the source: per target index, the source frequencies and their
+// weights. Bin k reads bin k; none above the source's highest frequency |k| > n_source / 2. The
+// Nyquist bin of an even target (|k| = n / 2 stands for +k and -k at once) averages the
+// source's +k and -k when the source holds them apart, which keeps the target Hermitian.
 struct AxisMap {
-  std::vector<int64_t> i0;
-  std::vector<double> t;  // weight of i0 + 1
+  std::vector<std::vector<std::pair<int64_t, double>>> from;
 };
 AxisMap axis_map(int64_t n_target, int64_t count, int64_t n_source, bool half_axis) {
   AxisMap m;
+  m.from.resize(size_t(count));
   for (int64_t i = 0; i < count; ++i) {
     const int64_t k = half_axis ? i : signed_freq(i, n_target);
-    const double p = double(k) * double(n_source) / double(n_target);
-    const double f = std::floor(p);
-    m.i0.push_back(int64_t(f));
-    m.t.push_back(p - f);
+    if (std::abs(k) > n_source / 2) continue;
+    const bool nyquist = n_target % 2 == 0 && std::abs(k) == n_target / 2;
+    const bool apart = nyquist && std::abs(k) <= (n_source - 1) / 2;
+    if (apart)
+      m.from[size_t(i)] = {{k, 0.5}, {-k, 0.5}};
+    else
+      m.from[size_t(i)] = {{k, 1.0}};
   }
   return m;
 }
 
-// Resamples a spectrum onto another grid: same normalized frequency k_d / n_d, periodic
-// multilinear interpolation of the per-voxel amplitude (exact identity on the same grid).
+// The spectrum on another grid (axis_map on each axis); the identity on the same grid.
 Spectrum resample(const Spectrum& s, const Grid& target) {
   if (s.grid == target) return s;
   Spectrum out;
   out.grid = target;
   const Grid& t = target;
-  out.a.resize(size_t(t.channels * t.half()));
+  out.a.assign(size_t(t.channels * t.half()), 0.0f);
   const AxisMap mz = axis_map(t.nz, t.nz, s.grid.nz, false);
   const AxisMap my = axis_map(t.ny, t.ny, s.grid.ny, false);
   const AxisMap mx = axis_map(t.nx, t.nxh(), s.grid.nx, true);
@@ -292,22 +326,13 @@ Spectrum resample(const Spectrum& s, const Grid& target) {
   for (int c = 0; c < t.channels; ++c)
     for (int64_t z = 0; z < t.nz; ++z)
       for (int64_t y = 0; y < t.ny; ++y)
-        for (int64_t x = 0; x < t.nxh(); ++x) {
+        for (int64_t x = 0; x < t.nxh(); ++x, ++o) {
           double v = 0;
-          for (int dz = 0; dz < 2; ++dz) {
-            const double wz = dz ? mz.t[z] : 1 - mz.t[z];
-            if (wz == 0) continue;
-            for (int dy = 0; dy < 2; ++dy) {
-              const double wy = dy ? my.t[y] : 1 - my.t[y];
-              if (wy == 0) continue;
-              for (int dx = 0; dx < 2; ++dx) {
-                const double wx = dx ? mx.t[x] : 1 - mx.t[x];
-                if (wx == 0) continue;
-                v += wz * wy * wx * s.at(c, mz.i0[z] + dz, my.i0[y] + dy, mx.i0[x] + dx);
-              }
-            }
-          }
-          out.a[o++] = float(v);
+          for (const auto& [kz, wz] : mz.from[size_t(z)])
+            for (const auto& [ky, wy] : my.from[size_t(y)])
+              for (const auto& [kx, wx] : mx.from[size_t(x)])
+                v += wz * wy * wx * s.at(c, kz, ky, kx);
+          out.a[o] = float(v);
         }
   return out;
 }
@@ -442,7 +467,7 @@ class Amplitude : public Harmonizer {
     const std::string& mode = args.str("mode");
     mode_ = mode == "normalize" ? Mode::Normalize : mode == "swap" ? Mode::Swap : Mode::Interpolate;
     beta_ = args.has("beta")             ? args.real("beta")
-            : mode_ == Mode::Normalize   ? 1.0
+            : mode_ == Mode::Normalize   ? 0.01
             : mode_ == Mode::Interpolate ? 0.1
                                          : 0.01;
     lambda_ = float(args.real("lambda"));
@@ -491,7 +516,9 @@ class Amplitude : public Harmonizer {
   Stats fit_site(const ImageSource& images) override {
     // Sum of per-voxel amplitudes per image shape, in double.
     std::map<Grid, std::pair<std::vector<double>, int64_t>> groups;
-    std::vector<Grid> order;  // first-seen order, for a deterministic tie break
+    std::vector<Grid> order;                    // first-seen order, for a deterministic tie break
+    std::vector<std::array<double, 3>> fields;  // per shape: size x spacing of its first image
+    bool spacing_known = false;
     int channels = -1, dim = -1;
     images([&](const Image& im) {
       const Grid g = grid_of(im, who_ + " fit");
@@ -503,18 +530,19 @@ class Amplitude : public Harmonizer {
       if (fresh) {
         it->second.first.assign(size_t(g.channels * g.half()), 0.0);
         order.push_back(g);
+        const auto& sp = im.geometry.spacing;
+        fields.push_back({double(g.nx) * sp[0], double(g.ny) * sp[1], double(g.nz) * sp[2]});
+        spacing_known = spacing_known || sp != std::array<double, 3>{1, 1, 1};
       }
       accumulate(im, g, it->second.first.data());
       ++it->second.second;
     });
     Stats out;
     if (groups.empty()) return out;  // a site without images: weight 0, ignored by combine
-    // The site's grid: its most frequent image shape (ties: more voxels, then first seen).
+    warn_if_fields_differ(order, fields, spacing_known);
+    // The site's grid: the smallest size on each axis over its image shapes (common_grid).
     Grid best = order.front();
-    for (const Grid& g : order) {
-      const int64_t n = groups[g].second, nb = groups[best].second;
-      if (n > nb || (n == nb && g.voxels() > best.voxels())) best = g;
-    }
+    for (const Grid& g : order) best = common_grid(best, g);
     std::vector<double> mean(size_t(best.channels * best.half()), 0.0);
     int64_t total = 0;
     for (const Grid& g : order) {
@@ -572,16 +600,14 @@ class Amplitude : public Harmonizer {
     }
     if (means.empty())
       throw Error(who_ + " combine: no site contributed any image to the amplitude statistics");
-    // The common grid: that of the heaviest part (ties: more voxels, then the first).
+    // The common grid: the smallest size on each axis over the parts (common_grid).
     Grid grid = means.front().mean.grid;
-    double best = means.front().weight;
     for (const Part& p : means) {
       const Grid& g = p.mean.grid;
       if (g.dim != grid.dim || g.channels != grid.channels)
         throw Error(who_ + " combine: statistics of grids " + g.str() + " and " + grid.str() +
                     " cannot be combined (dimension or channel count differ)");
-      if (p.weight > best || (p.weight == best && g.voxels() > grid.voxels()))
-        grid = g, best = p.weight;
+      grid = common_grid(grid, g);
     }
     for (const auto& [name, p] : sites)
       if (p.mean.grid.dim != grid.dim || p.mean.grid.channels != grid.channels)
@@ -682,6 +708,28 @@ class Amplitude : public Harmonizer {
   std::vector<std::string> reference_names_;
   bool ready_ = false;
 
+  // Spectra of different sizes are compared in cycles per image, which assumes one field of
+  // view at different resolutions (README). When the images carry a voxel spacing and their
+  // fields of view differ by more than 10%, that assumption is wrong: say so.
+  void warn_if_fields_differ(const std::vector<Grid>& shapes,
+                             const std::vector<std::array<double, 3>>& fields,
+                             bool spacing_known) const {
+    if (!spacing_known) return;
+    for (size_t i = 1; i < shapes.size(); ++i)
+      for (int d = 0; d < 3; ++d) {
+        const double a = fields[0][size_t(d)], b = fields[i][size_t(d)];
+        if (std::abs(a - b) > 0.1 * std::max(a, b)) {
+          spdlog::warn(
+              "{} fit: images of {} and {} cover different fields of view ({:.1f} vs {:.1f} "
+              "along axis {}); amplitude compares spectra of different sizes at the same "
+              "frequency in cycles per image, which assumes one field of view at different "
+              "resolutions: resample the images to one field of view first",
+              who_, shapes[0].str(), shapes[i].str(), a, b, "xyz"[d]);
+          return;
+        }
+      }
+  }
+
   void require_ready() const {
     if (!ready_)
       throw Error(who_ + ": no statistics: run the fit phase (set_statistics) before apply");
@@ -728,7 +776,7 @@ class Amplitude : public Harmonizer {
   void transform(Image& image, const Reference& ref, float lam) const {
     const Grid g = grid_of(image, who_);
     const auto rn = scaled_reference(ref, g);
-    const int64_t b = band_halfwidth(g, beta_);
+    const Band b = band_of(g, ref.spectrum.grid, beta_);
     const int64_t n = g.voxels(), h = g.half();
     const float keep = 1.0f - lam;
     for (int c = 0; c < g.channels; ++c) {
@@ -739,7 +787,7 @@ class Amplitude : public Harmonizer {
         auto [mn, mx] = std::minmax_element(x, x + n);
         lo = *mn, hi = *mx;
       }
-      if (b == 0 && dc_fast_path_) {
+      if (b.dc_only() && dc_fast_path_) {
         // Only the DC bin X(0) = sum(x) changes: shift every voxel by (X'(0) - X(0)) / N.
         double sum = 0;
         for (int64_t i = 0; i < n; ++i) sum += x[i];
@@ -767,7 +815,7 @@ class Amplitude : public Harmonizer {
       // The inverse transform's 1/N: folded into the mix when it visits every bin (saves a pass
       // over the image), else applied while writing the result.
       const float inv_n = 1.0f / float(n);
-      const bool whole = band_is_whole(g, b);
+      const bool whole = b.whole(g);
       const float fold = whole ? inv_n : 1.0f;
       mix_band(s.spec, r, g, b, keep * fold, lam * fold);
       float* out = direct ? x : s.real;
@@ -780,15 +828,15 @@ class Amplitude : public Harmonizer {
   }
 
   // Inside the band: A' = (1 - λ)A + λ·N·a_ref, phase kept: X' = X·A'/A (X' = A' where A = 0).
-  static void mix_band(fftwf_complex* spec, const float* rn, const Grid& g, int64_t b, float keep,
-                       float lam) {
+  static void mix_band(fftwf_complex* spec, const float* rn, const Grid& g, const Band& b,
+                       float keep, float lam) {
     const int64_t nxh = g.nxh();
-    const int64_t xe = std::min(b, nxh - 1) + 1;
-    if (band_is_whole(g, b)) {  // every bin: one sweep
+    const int64_t xe = std::min(b.x, nxh - 1) + 1;
+    if (b.whole(g)) {  // every bin: one sweep
       mix_row(reinterpret_cast<float*>(spec), rn, g.half(), keep, lam);
       return;
     }
-    const std::vector<int64_t> zs = band_indices(g.nz, b), ys = band_indices(g.ny, b);
+    const std::vector<int64_t> zs = band_indices(g.nz, b.z), ys = band_indices(g.ny, b.y);
     for (int64_t z : zs)
       for (int64_t y : ys) {
         const int64_t row = (z * g.ny + y) * nxh;
@@ -830,7 +878,8 @@ CONCORD_PLUGIN("concord-harmonizer-amplitude", "0.1.0") {
                "beta", 1.0,
                "band: half-width b = floor(min(size) * beta) of the centred "
                "low-frequency window |k_d| <= b; 0 = DC only, 1 = every bin (whole spectrum) "
-               "(default by mode: normalize 1, interpolate 0.1, swap 0.01)")
+               "(default by mode: normalize 0.01, interpolate 0.1, swap 0.01; "
+               "docs/results-harmonization-eval.md)")
                .range(0, 1)
                .not_required(),
            ArgSpec::real("lambda", 1.0,

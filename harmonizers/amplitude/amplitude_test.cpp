@@ -2,7 +2,11 @@
 // make_fixtures.py), a naive DFT, hand-computed statistics and real multi-site prostate MRI.
 #include <concord/harmonizer.h>
 
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <spdlog/spdlog.h>
+#include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 
 #include <cmath>
 #include <complex>
@@ -223,7 +227,7 @@ TEST(Amplitude, ZeroBinsTakeTheReferenceAmplitude) {
     for (float& v : im.data) v = float(50 + 20 * double(rng() >> 11) * 0x1.0p-53);
     site.push_back(std::move(im));
   }
-  auto h = make();
+  auto h = make({{"beta", make_value(1.0)}});  // every bin
   Stats st = h->fit_site(source(site));
   st.site = "a";
   const Stats global = h->combine({st});
@@ -719,6 +723,138 @@ TEST(Amplitude, SwapWithASavedSpectrumFile) {
   EXPECT_THROW(missing(), Error);
 }
 
+// ----- images of different sizes (same field of view) -------------------------------------
+
+namespace {
+
+// A subject as a continuous scene on the unit square (a soft disc of "anatomy" with a few
+// Gaussian blobs), sampled at pixel centres of an n x n image: the same subject at two
+// resolutions, as two hospitals' X-ray detectors would record it. Style: v' = gain * v + offset.
+Image scene(int subject, int64_t n, float gain = 1, float offset = 0) {
+  std::mt19937_64 rng(9000 + uint64_t(subject));
+  auto u = [&] { return double(rng() >> 11) * 0x1.0p-53; };
+  struct Blob {
+    double x, y, s, a;
+  };
+  std::vector<Blob> blobs;
+  for (int i = 0; i < 5; ++i)
+    blobs.push_back({0.25 + 0.5 * u(), 0.25 + 0.5 * u(), 0.04 + 0.1 * u(), u() < 0.5 ? -0.4 : 0.6});
+  Image im(2, 1, {n, n, 1});
+  for (int64_t y = 0; y < n; ++y)
+    for (int64_t x = 0; x < n; ++x) {
+      const double px = (double(x) + 0.5) / double(n), py = (double(y) + 0.5) / double(n);
+      const double r = std::hypot(px - 0.5, py - 0.5);
+      double v = 0.5 / (1 + std::exp((r - 0.35) / 0.02));  // soft disc
+      for (const Blob& b : blobs)
+        v += b.a * std::exp(-(std::pow(px - b.x, 2) + std::pow(py - b.y, 2)) / (2 * b.s * b.s));
+      im.at(x, y) = float(gain * v + offset);
+    }
+  return im;
+}
+
+// 1-Wasserstein distance between two sites' pooled intensity distributions (quantiles).
+double site_w1(const std::vector<Image>& a, const std::vector<Image>& b) {
+  auto quantiles = [](const std::vector<Image>& set) {
+    std::vector<float> v;
+    for (const Image& im : set) v.insert(v.end(), im.data.begin(), im.data.end());
+    std::sort(v.begin(), v.end());
+    std::vector<double> q(200);
+    for (size_t i = 0; i < q.size(); ++i) q[i] = v[size_t((i + 0.5) / q.size() * v.size())];
+    return q;
+  };
+  const auto qa = quantiles(a), qb = quantiles(b);
+  double d = 0;
+  for (size_t i = 0; i < qa.size(); ++i) d += std::abs(qa[i] - qb[i]);
+  return d / double(qa.size());
+}
+
+// Sites A and B fitted federatively (normalize, the given beta), each harmonized.
+std::pair<std::vector<Image>, std::vector<Image>> normalize_two_sites(double beta,
+                                                                      const std::vector<Image>& a,
+                                                                      const std::vector<Image>& b) {
+  auto h = make({{"beta", make_value(beta)}});
+  std::vector<Stats> parts{fit(*h, a, "A"), fit(*h, b, "B")};
+  const Stats global = h->combine(parts);
+  std::vector<Image> ha = a, hb = b;
+  h->set_statistics(global, "A");
+  for (Image& im : ha) h->apply(im);
+  h->set_statistics(global, "B");
+  for (Image& im : hb) h->apply(im);
+  return {ha, hb};
+}
+
+double image_mean(const Image& im) {
+  double s = 0;
+  for (float v : im.data) s += v;
+  return s / double(im.data.size());
+}
+
+// The strongest single frequency of an image (DC excluded), by a 2D DFT.
+double peak_bin(const Image& im) {
+  cv::Mat m(int(im.size[1]), int(im.size[0]), CV_32F, const_cast<float*>(im.data.data())), f;
+  cv::dft(m, f, cv::DFT_COMPLEX_OUTPUT);
+  double peak = 0;
+  for (int y = 0; y < f.rows; ++y)
+    for (int x = 0; x < f.cols; ++x)
+      if (x || y) peak = std::max(peak, double(std::abs(f.at<std::complex<float>>(y, x))));
+  return peak;
+}
+
+}  // namespace
+
+TEST(Amplitude, SameSubjectAtTwoSizesIsLeftAlmostUnchanged) {
+  // Both sites hold the same subject, one at 60 x 60, the other at 96 x 96: their spectra
+  // agree bin for bin in cycles per image, so normalizing to their mean changes nearly nothing.
+  // (Comparing spectra at the same k / n, as amplitude did before, moved every low bin onto
+  // another frequency and left grid-like ripples at a few strong bins.)
+  std::map<std::string, std::vector<Image>> sites{{"A", {scene(0, 60), scene(0, 60)}},
+                                                  {"B", {scene(0, 96), scene(0, 96)}}};
+  for (double beta : {0.01, 0.1, 1.0}) {
+    auto h = make({{"beta", make_value(beta)}});
+    fit_federation(*h, sites, "A");
+    for (int64_t n : {60, 96}) {
+      const Image before = scene(0, n);
+      Image after = before;
+      h->apply(after);
+      Image diff = before;
+      for (size_t i = 0; i < diff.data.size(); ++i) diff.data[i] = after.data[i] - before.data[i];
+      double ss = 0, sd = 0;
+      const double mu = image_mean(before);
+      for (size_t i = 0; i < diff.data.size(); ++i) {
+        ss += std::pow(before.data[i] - mu, 2);
+        sd += std::pow(diff.data[i], 2);
+      }
+      EXPECT_LT(std::sqrt(sd / ss), 0.1) << "beta " << beta << ", " << n << " px";
+      // No artefact concentrated at a few frequencies (a grid or ripple in the image).
+      EXPECT_LT(peak_bin(diff), 0.05 * peak_bin(before)) << "beta " << beta << ", " << n << " px";
+      EXPECT_NEAR(image_mean(after), image_mean(before), 1e-3) << "beta " << beta;
+    }
+  }
+}
+
+TEST(Amplitude, SiteShiftFallsAcrossImageSizes) {
+  // Two hospitals, different subjects, different detectors (60 vs 96 px) and styles.
+  std::vector<Image> a, b;
+  for (int i = 0; i < 6; ++i) {
+    a.push_back(scene(i, 60, 1.0f, 0.1f));
+    b.push_back(scene(100 + i, 96, 0.55f, 0.45f));
+  }
+  double pooled_before = 0;
+  for (const auto* set : {&a, &b})
+    for (const Image& im : *set) pooled_before += image_mean(im);
+  const double before = site_w1(a, b);
+  for (double beta : {0.01, 0.1, 1.0}) {
+    auto [ha, hb] = normalize_two_sites(beta, a, b);
+    const double after = site_w1(ha, hb);
+    EXPECT_LT(after, 0.5 * before) << "beta " << beta << ": W1 " << before << " -> " << after;
+    // The federation's mean brightness (the image-weighted mean of image means) is kept.
+    double pooled_after = 0;
+    for (const auto* set : {&ha, &hb})
+      for (const Image& im : *set) pooled_after += image_mean(im);
+    EXPECT_NEAR(pooled_after / 12, pooled_before / 12, 1e-3) << "beta " << beta;
+  }
+}
+
 // ----- real data -----------------------------------------------------------------------------
 
 TEST(Amplitude, NormalizeBringsProstateSitesSpectraTogether) {
@@ -766,9 +902,9 @@ TEST(Amplitude, NormalizeBringsProstateSitesSpectraTogether) {
   };
   const double before = mean_pairwise(spectra(test));
 
-  // Federated fit on the training images (defaults: HarmoFL, whole spectrum, lambda 1);
-  // each site then harmonizes its test images.
-  auto h = make();
+  // Federated fit on the training images (HarmoFL: whole spectrum, lambda 1); each site then
+  // harmonizes its test images.
+  auto h = make({{"beta", make_value(1.0)}});
   std::vector<Stats> parts;
   for (const auto& [name, images] : train) parts.push_back(fit(*h, images, name));
   const Stats global = h->combine(parts);
@@ -781,6 +917,22 @@ TEST(Amplitude, NormalizeBringsProstateSitesSpectraTogether) {
   RecordProperty("distance_after", std::to_string(after));
   std::cout << "mean pairwise spectrum distance: before " << before << ", after " << after << "\n";
   EXPECT_LT(after, 0.05 * before);
+  // The default band (beta 0.01: b = 3 bins at 384 px) changes only the lowest frequencies:
+  // the spectra come closer, far less than with the whole band.
+  {
+    for (const auto& [name, images] : train) test[name] = load(root / name / "test" / "image");
+    auto d = make();
+    std::vector<Stats> pd;
+    for (const auto& [name, images] : train) pd.push_back(fit(*d, images, name));
+    const Stats gd = d->combine(pd);
+    for (auto& [name, images] : test) {
+      d->set_statistics(gd, name);
+      for (Image& im : images) d->apply(im);
+    }
+    const double low = mean_pairwise(spectra(test));
+    std::cout << "with the default beta 0.01: " << low << "\n";
+    EXPECT_LT(low, before);
+  }
 
   // A partial harmonization (low band, half mix) still brings them closer, less so.
   auto part = make({{"beta", make_value(0.05)}, {"lambda", make_value(0.5)}});
@@ -796,4 +948,73 @@ TEST(Amplitude, NormalizeBringsProstateSitesSpectraTogether) {
   std::cout << "with beta 0.05, lambda 0.5: " << partial << "\n";
   EXPECT_LT(partial, before);
   EXPECT_GT(partial, after);
+}
+
+TEST(Amplitude, RealProstateAtTwoSizesSiteShiftFalls) {
+  // The real case that exposed the defect: two "hospitals" whose images differ in size (here
+  // the six prostate sites, three resized to 240 px and three kept at 384 px). Harmonizing must
+  // lower the site shift (W1 of pooled intensities, in units of the pooled 1-99% range).
+  CONCORD_REQUIRE_SHARED_DATA("multisite-prostate");
+  const fs::path root = fs::path(testkit::shared_data()) / "multisite-prostate";
+  std::vector<Image> a, b;
+  for (const char* site : {"RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK"})
+    for (const char* split : {"train", "test"})
+      for (const auto& f : fs::directory_iterator(root / site / split / "image")) {
+        cv::Mat m = cv::imread(f.path().string(), cv::IMREAD_GRAYSCALE), r;
+        ASSERT_FALSE(m.empty()) << f.path();
+        const bool small = std::string(site) == "RUNMC" || std::string(site) == "BMC" ||
+                           std::string(site) == "I2CVB";
+        if (small)
+          cv::resize(m, r, cv::Size(240, 240), 0, 0, cv::INTER_AREA);
+        else
+          r = m;
+        Image im(2, 1, {r.cols, r.rows, 1});
+        for (int y = 0; y < r.rows; ++y)
+          for (int x = 0; x < r.cols; ++x) im.at(x, y) = r.at<uint8_t>(y, x);
+        (small ? a : b).push_back(std::move(im));
+      }
+  auto range = [](const std::vector<Image>& x, const std::vector<Image>& y) {
+    std::vector<float> v;
+    for (const auto* set : {&x, &y})
+      for (const Image& im : *set) v.insert(v.end(), im.data.begin(), im.data.end());
+    std::sort(v.begin(), v.end());
+    return double(v[v.size() * 99 / 100] - v[v.size() / 100]);
+  };
+  const double before = site_w1(a, b) / range(a, b);
+  for (double beta : {0.01, 0.1, 1.0}) {
+    auto [ha, hb] = normalize_two_sites(beta, a, b);
+    const double after = site_w1(ha, hb) / range(ha, hb);
+    std::cout << "beta " << beta << ": site W1 " << before << " -> " << after << "\n";
+    EXPECT_LT(after, 0.8 * before) << "beta " << beta;
+  }
+}
+
+TEST(Amplitude, WarnsWhenImagesOfDifferentSizesCoverDifferentFieldsOfView) {
+  // Sizes are compared as one field of view at two resolutions. With a voxel spacing that says
+  // otherwise (64 x 0.5 mm against 32 x 2 mm), the fit says so; a matching spacing (32 x 1 mm)
+  // is silent, and so are images without one (PNG: spacing 1).
+  auto sink = std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(16);
+  auto logger = std::make_shared<spdlog::logger>("capture", sink);
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(logger);
+  auto warnings = [&](double small_spacing) {
+    Image big = scene(0, 64), small = scene(0, 32);
+    big.geometry.spacing = {0.5, 0.5, 1};
+    small.geometry.spacing = {small_spacing, small_spacing, 1};
+    auto h = make();
+    const size_t before = sink->last_formatted().size();
+    h->fit_site(source({big, small}));
+    return sink->last_formatted().size() - before;
+  };
+  const size_t differ = warnings(2.0);
+  const size_t same = warnings(1.0);
+  auto h = make();  // no spacing at all: silent
+  h->fit_site(source({scene(0, 64), scene(0, 32)}));
+  const size_t total = sink->last_formatted().size();
+  spdlog::set_default_logger(previous);
+  EXPECT_EQ(differ, 1u);
+  EXPECT_EQ(same, 0u);
+  EXPECT_EQ(total, 1u);
+  ASSERT_FALSE(sink->last_formatted().empty());
+  EXPECT_NE(sink->last_formatted().front().find("fields of view"), std::string::npos);
 }

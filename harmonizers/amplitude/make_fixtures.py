@@ -25,14 +25,14 @@ def band_halfwidth(shape, beta):
     return math.floor(min(sizes) * beta) if sizes else 0
 
 
-def band_mask(shape, b):
-    """|k_d| <= b for every axis, k_d the signed frequency of numpy.fft.fftfreq."""
+def band_mask(shape, b, ref_shape):
+    """|k_d| <= min(b, n_ref_d // 2) for every axis, k_d the signed frequency (numpy.fft.fftfreq)."""
     mask = np.ones(shape, dtype=bool)
-    for axis, n in enumerate(shape):
+    for axis, (n, nr) in enumerate(zip(shape, ref_shape)):
         k = np.rint(np.fft.fftfreq(n) * n).astype(int)
         view = [1] * len(shape)
         view[axis] = n
-        mask &= (np.abs(k) <= b).reshape(view)
+        mask &= (np.abs(k) <= min(b, nr // 2)).reshape(view)
     return mask
 
 
@@ -43,27 +43,32 @@ def amplitude(img):
 
 
 def resample(spec, shape):
-    """Periodic linear interpolation at the same normalized frequency k/n, axis by axis."""
+    """Bin k to bin k (cycles per image), axis by axis; 0 above the source's |k| <= n // 2; an
+    even target's Nyquist bin averages the source's +k and -k."""
     out = spec
     for axis, nt in zip((1, 2, 3), shape):
         ns = out.shape[axis]
         if ns == nt:
             continue
-        k = np.rint(np.fft.fftfreq(nt) * nt)
-        p = k * ns / nt
-        i0 = np.floor(p).astype(int)
-        t = p - i0
-        a0 = np.take(out, i0 % ns, axis=axis)
-        a1 = np.take(out, (i0 + 1) % ns, axis=axis)
+        k = np.rint(np.fft.fftfreq(nt) * nt).astype(int)
+        a = np.take(out, k % ns, axis=axis)
+        if nt % 2 == 0 and nt // 2 <= (ns - 1) // 2:
+            # an even target's Nyquist bin stands for +k and -k: the mean of the source's two
+            idx = [slice(None)] * 4
+            idx[axis] = nt // 2
+            a[tuple(idx)] = 0.5 * (np.take(out, nt // 2, axis=axis) + np.take(out, -(nt // 2) % ns, axis=axis))
         view = [1, 1, 1, 1]
         view[axis] = nt
-        t = t.reshape(view)
-        out = (1 - t) * a0 + t * a1
+        out = a * (np.abs(k) <= ns // 2).reshape(view)
     return out
 
 
+def smallest(shapes):
+    return tuple(min(s[d] for s in shapes) for d in range(3))
+
+
 def site_mean(images):
-    """Mean per-voxel amplitude on the site's grid: its most frequent shape (ties: more voxels)."""
+    """Mean per-voxel amplitude on the site's grid: the smallest size per axis of its shapes."""
     groups = {}
     order = []
     for im in images:
@@ -72,12 +77,7 @@ def site_mean(images):
             groups[key] = []
             order.append(key)
         groups[key].append(amplitude(im))
-    best = order[0]
-    for key in order:
-        if len(groups[key]) > len(groups[best]) or (
-            len(groups[key]) == len(groups[best]) and np.prod(key) > np.prod(best)
-        ):
-            best = key
+    best = smallest(order)
     total = sum(len(v) for v in groups.values())
     acc = 0
     for key in order:
@@ -86,12 +86,8 @@ def site_mean(images):
 
 
 def combine(parts):
-    """Sample-weighted mean on the grid of the heaviest part (ties: more voxels, then first)."""
-    best = parts[0]
-    for p in parts:
-        if p[1] > best[1] or (p[1] == best[1] and np.prod(p[0].shape) > np.prod(best[0].shape)):
-            best = p
-    grid = best[0].shape[1:]
+    """Sample-weighted mean on the smallest size per axis over the parts."""
+    grid = smallest([p[0].shape[1:] for p in parts])
     total = sum(w for _, w in parts)
     return sum(w * resample(s, grid) for s, w in parts) / total, grid
 
@@ -104,7 +100,8 @@ def harmonize(img, ref, beta, lam, clip):
     X = np.fft.fftn(x, axes=(1, 2, 3))
     A = np.abs(X)
     R = resample(ref, shape) * n
-    mask = band_mask(shape, band_halfwidth(shape, beta))[None]
+    ref_shape = ref.shape[1:]  # the band is in cycles per image, from the reference's grid
+    mask = band_mask(shape, band_halfwidth(ref_shape, beta), ref_shape)[None]
     A2 = np.where(mask, (1 - lam) * A + lam * R, A)
     y = np.real(np.fft.ifftn(A2 * np.exp(1j * np.angle(X)), axes=(1, 2, 3)))
     if clip == "nonnegative":

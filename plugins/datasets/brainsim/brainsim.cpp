@@ -111,6 +111,7 @@ struct Settings {
   int sites, train, test, size;
   double lesion_fraction, shift;
   bool segmentation;
+  bool same_test_subjects;
   std::string source;
 };
 
@@ -128,6 +129,7 @@ class BrainSim : public Dataset {
     s_.lesion_fraction = a.real("lesion_fraction");
     s_.shift = a.real("shift");
     s_.segmentation = a.str("task") == "segmentation";
+    s_.same_test_subjects = a.flag("same_test_subjects");
     s_.source = a.str("source");
   }
 
@@ -171,6 +173,7 @@ class BrainSim : public Dataset {
     note["size"] = s_.size;
     note["lesion_fraction"] = s_.lesion_fraction;
     note["shift"] = s_.shift;
+    note["same_test_subjects"] = s_.same_test_subjects;
     note["source_slices"] = brain.image.size();
     note["generation_seconds"] = seconds;
     // Site names come from the pipeline and may hold any bytes: never throw on them.
@@ -183,23 +186,28 @@ class BrainSim : public Dataset {
   std::vector<Sample> generate(const BrainSlices& brain, uint64_t seed, int site, int split, int n,
                                const ScannerSignature& sig) const {
     const uint64_t base = mix_seed(mix_seed(seed, 0xb7a1), uint64_t(site * 2 + split));
+    // same_test_subjects: test subject i (slice, deformation, lesion) is drawn from a seed
+    // without the site, so every site scans the same subjects; noise stays per site.
+    const bool shared = split == 1 && s_.same_test_subjects;
+    const uint64_t subjects = shared ? mix_seed(mix_seed(seed, 0x5a3e), 1) : base;
     // Exactly round(fraction * n) lesion samples per site and split, at seeded positions.
     std::vector<char> lesion(n, 0);
     const int positives = int(std::lround(s_.lesion_fraction * n));
     std::fill(lesion.begin(), lesion.begin() + positives, 1);
-    SeededRandom order(mix_seed(base, 0x1e5));
+    SeededRandom order(mix_seed(subjects, 0x1e5));
     order.shuffle(lesion);
     std::vector<Sample> out;
     out.reserve(n);
     for (int i = 0; i < n; ++i) {
-      SeededRandom rng(mix_seed(base, uint64_t(i) + 1));
+      SeededRandom rng(mix_seed(subjects, uint64_t(i) + 1));
       Sample s = render(brain, rng, lesion[i] != 0);
       char id[64];
       std::snprintf(id, sizeof id, "brainsim:%s:%s:%04d", site_name(site).c_str(),
                     split ? "test" : "train", i);
       s.id = id;
       s.reference = s.image;
-      apply_signature(s.image, sig, rng.next());
+      const uint64_t noise = shared ? mix_seed(base, uint64_t(i) + 1) : rng.next();
+      apply_signature(s.image, sig, noise);
       if (!s_.segmentation) s.mask.reset();
       out.push_back(std::move(s));
     }
@@ -310,6 +318,10 @@ CONCORD_PLUGIN("concord-dataset-brainsim", "0.1.0") {
         ArgSpec::choice("task", {"classification", "segmentation"}, "classification",
                         "Label lesion/no-lesion, or a background/lesion mask"),
         ArgSpec::real("shift", 1.0, "Scanner-shift strength (0 = identical scanners)").range(0, 3),
+        ArgSpec::boolean("same_test_subjects", false,
+                         "Every site's test split holds the same subjects (test sample i is one "
+                         "subject under each site's scanner; sample.reference is its neutral "
+                         "rendering), for harmonization ground truth"),
         ArgSpec::string("source", kDefaultSource,
                         "T1 brain volume (brain-extracted: tissue > 0, background 0)")},
        factory_of<BrainSim>()});

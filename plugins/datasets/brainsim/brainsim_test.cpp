@@ -178,3 +178,34 @@ TEST(BrainSim, MissingSourceSaysHowToInstall) {
     EXPECT_NE(msg.find("scripts/bootstrap"), std::string::npos) << msg;
   }
 }
+
+TEST(BrainSim, SameTestSubjectsUnderEverySitesScanner) {
+  REQUIRE_SOURCE();
+  std::map<std::string, Value> args{{"sites", make_value(int64_t(3))},
+                                    {"train_per_site", make_value(int64_t(4))},
+                                    {"test_per_site", make_value(int64_t(5))},
+                                    {"size", make_value(int64_t(32))},
+                                    {"shift", make_value(1.5)},
+                                    {"same_test_subjects", make_value(true)}};
+  const Federation fed = load(args, 7);
+  ASSERT_EQ(fed.sites.size(), 3u);
+  for (int i = 0; i < 5; ++i) {
+    const Sample& a = fed.sites[0].test[i];
+    ASSERT_TRUE(a.reference.has_value());
+    for (size_t s = 1; s < 3; ++s) {
+      const Sample& b = fed.sites[s].test[i];
+      EXPECT_TRUE(same(*a.reference, *b.reference)) << "subject " << i << " site " << s;
+      EXPECT_EQ(a.label, b.label);
+      EXPECT_GT(mean_abs_diff(a.image, b.image), 1e-3) << "the scanners differ";
+    }
+  }
+  // Training subjects stay site-specific; the same seed gives the same federation.
+  EXPECT_FALSE(same(*fed.sites[0].train[0].reference, *fed.sites[1].train[0].reference));
+  const Federation again = load(args, 7);
+  EXPECT_TRUE(same(again.sites[2].test[3].image, fed.sites[2].test[3].image));
+  // Without the flag, test subjects differ between sites (the default federation).
+  args.erase("same_test_subjects");
+  const Federation plain = load(args, 7);
+  EXPECT_FALSE(same(*plain.sites[0].test[0].reference, *plain.sites[1].test[0].reference));
+  EXPECT_TRUE(same(plain.sites[1].train[2].image, fed.sites[1].train[2].image));
+}
