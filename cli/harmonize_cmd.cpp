@@ -19,6 +19,7 @@
 #include "harmonize_common.h"
 #include "harmonize_inputs.h"
 #include "harmonize_report.h"
+#include "report_html.h"
 #include "harmonize_sites.h"
 #include "harmonize_worker.h"
 #include "progress.h"
@@ -494,6 +495,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   add_failures_to_report(failures, rep);
   print_site_shift(report, rep, o.preview, o.preview_per_site);
   if (!o.report.empty()) write_file_atomic(o.report, json_text(rep, 2) + "\n");
+  if (!o.report.empty()) write_harmonize_report_html(o.report, rep, report, o.preview_per_site);
 }
 
 // `--probe PATH` in a worker: that input alone, one thread, as fit and apply would treat it.

@@ -1,6 +1,7 @@
 // `concord run FILE [--set k=v]... [--run-dir DIR]` and `concord run --resume RUN_DIR`.
 #include "commands.h"
 #include "progress.h"
+#include "report_html.h"
 
 #include <concord/engine.h>
 
@@ -142,6 +143,7 @@ void add_run_command(CLI::App& app, Globals& g) {
     RunSummary s = exp.run(opts);
     bar->finish();
     print_table(s);
+    write_run_report_after_run(s.run_dir);
     if (!s.failures.empty()) throw Exit{1};
   });
 }
