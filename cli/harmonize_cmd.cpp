@@ -19,10 +19,10 @@
 #include "harmonize_common.h"
 #include "harmonize_inputs.h"
 #include "harmonize_report.h"
-#include "report_html.h"
 #include "harmonize_sites.h"
 #include "harmonize_worker.h"
 #include "progress.h"
+#include "report_html.h"
 
 #include <concord/error.h>
 #include <concord/harmonizer.h>

@@ -297,7 +297,8 @@ TEST(ReportBrowser, HarmonizeReportShowsCountsShiftAndMontage) {
       testkit::run_command(
           "cd " + testkit::source_dir() + " && " + testkit::concord_exe() +
               " harmonize apply --pipeline pipelines/harmonization-brainsim-histogram-match.yaml"
-              " --sites --out " +
+              " --sites --set data.dataset.args.train_per_site=24"
+              " --set data.dataset.args.test_per_site=8 --out " +
               dir.str() + "/out --report " + dir.str() + "/report.json",
           &out),
       0)
