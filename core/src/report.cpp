@@ -66,7 +66,8 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24p
 color:#222;padding:0 16px;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:4px}h2{font-size:1.25em;margin-top:32px;border-bottom:1px solid #ddd}
 .meta{color:#555}.chart{position:relative;height:340px;margin:12px 0}
-table{border-collapse:collapse;margin:8px 0;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;margin:8px 0;font-variant-numeric:tabular-nums;display:block;
+overflow-x:auto;max-width:100%}caption{text-align:left;font-weight:600;padding:4px 0}
 th,td{border:1px solid #ddd;padding:4px 10px;text-align:right;white-space:nowrap}th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}tr.summary td{font-weight:600;background:#fafafa}
 pre{background:#f6f8fa;padding:12px;overflow:auto;font-size:.85em}
@@ -112,6 +113,9 @@ const std::string kRenderer = R"(
     var target = document.getElementById(spec.target);
     var box = document.createElement('div');
     box.className = 'chart';
+    // Many lines: the legend goes below the chart, which grows to hold it.
+    var many = spec.series.length > 8;
+    if (many) box.style.height = (340 + 22 * Math.ceil(spec.series.length / 3)) + 'px';
     var canvas = document.createElement('canvas');
     canvas.id = spec.id;
     canvas.setAttribute('role', 'img');
@@ -126,7 +130,7 @@ const std::string kRenderer = R"(
       data: {labels: spec.labels || [], datasets: spec.series.map(dataset)},
       options: {
         responsive: true, maintainAspectRatio: false, animation: false,
-        plugins: {title: {display: true, text: spec.title}, legend: {position: 'right'}},
+        plugins: {title: {display: true, text: spec.title}, legend: {position: many ? 'bottom' : 'right'}},
         scales: {x: x, y: {beginAtZero: !line, title: {display: !!spec.ylabel, text: spec.ylabel || ''}}}
       }
     }));
@@ -993,8 +997,9 @@ std::string render_compare_report(const std::vector<RunFolder>& runs,
   b += "</table>\n<p class=\"note\">Runs of the same pipeline that differ only in their seed form "
        "one group: its cells are mean &plusmn; sample standard deviation over the seeds.</p>\n";
 
+  // One colour per group: the seeds of one pipeline read as one family of lines.
   std::vector<std::string> run_color(runs.size());
-  for (size_t i = 0; i < runs.size(); ++i) run_color[i] = kPalette[i % kColors];
+  for (size_t i = 0; i < runs.size(); ++i) run_color[i] = kPalette[group_of[i] % kColors];
   std::vector<Curves> curves;
   for (const auto& r : runs) curves.push_back(gather(r));
   // Legends name each run by what sets it apart: its folder below the runs' common folder.
