@@ -229,7 +229,18 @@ TEST(ReportBrowser, HostileSiteNamesStayText) {
   testing_report::FakeRun run(dir.path() / "run", 7, "name: hostile\nseed: {SEED}\n");
   run.site(evil, 0.625).site("site-B", 0.5);
   run.notes["scanner." + evil] = {{"gamma", 1.25}};
+  run.summary_extra["site_shift"] = {{"sites", 2},
+                                     {"images", 8},
+                                     {"histogram_before", 0.2},
+                                     {"histogram_after", 0.05},
+                                     {"spectrum_before", 0.01},
+                                     {"spectrum_after", 0.008}};
+  run.summary_extra["privacy"] = {{"epsilon", 1.5}, {"delta", 1e-5}, {"level", evil}};
   run.write();
+  // A montage whose file name is markup.
+  std::ofstream(run.dir / "<img src=y onerror=x>montage.png", std::ios::binary)
+      .write(reinterpret_cast<const char*>(testing_report::kTinyPng),
+             sizeof testing_report::kTinyPng);
   std::ofstream(run.dir / "metrics.jsonl", std::ios::app)
       << R"({"round":2,"site":"site-B","epsilon":1.5})"
       << "\n";
@@ -247,7 +258,14 @@ TEST(ReportBrowser, HostileSiteNamesStayText) {
   EXPECT_EQ(table[1][1], "0.625");
   EXPECT_EQ(r.check["tables"]["scanner-table"][1][0], evil);
   expect_chart(r, "chart-metric-accuracy", 2 + 2);
-  expect_chart(r, "chart-epsilon", 1);  // the privacy budget, when present
+  expect_chart(r, "chart-epsilon", 1);     // the privacy budget, when present
+  expect_chart(r, "chart-site-shift", 2);  // harmonization, when present
+  EXPECT_EQ(r.check["tables"]["privacy-table"][2][1], evil);
+  EXPECT_EQ(r.check["tables"]["chart-site-shift-table"][1][2], "0.0500");
+  ASSERT_EQ(r.check["images"].size(), 1u) << r.check.dump();
+  EXPECT_EQ(r.check["images"][0]["alt"], "<img src=y onerror=x>montage.png");
+  EXPECT_EQ(r.check["images"][0]["width"], 1);
+  EXPECT_EQ(r.dom.find("<img src=\"y\""), std::string::npos);
 }
 
 TEST(ReportBrowser, CompareOverlaysRunsAndGroupsSeeds) {

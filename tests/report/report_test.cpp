@@ -193,3 +193,21 @@ TEST(ReportRunFolder, HostileNamesReachThePageOnlyEscaped) {
   EXPECT_NE(html.find(html_escape(evil)), std::string::npos);  // shown, as text
   EXPECT_THROW(render_run_report(read_run_folder(r.dir.string()), "x = '</script>';"), Error);
 }
+
+TEST(ReportEscape, HarmonizeReportEscapesFileNamesAndCauses) {
+  const std::string evil = testing_report::kHostileName;
+  const json rep{
+      {"method", evil},
+      {"written", 3},
+      {"failed", {evil + "/a.nii.gz: cannot read"}},
+      {"failure_causes", {{{"cause", "<i>bad</i>"}, {"count", 1}, {"examples", {evil}}}}},
+      {"ignored", {"<svg onload=x>"}}};
+  const std::string html = render_harmonize_report(rep, "", "/* chart */");
+  EXPECT_EQ(html.find("<img src=x"), std::string::npos);
+  EXPECT_EQ(html.find("<script>window"), std::string::npos);
+  EXPECT_EQ(html.find("<i>bad"), std::string::npos);
+  EXPECT_EQ(html.find("<svg"), std::string::npos);
+  EXPECT_NE(html.find(html_escape(evil) + "/a.nii.gz: cannot read"), std::string::npos);
+  EXPECT_NE(html.find("No image was harmonized"), std::string::npos);  // no site_shift
+  EXPECT_EQ(html.find("data:image/png"), std::string::npos);           // no montage
+}
