@@ -143,6 +143,7 @@ void add_run_command(CLI::App& app, Globals& g) {
     RunSummary s = exp.run(opts);
     bar->finish();
     print_table(s);
+    write_run_harmonization(config, s.run_dir);
     write_run_report_after_run(s.run_dir);
     if (!s.failures.empty()) throw Exit{1};
   });

@@ -500,6 +500,11 @@ RunFolder read_run_folder(const std::string& dir) {
     if (!run.summary.is_object())
       throw Error((d / "summary.json").string() + ": not a JSON object");
   }
+  if (fs::is_regular_file(d / "harmonization.json", ec)) {
+    run.harmonization = json::parse(read_text(d / "harmonization.json", kMaxText), nullptr, false);
+    if (!run.harmonization.is_object())
+      throw Error((d / "harmonization.json").string() + ": not a JSON object");
+  }
   std::vector<fs::path> pngs;
   for (const auto& e : fs::directory_iterator(d, ec))
     if (e.path().extension() == ".png" && e.is_regular_file(ec)) pngs.push_back(e.path());
@@ -714,9 +719,21 @@ std::string render_run_report(const RunFolder& run, const std::string& chart_js)
   }
 
   // Harmonization: site shift and montages, when the run wrote them.
-  const json shift = has_summary && s.contains("site_shift") ? s["site_shift"] : json();
+  json shift = has_summary && s.contains("site_shift") ? s["site_shift"] : json();
+  if (!shift.is_object() && run.harmonization.is_object() &&
+      run.harmonization.contains("site_shift"))
+    shift = run.harmonization["site_shift"];
   if (shift.is_object() || !run.figures.empty()) {
     b += "<h2>Harmonization and figures</h2>\n";
+    const json hs =
+        run.harmonization.is_object() ? run.harmonization.value("harmonizers", json()) : json();
+    if (hs.is_array() && !hs.empty()) {
+      std::string names;
+      for (const auto& h : hs) names += (names.empty() ? "" : ", ") + html_escape(scalar_text(h));
+      b += "<p class=\"meta\">harmonizers, in order: " + names +
+           "; site shift measured on up to 16 training images per site, before and after "
+           "them (the montage: harmonization.png)</p>\n";
+    }
     if (shift.is_object()) {
       if (shift.contains("histogram_before")) {
         b += site_shift_table_and_chart(shift, "shift-chart", "chart-site-shift", charts);

@@ -149,6 +149,20 @@ void expect_chart(const Rendered& r, const std::string& id, int datasets) {
   EXPECT_GT(c->value("pixels", 0), 2000) << id << ": the canvas is (nearly) blank";
 }
 
+// The site-shift table and chart as drawn, against the measure in `shift`; one montage image.
+void expect_site_shift(const Rendered& r, const json& shift) {
+  expect_chart(r, "chart-site-shift", 2);  // before, after
+  const json table = r.check["tables"]["chart-site-shift-table"];
+  ASSERT_EQ(table.size(), 3u) << r.check.dump();
+  char cell[32];
+  std::snprintf(cell, sizeof cell, "%.4f", shift["histogram_before"].get<double>());
+  EXPECT_EQ(table[1][1], cell);
+  std::snprintf(cell, sizeof cell, "%.4f", shift["spectrum_after"].get<double>());
+  EXPECT_EQ(table[2][2], cell);
+  ASSERT_EQ(r.check["images"].size(), 1u) << r.check.dump();
+  EXPECT_GT(r.check["images"][0].value("width", 0), 200);  // the montage decoded
+}
+
 std::string fixed3(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.3f", v);
@@ -220,6 +234,30 @@ TEST(ReportBrowser, RunReportDrawsEveryChartAndHoldsTheRunsNumbers) {
   EXPECT_NE(testkit::run_command(testkit::concord_exe() + " report " + dir.str(), &o), 0);
   EXPECT_NE(o.find("is not a run folder: no pipeline.yaml and no metrics.jsonl"), std::string::npos)
       << o;
+}
+
+TEST(ReportBrowser, RunWithAHarmonizerShowsSiteShiftAndMontage) {
+  REQUIRE_CHROMIUM();
+  testkit::TempDir dir;
+  const fs::path run = dir.path() / "run";
+  std::string out;
+  ASSERT_EQ(testkit::run_command(
+                "cd " + testkit::source_dir() + " && " + testkit::concord_exe() +
+                    " run pipelines/harmonization-brainsim-histogram-match.yaml --no-progress"
+                    " --run-dir " +
+                    run.string() +
+                    " --set federation.rounds=1 --set data.dataset.args.train_per_site=24"
+                    " --set data.dataset.args.test_per_site=8",
+                &out),
+            0)
+      << out;
+  ASSERT_TRUE(fs::exists(run / "harmonization.png")) << out;
+  const json h = json::parse(read(run / "harmonization.json"));
+  EXPECT_EQ(h["harmonizers"], json::array({"histogram-match"}));
+  const Rendered r = render(chromium, run / "report.html", "run-report-harmonizer");
+  expect_clean(r);
+  expect_site_shift(r, h["site_shift"]);
+  EXPECT_EQ(r.check["images"][0]["alt"], "harmonization.png");
 }
 
 TEST(ReportBrowser, HostileSiteNamesStayText) {
@@ -326,18 +364,10 @@ TEST(ReportBrowser, HarmonizeReportShowsCountsShiftAndMontage) {
   const json rep = json::parse(read(dir.path() / "report.json"));
   const Rendered r = render(chromium, page, "harmonize-report");
   expect_clean(r);
-  expect_chart(r, "chart-site-shift", 2);  // before, after
   const json counts = r.check["tables"]["counts-table"];
   bool written = false;
   for (const auto& row : counts)
     if (row[0] == "written") written = row[1] == std::to_string(rep["written"].get<size_t>());
   EXPECT_TRUE(written) << counts.dump();
-  const json shift = r.check["tables"]["chart-site-shift-table"];
-  ASSERT_EQ(shift.size(), 3u) << r.check.dump();
-  char w1[32];
-  std::snprintf(w1, sizeof w1, "%.4f", rep["site_shift"]["histogram_before"].get<double>());
-  EXPECT_EQ(shift[1][1], w1);
-  // The montage decoded: the image has its pixels.
-  ASSERT_EQ(r.check["images"].size(), 1u) << r.check.dump();
-  EXPECT_GT(r.check["images"][0].value("width", 0), 200);
+  expect_site_shift(r, rep["site_shift"]);
 }

@@ -42,6 +42,7 @@ struct RunFolder {
   std::string pipeline_yaml;
   nlohmann::json summary;             // null when there is no summary.json
   std::vector<nlohmann::json> lines;  // metrics.jsonl, one object per line
+  nlohmann::json harmonization;       // harmonization.json (site shift), or null
   struct Figure {
     std::string name;  // file name in the run folder
     std::string png;   // bytes
