@@ -16,8 +16,10 @@ void add_report_command(CLI::App& app, Globals&) {
   auto o = std::make_shared<Opts>();
   sub->add_option("run_dir", o->run_dir, "Run folder (written by `concord run`)")->required();
   sub->add_option("--out", o->out, "Write the page here instead of RUN_DIR/report.html");
-  sub->callback(
-      [o] { std::cout << "report: " << report::write_run_report(o->run_dir, o->out) << "\n"; });
+  sub->callback([o] {
+    const std::string path = report::write_run_report(o->run_dir, o->out);
+    std::cout << "report: " << path << "\n";
+  });
 }
 
 void add_compare_command(CLI::App& app, Globals&) {

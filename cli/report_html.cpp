@@ -51,7 +51,8 @@ void write_run_harmonization(const PipelineConfig& config, const std::string& ru
 
 void write_run_report_after_run(const std::string& run_dir) {
   try {
-    std::cout << "report: " << report::write_run_report(run_dir) << "\n";
+    const std::string path = report::write_run_report(run_dir);
+    std::cout << "report: " << path << "\n";
   } catch (const std::exception& e) {
     spdlog::warn("report.html not written: {} (`concord report {}` writes it later)", e.what(),
                  run_dir);
