@@ -35,5 +35,7 @@ void add_run_command(CLI::App& app, Globals& g);
 void add_validate_command(CLI::App& app, Globals& g);
 void add_plugins_command(CLI::App& app, Globals& g);
 void add_harmonize_command(CLI::App& app, Globals& g);
+void add_report_command(CLI::App& app, Globals& g);   // report_cmd.cpp
+void add_compare_command(CLI::App& app, Globals& g);  // report_cmd.cpp
 
 }  // namespace concord::cli

@@ -23,6 +23,7 @@
 #include "harmonize_sites.h"
 #include "harmonize_worker.h"
 #include "progress.h"
+#include "report_html.h"
 
 #include <concord/error.h>
 #include <concord/harmonizer.h>
@@ -495,6 +496,7 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   add_failures_to_report(failures, rep);
   print_site_shift(report, rep, o.preview, o.preview_per_site);
   if (!o.report.empty()) write_file_atomic(o.report, json_text(rep, 2) + "\n");
+  if (!o.report.empty()) write_harmonize_report_html(o.report, rep, report, o.preview_per_site);
 }
 
 // `--probe PATH` in a worker: that input alone, one thread, as fit and apply would treat it.

@@ -161,8 +161,13 @@ ShiftMeasure SiteShiftReport::measure() const {
 }
 
 void SiteShiftReport::write_preview(const std::string& png, int per_site) const {
+  const std::string bytes = preview_png(per_site, png);
+  write_file_atomic(png, bytes.data(), bytes.size());
+}
+
+std::string SiteShiftReport::preview_png(int per_site, const std::string& what) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (sites_.empty()) throw Error(png + ": no images to preview");
+  if (sites_.empty()) throw Error(what + ": no images to preview");
   Range range[2];
   for (int side = 0; side < 2; ++side) {
     std::vector<const Summary*> all;
@@ -208,8 +213,8 @@ void SiteShiftReport::write_preview(const std::string& png, int per_site) const 
     ++row;
   }
   std::vector<uchar> bytes;
-  if (!cv::imencode(".png", canvas, bytes)) throw Error(png + ": cannot encode preview");
-  write_file_atomic(png, bytes.data(), bytes.size());
+  if (!cv::imencode(".png", canvas, bytes)) throw Error(what + ": cannot encode preview");
+  return std::string(bytes.begin(), bytes.end());
 }
 
 }  // namespace concord::cli

@@ -35,6 +35,8 @@ class SiteShiftReport {
   ShiftMeasure measure() const;
   // A row per site: up to `per_site` before/after pairs. Writes the PNG atomically.
   void write_preview(const std::string& png, int per_site) const;
+  // The same montage as PNG bytes (`what` names it in errors).
+  std::string preview_png(int per_site, const std::string& what) const;
 
   // What is kept of one image: a thumbnail and a strided sample of its values.
   struct Summary {

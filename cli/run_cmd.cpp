@@ -1,6 +1,7 @@
 // `concord run FILE [--set k=v]... [--run-dir DIR]` and `concord run --resume RUN_DIR`.
 #include "commands.h"
 #include "progress.h"
+#include "report_html.h"
 
 #include <concord/engine.h>
 
@@ -177,6 +178,8 @@ void add_run_command(CLI::App& app, Globals& g) {
       throw Exit{130};
     }
     print_table(s);
+    write_run_harmonization(config, s.run_dir);
+    write_run_report_after_run(s.run_dir);
     if (!s.failures.empty()) throw Exit{1};
   });
 }
