@@ -35,5 +35,6 @@ void add_run_command(CLI::App& app, Globals& g);
 void add_validate_command(CLI::App& app, Globals& g);
 void add_plugins_command(CLI::App& app, Globals& g);
 void add_harmonize_command(CLI::App& app, Globals& g);
+void add_provision_command(CLI::App& app, Globals& g);
 
 }  // namespace concord::cli

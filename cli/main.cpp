@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   add_validate_command(app, g);
   add_plugins_command(app, g);
   add_harmonize_command(app, g);
+  add_provision_command(app, g);
   try {
     app.parse(argc, argv);
   } catch (const Exit& e) {
