@@ -26,7 +26,13 @@ inline std::vector<std::pair<std::string, int>> transport_args() {
           {GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000},
           {GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1},
           {GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000},
-          {GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0}};
+          {GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0},
+          // Throughput for large payloads: a deep stream window and large reads and writes.
+          {GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20},
+          {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 8 << 20},
+          {GRPC_ARG_TCP_READ_CHUNK_SIZE, 1 << 20},
+          {GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10},
+          {GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, 8 << 20}};
 }
 
 }  // namespace concord::net
