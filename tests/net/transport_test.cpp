@@ -70,6 +70,8 @@ struct Pki {
     c.not_before = std::time(nullptr) - 10 * 86400;
     c.not_after = std::time(nullptr) - 86400;
     put("site-a-expired", issue_certificate(ca, c));
+    sv.serial = 2;
+    put("server-other-ca", issue_certificate(other_ca, sv));
     write(path("crl.pem"), make_crl(ca, {14}, std::time(nullptr) + 86400));  // "revoked"
   }
   void put(const std::string& name, const CertKey& ck) {
@@ -326,6 +328,20 @@ TEST(NetTransport, TlsRefusalsAreExplainedOnBothEnds) {
     EXPECT_NE(error.find("refused site '" + c.site + "'"), std::string::npos) << error;
     EXPECT_TRUE(log.contains(c.expect)) << "server log lacks: " << c.expect;
   }
+  EXPECT_TRUE(server.sites().empty());
+}
+
+TEST(NetTransport, SiteRefusesAServerSignedByAnotherCa) {
+  ServerOptions so = server_opts();
+  so.server_cert = pki().path("server-other-ca.pem");
+  so.server_key = pki().path("server-other-ca.key");
+  GrpcServerChannel server(so);
+  LogCapture log;
+  SiteClientOptions o = site_opts(server.port(), "site-a");
+  o.max_attempts = 2;
+  EXPECT_EQ(run_site_client(o, echo), SiteExit::GaveUp);
+  EXPECT_TRUE(log.contains("site 'site-a': cannot connect to localhost:"));
+  EXPECT_TRUE(log.contains("the server's certificate is not signed by this kit's CA"));
   EXPECT_TRUE(server.sites().empty());
 }
 

@@ -373,7 +373,12 @@ SiteExit run_site_client(const SiteClientOptions& options, SiteHandler handler) 
       spdlog::warn("site '{}': connection to {} lost ({}): reconnecting", o.site, o.server,
                    st.error_message().empty() ? "closed" : st.error_message());
     } else {
-      spdlog::warn("site '{}': cannot connect to {}: {}", o.site, o.server, st.error_message());
+      std::string why = st.error_message();
+      if (why.find("certificate verify failed") != std::string::npos)
+        why +=
+            " (the server's certificate is not signed by this kit's CA, is not for the host "
+            "name dialled, or has expired)";
+      spdlog::warn("site '{}': cannot connect to {}: {}", o.site, o.server, why);
       ++failures;
       if (o.max_attempts >= 0 && failures >= o.max_attempts) return SiteExit::GaveUp;
     }
