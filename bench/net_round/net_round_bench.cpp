@@ -378,7 +378,7 @@ int main(int argc, char** argv) {
   int sites = 8, reps = 3;
   int64_t params = 10000000;
   double payload_mb = 0;
-  size_t chunk = net::kDefaultChunkBytes;
+  size_t chunk = net::chunk_bytes_from_env();
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };

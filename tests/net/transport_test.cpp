@@ -370,8 +370,13 @@ TEST(NetTransport, SiteProcessKilledMidCallOthersAnswerThenReconnects) {
   GrpcServerChannel server(server_opts());
   pid_t a = spawn_site(server.port(), "site-a", "echo");
   pid_t b = spawn_site(server.port(), "site-b", "slow");
-  ASSERT_TRUE(server.wait_for_sites({"site-a", "site-b"}, 60).empty());
+  pid_t c = spawn_site(server.port(), "site-c", "sum");
+  ASSERT_TRUE(server.wait_for_sites({"site-a", "site-b", "site-c"}, 60).empty());
   Bytes req = message_of(100000, 5);
+  double expect = 0;
+  Message m = decode(req);
+  for (int64_t i = 0; i < 100000; ++i) expect += m.arrays["w"].data<float>()[i];
+  EXPECT_DOUBLE_EQ(decode(server.call("site-c", req)).scalars.at("sum"), expect);
   std::thread killer([b] {
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
     kill(b, SIGKILL);
@@ -386,8 +391,9 @@ TEST(NetTransport, SiteProcessKilledMidCallOthersAnswerThenReconnects) {
   ASSERT_TRUE(server.wait_for_sites({"site-b"}, 60).empty());
   EXPECT_TRUE(same_bytes(server.call("site-b", req), req));
   server.shutdown("test over");
-  EXPECT_EQ(wait_exit(a), 0);
+  EXPECT_EQ(wait_exit(a), 0);  // each site exits 0 when the server ends the run
   EXPECT_EQ(wait_exit(b2), 0);
+  EXPECT_EQ(wait_exit(c), 0);
 }
 
 TEST(NetTransport, HungSiteIsDroppedByMissingHeartbeats) {

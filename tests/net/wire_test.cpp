@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "testing.h"
@@ -174,6 +175,17 @@ TEST(NetWire, ChunkSizeRange) {
   EXPECT_EQ(chunk_count_for(size_t(5) << 30, size_t(1) << 20), 5120u);  // a 5 GiB payload
   EXPECT_NE(testkit::error_of([] { check_chunk_bytes(8 << 20); }).find("4 KiB .. 4 MiB"),
             std::string::npos);
+  unsetenv("CONCORD_NET_CHUNK_KB");
+  EXPECT_EQ(chunk_bytes_from_env(), size_t(1) << 20);
+  setenv("CONCORD_NET_CHUNK_KB", "256", 1);
+  EXPECT_EQ(chunk_bytes_from_env(), size_t(256) << 10);
+  setenv("CONCORD_NET_CHUNK_KB", "8192", 1);
+  EXPECT_NE(testkit::error_of([] { chunk_bytes_from_env(); }).find("CONCORD_NET_CHUNK_KB=8192"),
+            std::string::npos);
+  setenv("CONCORD_NET_CHUNK_KB", "1", 1);
+  EXPECT_NE(testkit::error_of([] { chunk_bytes_from_env(); }).find("4 KiB .. 4 MiB"),
+            std::string::npos);
+  unsetenv("CONCORD_NET_CHUNK_KB");
 }
 
 // Random byte flips, truncations and insertions in valid frames: each is decoded or refused

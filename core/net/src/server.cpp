@@ -355,6 +355,7 @@ void Impl::monitor_loop() {
 GrpcServerChannel::GrpcServerChannel(ServerOptions options) : impl_(std::make_shared<Impl>()) {
   Impl& m = *impl_;
   m.opt = std::move(options);
+  if (m.opt.chunk_bytes == 0) m.opt.chunk_bytes = chunk_bytes_from_env();
   check_chunk_bytes(m.opt.chunk_bytes);
   m.max_bytes = m.opt.max_message_bytes ? m.opt.max_message_bytes : max_message_bytes();
   if (m.opt.heartbeat_seconds <= 0) throw Error("server: heartbeat interval must be > 0");

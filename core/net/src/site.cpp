@@ -319,6 +319,7 @@ const std::atomic<bool>* stop_flag_on_signals() {
 
 SiteExit run_site_client(const SiteClientOptions& options, SiteHandler handler) {
   SiteClientOptions o = options;
+  if (o.chunk_bytes == 0) o.chunk_bytes = chunk_bytes_from_env();
   check_chunk_bytes(o.chunk_bytes);
   if (o.site.empty()) throw Error("site: no site name");
   if (o.heartbeat_seconds <= 0) throw Error("site: heartbeat interval must be > 0");

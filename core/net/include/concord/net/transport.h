@@ -30,8 +30,8 @@ struct ServerOptions {
   // loopback address; logs a warning.
   bool insecure = false;
   std::vector<std::string> sites;  // the sites allowed to register (the pipeline's site list)
-  size_t chunk_bytes = kDefaultChunkBytes;
-  size_t max_message_bytes = 0;  // 0: max_message_bytes() (CONCORD_MAX_MESSAGE_MB)
+  size_t chunk_bytes = 0;          // 0: CONCORD_NET_CHUNK_KB, else 1 MiB (4 KiB .. 4 MiB)
+  size_t max_message_bytes = 0;    // 0: max_message_bytes() (CONCORD_MAX_MESSAGE_MB)
   // Application heartbeat interval (sent to every site in WELCOME). A site silent for
   // 3 intervals is dropped and its calls fail. HTTP/2 keepalive pings run separately.
   double heartbeat_seconds = 5;
@@ -78,8 +78,8 @@ struct SiteClientOptions {
   std::string site;    // this site's name (with TLS: must be the certificate's common name)
   std::string ca_cert, cert, key;  // PEM files (a site kit: see provision.h load_kit)
   bool insecure = false;           // development only: loopback servers only, warned
-  size_t chunk_bytes = kDefaultChunkBytes;
-  size_t max_message_bytes = 0;  // 0: max_message_bytes()
+  size_t chunk_bytes = 0;          // 0: CONCORD_NET_CHUNK_KB, else 1 MiB (4 KiB .. 4 MiB)
+  size_t max_message_bytes = 0;    // 0: max_message_bytes()
   // Heartbeat interval before the server's WELCOME says otherwise.
   double heartbeat_seconds = 5;
   // Reconnection: waits initial * 2^attempt, capped at max, times a factor in [0.5, 1) drawn
