@@ -94,7 +94,7 @@ ServerOptions server_opts(std::vector<std::string> sites = {"site-a", "site-b", 
   o.server_key = pki().path("server.key");
   o.crl = pki().path("crl.pem");
   o.sites = std::move(sites);
-  o.heartbeat_seconds = 0.3;
+  o.heartbeat_seconds = 1;  // a busy test machine must not look like a dead site
   return o;
 }
 
@@ -397,7 +397,9 @@ TEST(NetTransport, SiteProcessKilledMidCallOthersAnswerThenReconnects) {
 }
 
 TEST(NetTransport, HungSiteIsDroppedByMissingHeartbeats) {
-  GrpcServerChannel server(server_opts());
+  ServerOptions so = server_opts();
+  so.heartbeat_seconds = 0.3;
+  GrpcServerChannel server(so);
   pid_t a = spawn_site(server.port(), "site-a", "slow");
   ASSERT_TRUE(server.wait_for_sites({"site-a"}, 60).empty());
   std::thread freezer([a] {
@@ -415,21 +417,24 @@ TEST(NetTransport, SiteReconnectReplacesItsStream) {
   GrpcServerChannel server(server_opts());
   pid_t a = spawn_site(server.port(), "site-a", "echo");
   ASSERT_TRUE(server.wait_for_sites({"site-a"}, 60).empty());
-  kill(a, SIGKILL);
-  wait_exit(a);
+  // The old process is frozen, its connection still open: the server cannot know it is gone.
+  kill(a, SIGSTOP);
   pid_t a2 = spawn_site(server.port(), "site-a", "echo");
-  // Whether or not the server noticed the old stream's end yet, the new one takes over.
-  for (int i = 0; i < 100; ++i) {
+  // The new process registers under the same name and replaces the old stream; calls reach it.
+  Bytes req = message_of(1000, 9);
+  bool answered = false;
+  for (int i = 0; i < 600 && !answered; ++i) {
     try {
-      Bytes req = message_of(10, 1);
-      if (same_bytes(server.call("site-a", req), req)) break;
+      answered = same_bytes(server.call("site-a", req), req);
     } catch (const SiteError&) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   }
-  Bytes req = message_of(1000, 9);
+  EXPECT_TRUE(answered);
   EXPECT_TRUE(same_bytes(server.call("site-a", req), req));
   EXPECT_EQ(server.sites(), std::vector<std::string>{"site-a"});
+  kill(a, SIGKILL);
+  wait_exit(a);
   kill(a2, SIGTERM);
   EXPECT_EQ(wait_exit(a2), 2);  // stopped by the signal, cleanly
 }
