@@ -34,7 +34,8 @@ fi
 if [ -n "$peer" ] && [ -x "$peer/round_bench.sh" ]; then
   echo "== Flower (from $peer): 8 sites x 1e7, TLS"
   bash "$peer/setup.sh" >/dev/null
-  flower_out=$(bash "$peer/round_bench.sh" 8 10000000 --tls 2>&1 | tee /dev/stderr)
+  flower_out=$(bash "$peer/round_bench.sh" 8 10000000 --tls 2>&1)
+  echo "$flower_out"
   flower_s=$(echo "$flower_out" | awk '/^flower_round_s/ {print $2}')
   if [ -n "$flower_s" ] && [ -n "$concord_s" ]; then
     awk -v f="$flower_s" -v c="$concord_s" \
