@@ -678,6 +678,13 @@ TEST(NetKits, ProvisionConnectTamperRevokeAddSite) {
   ASSERT_TRUE(server.wait_for_sites({"site-c"}, 20).empty());
   EXPECT_NE(testkit::error_of([&] { add_site(kits, "site-c"); }).find("already has a kit"),
             std::string::npos);
+  // Rotation: after revoking, the same name gets a new certificate (new serial) that connects.
+  const uint64_t old_serial = certificate_info(slurp(a.cert)).serial;
+  std::filesystem::rename(kits + "/site-a", d.str() + "/old-site-a");
+  Kit a2 = load_kit(add_site(kits, "site-a"));
+  EXPECT_NE(certificate_info(slurp(a2.cert)).serial, old_serial);
+  SiteThread sa2(dial(a2), echo);
+  ASSERT_TRUE(server.wait_for_sites({"site-a"}, 20).empty());
   EXPECT_NE(testkit::error_of([&] { provision(p, kits); }).find("not empty"), std::string::npos);
 }
 
