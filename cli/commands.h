@@ -37,5 +37,6 @@ void add_plugins_command(CLI::App& app, Globals& g);
 void add_harmonize_command(CLI::App& app, Globals& g);
 void add_report_command(CLI::App& app, Globals& g);   // report_cmd.cpp
 void add_compare_command(CLI::App& app, Globals& g);  // report_cmd.cpp
+void add_provision_command(CLI::App& app, Globals& g);
 
 }  // namespace concord::cli

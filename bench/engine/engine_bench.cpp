@@ -11,6 +11,8 @@
 #include <concord/protocol.h>
 #include <concord/registry.h>
 
+#include "../common/noop_federation.h"
+
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -25,27 +27,15 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-struct NoopSite {
-  std::string name;
-  NamedArrays global;  // views into the broadcast buffer
-  Bytes handle(const Bytes& b) {
-    Message in = decode(b);
-    if (protocol::request_kind(in) == protocol::Request::Broadcast) {
-      global = std::move(in.arrays);
-      return encode(protocol::ack(name, in.round));
-    }
-    // No-op training: upload the received state.
-    Message out = protocol::update(name, in.round, global, 100, 0, 0);
-    return encode(out);
-  }
-};
+using bench::NoopSite;
 
 std::vector<std::string> connect_sites(InProcessChannel& ch, int sites,
                                        std::vector<std::unique_ptr<NoopSite>>& owned) {
   std::vector<std::string> names;
   for (int i = 0; i < sites; ++i) {
-    owned.push_back(std::make_unique<NoopSite>(NoopSite{"site-" + std::to_string(i), {}}));
+    owned.push_back(std::make_unique<NoopSite>());
     NoopSite* s = owned.back().get();
+    s->name = "site-" + std::to_string(i);
     ch.connect(s->name, [s](const Bytes& b) { return s->handle(b); });
     names.push_back(s->name);
   }
@@ -62,26 +52,8 @@ long peak_rss_mb() {
   return ru.ru_maxrss / 1024;
 }
 
-std::unique_ptr<Aggregator> fedavg(Registry& reg) {
-  auto failures = load_plugins(reg, {});
-  const PluginDesc& d = reg.get(Kind::Aggregator, "fedavg");
-  return reg.create<Aggregator>(Kind::Aggregator, "fedavg", make_args("fedavg", d.args));
-}
-
-NamedArrays model(int64_t params) {
-  // A realistic split into tensors: a few large, many small (like a CNN's convs + BatchNorms).
-  NamedArrays m;
-  int64_t left = params;
-  for (int i = 0; left > 0; ++i) {
-    int64_t n = std::min<int64_t>(left, i % 4 == 3 ? 512 : params / 8 + 1);
-    Array a = Array::uninitialized(DType::F32, {n});
-    float* p = a.data<float>();
-    for (int64_t k = 0; k < n; ++k) p[k] = float((k * 2654435761u) % 1000) * 1e-3f;
-    m["layer" + std::to_string(1000 + i)] = a;
-    left -= n;
-  }
-  return m;
-}
+using bench::fedavg;
+using bench::model;
 
 int overhead(int sites, int64_t params, int reps) {
   Registry reg;

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# bench/net_round/run.sh: the network benchmarks of issue 11, in one run (ratios, not absolutes).
+#   1. one round, 8 sites x 1e7 float32, mutual TLS: ratio to the in-process round and to raw TLS
+#   2. the same with 32 sites
+#   3. one 2.5 GB payload to one site
+#   4. Flower 1.23 (legacy gRPC API, FedAvg, echoing clients), 8 x 1e7 with TLS, when the peer
+#      folder exists (CONCORD_FLOWER_PEER, default /work/shared/peers/flower or
+#      ../shared/peers/flower beside the source tree); says so when it does not.
+# Environment: CONCORD_BUILD (default build/), CONCORD_BENCH_SKIP_BIG=1 skips 2 and 3.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+build="${CONCORD_BUILD:-$root/build}"
+cmake --build "$build" --target bench_net_round -j1 >/dev/null
+exe="$build/bin/bench_net_round"
+
+echo "== 8 sites x 1e7 float32, mutual TLS"
+"$exe" --sites 8 --params 10000000 --reps 3 | tee /tmp/concord-net-round-$$.txt
+concord_s=$(awk '/^net_round_s/ {print $2}' /tmp/concord-net-round-$$.txt)
+rm -f /tmp/concord-net-round-$$.txt
+echo "   target (issue 11): under ~0.45 s for 8 sites"
+if [ "${CONCORD_BENCH_SKIP_BIG:-0}" != 1 ]; then
+  echo "== 32 sites x 1e7 float32, mutual TLS"
+  "$exe" --sites 32 --params 10000000 --reps 2
+  echo "== one 2.5 GB payload to one site"
+  "$exe" --payload-mb 2500 --chunk-kb 4096
+fi
+
+peer="${CONCORD_FLOWER_PEER:-}"
+if [ -z "$peer" ]; then
+  for p in /work/shared/peers/flower "$root/../shared/peers/flower"; do
+    [ -d "$p" ] && peer="$p" && break
+  done
+fi
+if [ -n "$peer" ] && [ -x "$peer/round_bench.sh" ]; then
+  echo "== Flower (from $peer): 8 sites x 1e7, TLS"
+  bash "$peer/setup.sh" >/dev/null
+  flower_out=$(bash "$peer/round_bench.sh" 8 10000000 --tls 2>&1)
+  echo "$flower_out"
+  flower_s=$(echo "$flower_out" | awk '/^flower_round_s/ {print $2}')
+  if [ -n "$flower_s" ] && [ -n "$concord_s" ]; then
+    awk -v f="$flower_s" -v c="$concord_s" \
+      'BEGIN { printf "   Flower round %.3f s, Concord round %.3f s: Concord is %.1fx faster (target >= 10x)\n", f, c, f / c }'
+  fi
+else
+  echo "== Flower: no peer folder (/work/shared/peers/flower): not measured in this run"
+fi

@@ -1,0 +1,510 @@
+// GrpcServerChannel: the coordinator's end of the network. Sites connect in; one stream per
+// registered site; call() sends a request down the site's stream and waits for its reply.
+#include <concord/net/pki.h>
+#include <concord/net/transport.h>
+
+#include "framed_stream.h"
+#include "net_common.h"
+
+#include <grpcpp/generic/async_generic_service.h>
+
+#include <condition_variable>
+#include <map>
+#include <set>
+#include <thread>
+
+namespace concord::net {
+
+namespace {
+class ServerStream;
+}
+
+struct PendingCall {
+  std::string site;
+  uint64_t id = 0;
+  std::shared_ptr<ServerStream> stream;
+  PayloadAssembler reply_parts;
+  std::atomic<uint64_t> reply_total{0};
+  bool done = false;  // guarded by Impl::mu
+  Bytes reply;
+  std::string error;
+  explicit PendingCall(size_t max_bytes) : reply_parts(max_bytes) {}
+};
+
+struct GrpcServerChannel::Impl : grpc::CallbackGenericService {
+  ServerOptions opt;
+  size_t max_bytes = 0;
+  std::unique_ptr<ClientCertificateCheck> check;
+  std::mutex check_mu;
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  std::map<std::string, std::shared_ptr<ServerStream>> registered;
+  std::set<std::shared_ptr<ServerStream>> live;
+  std::map<uint64_t, std::shared_ptr<PendingCall>> pending;
+  std::set<uint64_t> abandoned;  // calls that timed out: their late replies are dropped quietly
+  uint64_t next_id = 1;
+  bool stopping = false, stopped = false;
+  std::thread monitor;
+
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override;
+  void register_site(const std::shared_ptr<ServerStream>& s, const FrameHeader& h);
+  void on_reply(const std::shared_ptr<ServerStream>& s, const Frame& f);
+  void on_site_error(const std::shared_ptr<ServerStream>& s, const FrameHeader& h);
+  void on_stream_done(const std::shared_ptr<ServerStream>& s, const std::string& why);
+  void fail_calls_locked(const std::shared_ptr<ServerStream>& s, const std::string& why);
+  void monitor_loop();
+};
+
+namespace {
+
+using Impl = GrpcServerChannel::Impl;
+
+class ServerStream : public detail::FramedStream<grpc::ServerGenericBidiReactor>,
+                     public std::enable_shared_from_this<ServerStream> {
+ public:
+  ServerStream(Impl* impl, grpc::GenericCallbackServerContext* ctx)
+      : FramedStream(impl->opt.chunk_bytes), impl_(impl), ctx_(ctx), peer_(ctx->peer()) {}
+
+  void start(std::shared_ptr<ServerStream> self) {
+    self_ = std::move(self);
+    if (ctx_->method() != kConnectMethod) {
+      finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no method " + ctx_->method()));
+      return;
+    }
+    start_reading();
+  }
+
+  const std::string& site() const { return site_; }
+  const std::string& peer() const { return peer_; }
+  grpc::GenericCallbackServerContext* context() { return ctx_; }
+  bool is_registered() const { return registered_; }
+  void set_registered(std::string site) {
+    site_ = std::move(site);
+    registered_ = true;
+  }
+
+  // Refuses the peer: an ERROR frame with the reason, then the stream ends with the status.
+  void refuse(const std::string& why) {
+    spdlog::warn("refused a site connecting from {}: {}", peer_, why);
+    FrameHeader e;
+    e.kind = FrameKind::Error;
+    e.text = why;
+    send_control(std::move(e));
+    finish(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, why));
+  }
+
+  // Ends the stream once the queued frames are written.
+  void finish(grpc::Status status) {
+    Action a;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finishing_) return;
+      finishing_ = true;
+      status_ = std::move(status);
+      payloads_.clear();  // requests still queued cannot be answered any more
+      a = next_locked();
+    }
+    perform(a);
+  }
+
+  void cancel() { ctx_->TryCancel(); }
+
+ protected:
+  void on_frame(const Frame& f) override {
+    auto self = shared_from_this();
+    if (!registered_) {
+      if (f.header.kind != FrameKind::Register)
+        refuse(std::string("first frame must be 'register', got '") + kind_name(f.header.kind) +
+               "'");
+      else
+        impl_->register_site(self, f.header);
+      return;
+    }
+    switch (f.header.kind) {
+      case FrameKind::Reply:
+        impl_->on_reply(self, f);
+        break;
+      case FrameKind::Error:
+        impl_->on_site_error(self, f.header);
+        break;
+      case FrameKind::Heartbeat:
+        break;
+      default: {
+        spdlog::warn("site '{}': unexpected '{}' frame", site_, kind_name(f.header.kind));
+        FrameHeader e;
+        e.kind = FrameKind::Error;
+        e.text = std::string("unexpected '") + kind_name(f.header.kind) + "' frame";
+        send_control(std::move(e));
+      }
+    }
+  }
+  void on_bad_frame(const std::string& why) override {
+    spdlog::warn("site '{}' ({}): malformed frame: {}", registered_ ? site_ : "?", peer_, why);
+    FramedStream::on_bad_frame(why);
+  }
+  void on_read_end() override {
+    finish(grpc::Status::OK);
+    impl_->on_stream_done(shared_from_this(), "disconnected");
+  }
+  Action on_drained_locked() override {
+    if (!finishing_ || finished_) return Action::None;
+    finished_ = true;
+    closed_ = true;
+    return Action::Finish;
+  }
+  void do_finish() override { Finish(status_); }
+  bool keep_reading() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return !finishing_;
+  }
+  void OnDone() override {
+    impl_->on_stream_done(shared_from_this(), "disconnected");
+    self_.reset();  // gRPC's reference: the object goes when the last user lets go
+  }
+
+ private:
+  Impl* impl_;
+  grpc::GenericCallbackServerContext* ctx_;
+  std::string peer_, site_;
+  std::atomic<bool> registered_{false};
+  bool finishing_ = false, finished_ = false;
+  grpc::Status status_;
+  std::shared_ptr<ServerStream> self_;
+};
+
+}  // namespace
+
+grpc::ServerGenericBidiReactor* Impl::CreateReactor(grpc::GenericCallbackServerContext* ctx) {
+  auto s = std::make_shared<ServerStream>(this, ctx);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!stopping) live.insert(s);
+  }
+  s->start(s);
+  return s.get();
+}
+
+void Impl::register_site(const std::shared_ptr<ServerStream>& s, const FrameHeader& h) {
+  std::string name = h.site;
+  if (!opt.insecure) {
+    auto auth = s->context()->auth_context();
+    std::string pem;
+    if (auth)
+      for (const auto& v : auth->FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME))
+        pem.assign(v.data(), v.size());
+    try {
+      std::lock_guard<std::mutex> lock(check_mu);
+      name = check->verify(pem);
+    } catch (const Error& e) {
+      s->refuse(e.what());
+      return;
+    }
+    if (h.site != name) {
+      s->refuse("certificate is for site '" + name + "' but it registers as '" + h.site + "'");
+      return;
+    }
+  }
+  if (std::find(opt.sites.begin(), opt.sites.end(), name) == opt.sites.end()) {
+    std::string list;
+    for (const auto& n : opt.sites) list += (list.empty() ? "" : ", ") + n;
+    s->refuse("site '" + name + "' is not in this federation's site list (" + list + ")");
+    return;
+  }
+  std::shared_ptr<ServerStream> old;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (stopping) {
+      s->refuse("the server is shutting down");
+      return;
+    }
+    auto it = registered.find(name);
+    if (it != registered.end()) old = it->second;
+    s->set_registered(name);
+    registered[name] = s;
+    if (old) fail_calls_locked(old, "reconnected during the call (a new connection replaced it)");
+  }
+  if (old) {
+    spdlog::info("site '{}' reconnected from {}: replacing its previous connection", name,
+                 s->peer());
+    old->cancel();
+  } else {
+    spdlog::info("site '{}' registered from {}", name, s->peer());
+  }
+  FrameHeader w;
+  w.kind = FrameKind::Welcome;
+  w.heartbeat_ms = uint32_t(std::max(1.0, opt.heartbeat_seconds * 1000));
+  w.site = name;
+  w.text = kSoftware;
+  s->send_control(std::move(w));
+  cv.notify_all();
+}
+
+void Impl::on_reply(const std::shared_ptr<ServerStream>& s, const Frame& f) {
+  const uint64_t id = f.header.call_id;
+  std::shared_ptr<PendingCall> c;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = pending.find(id);
+    if (it != pending.end()) c = it->second;
+    if (!c || c->done) {
+      if (abandoned.count(id) || (c && c->done)) return;  // late reply to a call given up
+    }
+  }
+  // A reply counts only on the stream of the site the call went to: another site's identity
+  // cannot answer it.
+  if (!c || c->stream != s) {
+    spdlog::warn("site '{}': reply to unknown call {}", s->site(), id);
+    FrameHeader e;
+    e.kind = FrameKind::Error;
+    e.call_id = id;
+    e.text = "reply to unknown call " + std::to_string(id);
+    s->send_control(std::move(e));
+    return;
+  }
+  try {
+    const bool complete = c->reply_parts.add(f);
+    c->reply_total = c->reply_parts.total();
+    if (!complete) return;
+    std::lock_guard<std::mutex> lock(mu);
+    c->reply = c->reply_parts.take();
+    c->done = true;
+  } catch (const Error& e) {
+    spdlog::warn("site '{}': malformed reply: {}", s->site(), e.what());
+    FrameHeader err;
+    err.kind = FrameKind::Error;
+    err.call_id = id;
+    err.text = std::string("malformed reply: ") + e.what();
+    s->send_control(std::move(err));
+    std::lock_guard<std::mutex> lock(mu);
+    if (!c->done) {
+      c->done = true;
+      c->error = std::string("sent a malformed reply: ") + e.what();
+    }
+  }
+  cv.notify_all();
+}
+
+void Impl::on_site_error(const std::shared_ptr<ServerStream>& s, const FrameHeader& h) {
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = h.call_id ? pending.find(h.call_id) : pending.end();
+  if (it != pending.end() && it->second->stream == s && !it->second->done) {
+    it->second->done = true;
+    it->second->error = h.text;
+    cv.notify_all();
+    return;
+  }
+  spdlog::warn("site '{}' reports: {}", s->site(), h.text);
+}
+
+void Impl::fail_calls_locked(const std::shared_ptr<ServerStream>& s, const std::string& why) {
+  for (auto& [id, c] : pending)
+    if (c->stream == s && !c->done) {
+      c->done = true;
+      c->error = why;
+    }
+  cv.notify_all();
+}
+
+void Impl::on_stream_done(const std::shared_ptr<ServerStream>& s, const std::string& why) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (s->is_registered()) {
+    auto it = registered.find(s->site());
+    if (it != registered.end() && it->second == s) {
+      registered.erase(it);
+      spdlog::info("site '{}' {}", s->site(), why);
+    }
+  }
+  fail_calls_locked(s, why + " during the call");
+  live.erase(s);
+  cv.notify_all();
+}
+
+void Impl::monitor_loop() {
+  const auto interval = std::chrono::milliseconds(int64_t(opt.heartbeat_seconds * 1000));
+  const int64_t dead_ms = int64_t(opt.heartbeat_seconds * 3000);
+  std::unique_lock<std::mutex> lock(mu);
+  while (!stopped) {
+    cv.wait_for(lock, interval);
+    if (stopped) break;
+    std::vector<std::shared_ptr<ServerStream>> streams;
+    for (auto& [name, s] : registered) streams.push_back(s);
+    lock.unlock();
+    const int64_t now = detail::now_ms();
+    for (auto& s : streams) {
+      const int64_t silent = now - s->last_received_ms();
+      if (silent > dead_ms) {
+        spdlog::warn("site '{}': no heartbeat for {:.1f} s: dropping it", s->site(), silent / 1e3);
+        {
+          std::lock_guard<std::mutex> l(mu);
+          fail_calls_locked(s, "sent no heartbeat for " + std::to_string(silent / 1000) + " s");
+        }
+        s->cancel();
+        continue;
+      }
+      FrameHeader hb;
+      hb.kind = FrameKind::Heartbeat;
+      s->send_control(std::move(hb));
+    }
+    lock.lock();
+  }
+}
+
+GrpcServerChannel::GrpcServerChannel(ServerOptions options) : impl_(std::make_shared<Impl>()) {
+  Impl& m = *impl_;
+  m.opt = std::move(options);
+  if (m.opt.chunk_bytes == 0) m.opt.chunk_bytes = chunk_bytes_from_env();
+  check_chunk_bytes(m.opt.chunk_bytes);
+  m.max_bytes = m.opt.max_message_bytes ? m.opt.max_message_bytes : max_message_bytes();
+  if (m.opt.heartbeat_seconds <= 0) throw Error("server: heartbeat interval must be > 0");
+  std::shared_ptr<grpc::ServerCredentials> creds;
+  if (m.opt.insecure) {
+    if (!is_loopback_address(m.opt.listen))
+      throw Error("--insecure listens on loopback addresses only, not '" + m.opt.listen + "'");
+    spdlog::warn(
+        "INSECURE: no TLS, no site authentication (development on this machine only); every "
+        "byte crosses {} in the clear",
+        m.opt.listen);
+    creds = grpc::InsecureServerCredentials();
+  } else {
+    m.check = std::make_unique<ClientCertificateCheck>(m.opt.ca_cert, m.opt.crl);
+    grpc::SslServerCredentialsOptions ssl(
+        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_BUT_DONT_VERIFY);
+    // The chain is verified after the handshake (ClientCertificateCheck) so that a refused site
+    // is told why in an ERROR frame, not by a bare TLS alert. TLS still proves the site holds
+    // the certificate's key.
+    ssl.pem_root_certs = read_text(m.opt.ca_cert);
+    ssl.pem_key_cert_pairs.push_back({read_text(m.opt.server_key), read_text(m.opt.server_cert)});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(m.opt.listen, creds, &m.port);
+  builder.RegisterCallbackGenericService(&m);
+  builder.SetMaxReceiveMessageSize(int(kMaxFrameBytes));
+  builder.SetMaxSendMessageSize(int(kMaxFrameBytes));
+  for (const auto& [k, v] : transport_args()) builder.AddChannelArgument(k, v);
+  m.server = builder.BuildAndStart();
+  if (!m.server || m.port == 0)
+    throw Error("server: cannot listen on '" + m.opt.listen + "' (address in use or invalid?)");
+  spdlog::info("server listening on port {} ({})", m.port,
+               m.opt.insecure ? "INSECURE" : "mutual TLS");
+  m.monitor = std::thread([&m] { m.monitor_loop(); });
+}
+
+GrpcServerChannel::~GrpcServerChannel() {
+  try {
+    shutdown("server stopped");
+  } catch (...) {
+  }
+}
+
+int GrpcServerChannel::port() const {
+  return impl_->port;
+}
+
+Bytes GrpcServerChannel::call(const std::string& site, const Bytes& request) {
+  Impl& m = *impl_;
+  auto c = std::make_shared<PendingCall>(m.max_bytes);
+  c->site = site;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    if (m.stopping) throw SiteError(site, "the server is shutting down");
+    auto it = m.registered.find(site);
+    if (it == m.registered.end()) throw SiteError(site, "not connected");
+    c->stream = it->second;
+    c->id = m.next_id++;
+    m.pending[c->id] = c;
+  }
+  if (!c->stream->send_payload(FrameKind::Request, c->id, request)) {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.pending.erase(c->id);
+    throw SiteError(site, "disconnected");
+  }
+  const auto start = std::chrono::steady_clock::now();
+  auto deadline = [&] {
+    const double bytes = double(request->size()) + double(c->reply_total.load());
+    const double s = m.opt.call_base_seconds + bytes / (m.opt.min_throughput_mb_s * 1e6);
+    return start + std::chrono::microseconds(int64_t(s * 1e6));
+  };
+  std::unique_lock<std::mutex> lock(m.mu);
+  while (!c->done) {
+    auto d = deadline();
+    if (std::chrono::steady_clock::now() >= d) break;
+    m.cv.wait_until(lock, std::min(d, std::chrono::steady_clock::now() + std::chrono::seconds(1)));
+  }
+  m.pending.erase(c->id);
+  if (!c->done) {
+    c->done = true;
+    m.abandoned.insert(c->id);
+    lock.unlock();
+    c->stream->cancel_payload(c->id);
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    throw SiteError(site, "no reply within " + std::to_string(int64_t(s)) + " s (request of " +
+                              std::to_string(request->size()) + " bytes)");
+  }
+  lock.unlock();
+  if (!c->error.empty()) throw SiteError(site, c->error);
+  try {
+    decode(c->reply);
+  } catch (const Error& e) {
+    throw SiteError(site, std::string("sent a corrupt reply: ") + e.what());
+  }
+  return c->reply;
+}
+
+std::vector<std::string> GrpcServerChannel::sites() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::vector<std::string> out;
+  for (const auto& [name, s] : impl_->registered) out.push_back(name);
+  return out;
+}
+
+std::vector<std::string> GrpcServerChannel::wait_for_sites(const std::vector<std::string>& names,
+                                                           double timeout_seconds) {
+  Impl& m = *impl_;
+  const auto until =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(timeout_seconds * 1e3));
+  std::unique_lock<std::mutex> lock(m.mu);
+  for (;;) {
+    std::vector<std::string> missing;
+    for (const auto& n : names)
+      if (!m.registered.count(n)) missing.push_back(n);
+    if (missing.empty() || std::chrono::steady_clock::now() >= until) return missing;
+    m.cv.wait_until(lock, until);
+  }
+}
+
+void GrpcServerChannel::shutdown(const std::string& reason) {
+  Impl& m = *impl_;
+  std::vector<std::shared_ptr<ServerStream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    if (m.stopping) return;
+    m.stopping = true;
+    streams.assign(m.live.begin(), m.live.end());
+  }
+  for (auto& s : streams) {
+    FrameHeader h;
+    h.kind = FrameKind::Shutdown;
+    h.text = reason;
+    s->send_control(std::move(h));
+  }
+  // Sites close their end when they read SHUTDOWN; give them a moment, then stop.
+  {
+    std::unique_lock<std::mutex> lock(m.mu);
+    m.cv.wait_for(lock, std::chrono::seconds(3), [&] { return m.live.empty(); });
+  }
+  m.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.stopped = true;
+    m.cv.notify_all();
+  }
+  if (m.monitor.joinable()) m.monitor.join();
+  m.server->Wait();
+}
+
+}  // namespace concord::net

@@ -1,0 +1,399 @@
+// run_site_client: a site's end of the network. Connects out to the server, registers, answers
+// requests with the site's handler, heartbeats, reconnects with jittered exponential backoff.
+#include <concord/net/pki.h>
+#include <concord/net/transport.h>
+#include <concord/seed.h>
+
+#include "framed_stream.h"
+#include "net_common.h"
+
+#include <grpcpp/generic/generic_stub.h>
+
+#include <condition_variable>
+#include <csignal>
+#include <map>
+#include <thread>
+
+namespace concord::net {
+
+bool is_loopback_address(const std::string& host_port) {
+  std::string host = host_port;
+  if (!host.empty() && host[0] == '[') {
+    host = host.substr(1, host.find(']') - 1);
+  } else if (auto c = host.rfind(':'); c != std::string::npos && host.find(':') == c) {
+    host = host.substr(0, c);
+  }
+  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
+
+std::string read_text(const std::string& file) {
+  Bytes b = read_file(file, size_t(1) << 20);
+  return std::string(reinterpret_cast<const char*>(b->data()), b->size());
+}
+
+namespace {
+
+std::atomic<bool> g_stop_signal{false};
+extern "C" void on_stop_signal(int) {
+  g_stop_signal = true;
+}
+
+using ClientReactor = grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>;
+
+class SiteConnection;
+
+struct Work {
+  std::shared_ptr<SiteConnection> conn;
+  uint64_t call_id;
+  Bytes request;
+};
+
+// Requests are answered one at a time, in order, on one thread: a site's state is not shared.
+class Worker {
+ public:
+  Worker(SiteHandler handler, std::string site)
+      : handler_(std::move(handler)), site_(std::move(site)) {
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~Worker() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void push(Work w) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(w));
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  void loop();
+  SiteHandler handler_;
+  std::string site_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Work> queue_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+class SiteConnection : public detail::FramedStream<ClientReactor>,
+                       public std::enable_shared_from_this<SiteConnection> {
+ public:
+  SiteConnection(const SiteClientOptions& opt, size_t max_bytes, Worker& worker)
+      : FramedStream(opt.chunk_bytes), opt_(opt), max_bytes_(max_bytes), worker_(worker) {}
+
+  void start(grpc::GenericStub& stub) {
+    stub.PrepareBidiStreamingCall(&ctx_, kConnectMethod, grpc::StubOptions(), this);
+    AddHold();  // OnDone waits for release(): no write can start after the stream is done
+    FrameHeader r;
+    r.kind = FrameKind::Register;
+    r.site = opt_.site;
+    r.text = kSoftware;
+    send_control(std::move(r));
+    start_reading();
+    StartCall();
+  }
+
+  // Waits for the stream to end; returns false when `ms` passed first.
+  bool wait_done(int64_t ms) {
+    std::unique_lock<std::mutex> lock(done_mu_);
+    return done_cv_.wait_for(lock, std::chrono::milliseconds(ms), [&] { return done_; });
+  }
+  void cancel() { ctx_.TryCancel(); }
+  void heartbeat() {
+    FrameHeader h;
+    h.kind = FrameKind::Heartbeat;
+    send_control(std::move(h));
+  }
+
+  bool welcomed() const { return welcomed_; }
+  bool shutdown_received() const { return shutdown_; }
+  int64_t heartbeat_ms() const { return heartbeat_ms_; }
+  std::string refusal() const {
+    std::lock_guard<std::mutex> lock(done_mu_);
+    return refusal_;
+  }
+  std::string shutdown_reason() const {
+    std::lock_guard<std::mutex> lock(done_mu_);
+    return shutdown_reason_;
+  }
+  grpc::Status status() const {
+    std::lock_guard<std::mutex> lock(done_mu_);
+    return status_;
+  }
+
+ protected:
+  void on_frame(const Frame& f) override {
+    const FrameHeader& h = f.header;
+    switch (h.kind) {
+      case FrameKind::Welcome:
+        if (h.heartbeat_ms > 0) heartbeat_ms_ = h.heartbeat_ms;
+        welcomed_ = true;
+        spdlog::info("site '{}': registered with the server ({})", opt_.site, h.text);
+        break;
+      case FrameKind::Request:
+        on_request(f);
+        break;
+      case FrameKind::Error:
+        if (!welcomed_) {
+          std::lock_guard<std::mutex> lock(done_mu_);
+          refusal_ = h.text;
+        }
+        spdlog::warn("site '{}': the server reports: {}", opt_.site, h.text);
+        break;
+      case FrameKind::Heartbeat:
+        break;
+      case FrameKind::Shutdown: {
+        {
+          std::lock_guard<std::mutex> lock(done_mu_);
+          shutdown_reason_ = h.text;
+        }
+        shutdown_ = true;
+        spdlog::info("site '{}': the server ends the run: {}", opt_.site, h.text);
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          writes_done_ = true;
+        }
+        pump();
+        break;
+      }
+      default: {
+        FrameHeader e;
+        e.kind = FrameKind::Error;
+        e.text = std::string("unexpected '") + kind_name(h.kind) + "' frame";
+        send_control(std::move(e));
+      }
+    }
+  }
+
+  void on_request(const Frame& f) {
+    const uint64_t id = f.header.call_id;
+    auto it = inbound_.find(id);
+    try {
+      if (it == inbound_.end()) {
+        // A server sends one request at a time per site; a few in flight are tolerated.
+        if (inbound_.size() >= 8) throw Error("more than 8 requests in flight");
+        it = inbound_.emplace(id, PayloadAssembler(max_bytes_)).first;
+      }
+      if (it->second.add(f)) {
+        Bytes request = it->second.take();
+        inbound_.erase(it);
+        worker_.push({shared_from_this(), id, std::move(request)});
+      }
+    } catch (const Error& e) {
+      if (it != inbound_.end()) inbound_.erase(it);
+      spdlog::warn("site '{}': malformed request {}: {}", opt_.site, id, e.what());
+      FrameHeader err;
+      err.kind = FrameKind::Error;
+      err.call_id = id;
+      err.text = std::string("malformed request: ") + e.what();
+      send_control(std::move(err));
+    }
+  }
+
+  void on_bad_frame(const std::string& why) override {
+    spdlog::warn("site '{}': malformed frame from the server: {}", opt_.site, why);
+    FramedStream::on_bad_frame(why);
+  }
+
+  void on_read_end() override { release(); }
+
+  Action on_drained_locked() override {
+    if (!writes_done_ || closed_) return Action::None;
+    closed_ = true;
+    return Action::WritesDone;
+  }
+  void do_writes_done() override { StartWritesDone(); }
+
+  void OnDone(const grpc::Status& s) override {
+    std::lock_guard<std::mutex> lock(done_mu_);
+    status_ = s;
+    done_ = true;
+    done_cv_.notify_all();
+  }
+
+ private:
+  void release() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closed_ = true;
+      if (released_) return;
+      released_ = true;
+    }
+    RemoveHold();
+  }
+
+  const SiteClientOptions& opt_;
+  size_t max_bytes_;
+  Worker& worker_;
+  grpc::ClientContext ctx_;
+  std::map<uint64_t, PayloadAssembler> inbound_;  // reactor thread only
+  std::atomic<bool> welcomed_{false}, shutdown_{false};
+  std::atomic<int64_t> heartbeat_ms_{0};
+  bool writes_done_ = false, released_ = false;
+  mutable std::mutex done_mu_;
+  std::condition_variable done_cv_;
+  bool done_ = false;
+  grpc::Status status_;
+  std::string refusal_, shutdown_reason_;
+};
+
+void Worker::loop() {
+  for (;;) {
+    Work w;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (stop_) return;  // requests still queued belong to a closed connection
+      w = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    Bytes reply;
+    std::string error;
+    try {
+      reply = handler_(w.request);
+      if (!reply) error = "the site's handler returned no reply";
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    w.request.reset();
+    if (!error.empty()) {
+      spdlog::warn("site '{}': request {} failed: {}", site_, w.call_id, error);
+      FrameHeader e;
+      e.kind = FrameKind::Error;
+      e.call_id = w.call_id;
+      e.text = error;
+      w.conn->send_control(std::move(e));
+    } else if (!w.conn->send_payload(FrameKind::Reply, w.call_id, std::move(reply))) {
+      spdlog::warn("site '{}': connection lost before the reply to request {} was sent", site_,
+                   w.call_id);
+    }
+  }
+}
+
+std::shared_ptr<grpc::ChannelCredentials> credentials(const SiteClientOptions& o) {
+  if (o.insecure) {
+    if (!is_loopback_address(o.server))
+      throw Error("--insecure connects to loopback servers only, not '" + o.server + "'");
+    spdlog::warn("INSECURE: site '{}' talks to {} without TLS (development on this machine only)",
+                 o.site, o.server);
+    return grpc::InsecureChannelCredentials();
+  }
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = read_text(o.ca_cert);
+  ssl.pem_cert_chain = read_text(o.cert);
+  ssl.pem_private_key = read_text(o.key);
+  const CertInfo info = certificate_info(ssl.pem_cert_chain);
+  if (info.common_name != o.site)
+    throw Error("certificate " + o.cert + " is for site '" + info.common_name + "', not '" +
+                o.site + "'");
+  if (!key_matches_certificate(ssl.pem_private_key, ssl.pem_cert_chain))
+    throw Error("key " + o.key + " does not belong to certificate " + o.cert);
+  return grpc::SslCredentials(ssl);
+}
+
+bool stop_requested(const SiteClientOptions& o) {
+  return o.stop && o.stop->load();
+}
+
+}  // namespace
+
+const std::atomic<bool>* stop_flag_on_signals() {
+  static bool installed = [] {
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
+    return true;
+  }();
+  (void)installed;
+  return &g_stop_signal;
+}
+
+SiteExit run_site_client(const SiteClientOptions& options, SiteHandler handler) {
+  SiteClientOptions o = options;
+  if (o.chunk_bytes == 0) o.chunk_bytes = chunk_bytes_from_env();
+  check_chunk_bytes(o.chunk_bytes);
+  if (o.site.empty()) throw Error("site: no site name");
+  if (o.heartbeat_seconds <= 0) throw Error("site: heartbeat interval must be > 0");
+  const size_t max_bytes = o.max_message_bytes ? o.max_message_bytes : max_message_bytes();
+  auto creds = credentials(o);
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(int(kMaxFrameBytes));
+  args.SetMaxSendMessageSize(int(kMaxFrameBytes));
+  for (const auto& [k, v] : transport_args()) args.SetInt(k, v);
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+
+  SeededRandom rng(derive_seed(o.seed, "reconnect/" + o.site));
+  Worker worker(std::move(handler), o.site);
+  int failures = 0;
+  for (;;) {
+    if (stop_requested(o)) return SiteExit::Stopped;
+    // A fresh channel per attempt: a new TCP + TLS connection, no state from the broken one.
+    auto channel = grpc::CreateCustomChannel(o.server, creds, args);
+    grpc::GenericStub stub(channel);
+    auto conn = std::make_shared<SiteConnection>(o, max_bytes, worker);
+    conn->start(stub);
+    int64_t hb_ms = int64_t(o.heartbeat_seconds * 1000);
+    int64_t last_hb = detail::now_ms();
+    bool cancelled = false;
+    while (!conn->wait_done(std::min<int64_t>(hb_ms, 200))) {
+      if (conn->heartbeat_ms() > 0) hb_ms = conn->heartbeat_ms();
+      const int64_t now = detail::now_ms();
+      if (cancelled) continue;
+      if (stop_requested(o)) {
+        spdlog::info("site '{}': stopping", o.site);
+        conn->cancel();
+        cancelled = true;
+      } else if (conn->welcomed() && now - conn->last_received_ms() > 3 * hb_ms) {
+        spdlog::warn("site '{}': nothing from the server for {:.1f} s: reconnecting", o.site,
+                     (now - conn->last_received_ms()) / 1e3);
+        conn->cancel();
+        cancelled = true;
+      } else if (now - last_hb >= hb_ms) {
+        conn->heartbeat();
+        last_hb = now;
+      }
+    }
+    if (conn->shutdown_received()) return SiteExit::Shutdown;
+    if (stop_requested(o)) return SiteExit::Stopped;
+    const grpc::Status st = conn->status();
+    const std::string refusal = conn->refusal();
+    if (!conn->welcomed() && st.error_code() == grpc::StatusCode::PERMISSION_DENIED)
+      throw Error("server " + o.server + " refused site '" + o.site +
+                  "': " + (refusal.empty() ? st.error_message() : refusal));
+    if (conn->welcomed()) {
+      failures = 0;
+      spdlog::warn("site '{}': connection to {} lost ({}): reconnecting", o.site, o.server,
+                   st.error_message().empty() ? "closed" : st.error_message());
+    } else {
+      std::string why = st.error_message();
+      if (why.find("certificate verify failed") != std::string::npos)
+        why +=
+            " (the server's certificate is not signed by this kit's CA, is not for the host "
+            "name dialled, or has expired)";
+      spdlog::warn("site '{}': cannot connect to {}: {}", o.site, o.server, why);
+      ++failures;
+      if (o.max_attempts >= 0 && failures >= o.max_attempts) return SiteExit::GaveUp;
+    }
+    const int shift = std::min(failures, 30);
+    double wait = std::min(o.backoff_max_seconds,
+                           o.backoff_initial_seconds * double(1u << std::min(shift, 20)));
+    wait *= 0.5 + 0.5 * uniform01(rng);
+    const int64_t until = detail::now_ms() + int64_t(wait * 1000);
+    while (detail::now_ms() < until) {
+      if (stop_requested(o)) return SiteExit::Stopped;
+      std::this_thread::sleep_for(
+          std::chrono::milliseconds(std::min<int64_t>(50, until - detail::now_ms() + 1)));
+    }
+  }
+}
+
+}  // namespace concord::net
