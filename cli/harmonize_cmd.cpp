@@ -15,7 +15,9 @@
 
 #include <iomanip>
 
+#include <concord/durable_output.h>
 #include <concord/pipeline.h>
+#include "harmonize_apply.h"
 #include "harmonize_common.h"
 #include "harmonize_evaluate.h"
 #include "harmonize_inputs.h"
@@ -33,8 +35,6 @@
 
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
-
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -95,11 +95,6 @@ std::unique_ptr<Harmonizer> make_harmonizer(const std::string& method, const Arg
   ctx.seed = seed;
   ctx.instance = "harmonize";
   return global_registry().create<Harmonizer>(Kind::Harmonizer, method, args, ctx);
-}
-
-// Error messages from read_image already name the file; others get it prepended.
-std::string with_path(const std::string& path, const std::string& reason) {
-  return reason.find(path) != std::string::npos ? reason : path + ": " + reason;
 }
 
 // read_image with the --non-finite and --channels policies (the reader applies both; NaN/Inf
@@ -253,23 +248,6 @@ bool clamps(const Image& im) {
   return out * 1000 > im.data.size();  // more than 0.1% of the voxels
 }
 
-void copy_atomic(const std::string& from, const std::string& to, bool dir) {
-  if (!dir) {
-    Bytes b = read_file(from);
-    write_file_atomic(to, b->data(), b->size());
-    return;
-  }
-  // A DICOM mask series: copy into a hidden sibling folder, then rename.
-  fs::path target(to);
-  fs::create_directories(target.parent_path());
-  fs::path tmp = target.parent_path() /
-                 ("." + target.filename().string() + ".concord-tmp-" + std::to_string(getpid()));
-  fs::remove_all(tmp);
-  fs::copy(from, tmp, fs::copy_options::recursive);
-  if (fs::exists(target)) fs::remove_all(target);
-  fs::rename(tmp, target);
-}
-
 // PNG, JPEG and BMP hold integers only: a float32 policy still rounds there.
 bool is_integer_only_format(const std::string& path) {
   std::string ext = fs::path(path).extension().string();
@@ -277,10 +255,6 @@ bool is_integer_only_format(const std::string& path) {
                  [](unsigned char c) { return std::tolower(c); });
   return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
 }
-
-struct ApplyCounts {
-  std::atomic<size_t> written{0}, skipped{0}, copied{0}, clamped{0}, rounded{0};
-};
 
 bool is_integer_type(PixelType t) {
   return t == PixelType::U8 || t == PixelType::I8 || t == PixelType::U16 || t == PixelType::I16 ||
@@ -342,15 +316,18 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   claim_output_folder(o.out, mine, o.overwrite);
   OutputRecords records(o.out);
 
-  const int jobs = state.serial() ? 1 : worker_count(o.jobs);
-  std::vector<std::string> site_of;
-  for (const auto& it : items) site_of.push_back(it.role == InputItem::Role::Image ? it.site : "");
-  const std::vector<bool> report_pick = pick_report_items(site_of, 16, o.seed);
-  SiteShiftReport report;
-  ApplyCounts counts;
+  ApplyLoopOptions lo;
+  lo.label = "apply " + method;
+  lo.jobs = state.serial() ? 1 : worker_count(o.jobs);
+  lo.progress = !o.no_progress;
+  for (const auto& it : items)
+    lo.site_of.push_back(it.role == InputItem::Role::Image ? it.site : "");
+  lo.seed = o.seed;
+  lo.masks_verb = "copied";
+  ApplyLoop loop(std::move(lo), failures);
+  std::atomic<size_t> clamped{0}, rounded{0};
   std::mutex switched_mutex;
   std::vector<std::string> switched;  // outputs written as float32 instead of the input's type
-  ProgressBar bar("apply " + method, int64_t(items.size()), !o.no_progress);
 
   // One harmonizer per worker thread, its site statistics set when the site changes.
   struct Worker {
@@ -366,120 +343,101 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
     return w;
   };
 
-  // Outputs are flushed and renamed into place on one publisher thread, so that workers compute
-  // while the disk writes; an output counts as written once it is in place.
-  OutputPublisher publisher([&](const std::string& path, const std::string& error) {
-    if (error.empty())
-      ++counts.written;
-    else
-      failures.add(path, with_path(path, error), &bar);
-  });
-  parallel_for(items.size(), jobs, [&](size_t i) {
+  // Per input: skip it when it failed already or its output is complete, copy a mask, or
+  // harmonize an image and hand its output to the loop (counted as written once in place).
+  auto name_of = [&](size_t i) { return items[i].path; };
+  loop.run(name_of, [&](size_t i) {
     const InputItem& it = items[i];
-    if (failures.has(it.path)) return bar.advance();
+    if (failures.has(it.path)) return;
     const std::string out = (fs::path(o.out) / it.relative).string();
     InProgress busy(state, it.path);
-    try {
-      // An output is complete when it exists and its record names the input as it is now; a
-      // stale output (also one of another harmonization, --overwrite) goes before the new record,
-      // so that the record never vouches for it, and an input that now fails has no output.
-      const std::string identity = input_identity(it.path);
-      const bool done = fs::exists(out) && !o.overwrite && records.matches(it.relative, identity);
-      if (!done && (it.role == InputItem::Role::Image || o.masks == "copy")) {
-        if (fs::exists(out)) fs::remove_all(out);
-        records.record(it.relative, identity);
-      }
-      if (it.role == InputItem::Role::Mask) {
-        if (o.masks == "copy") {
-          if (done)
-            ++counts.skipped;
-          else
-            copy_atomic(it.path, out, it.dicom), ++counts.copied;
-        }
-      } else if (done) {
-        ++counts.skipped;
-        if (report_pick[i])
-          report.add(it.site, it.relative, read_input(it.path, o), read_image(out));
-      } else {
-        Worker& w = worker();
-        if (w.site != it.site) {
-          w.h->set_statistics(stats, it.site);
-          w.site = it.site;
-        }
-        Image im = read_input(it.path, o);
-        std::optional<Image> before;
-        if (report_pick[i] || it.dicom) before = im;
-        // Written as integers: the input's integer type (keep), or a format that has no floats.
-        const bool integer_only = is_integer_only_format(out);
-        const bool integer = (keep && is_integer_type(im.pixel_type)) || integer_only;
-        const PixelType in_type = im.pixel_type;
-        const size_t levels_in = integer ? integer_levels(im) : 0;
-        w.h->apply(im);
-        if (im.data.size() != size_t(im.channels) * size_t(im.voxels()))
-          throw Error("harmonizer '" + method +
-                      "' returned an image whose buffer does not match "
-                      "its size");
-        WriteOptions wo;
-        wo.keep_pixel_type = keep;
-        const size_t levels_out = integer ? integer_levels(im) : 0;
-        if (integer && integer_type_destroys(levels_in, levels_out)) {
-          const std::string what =
-              "harmonized values span " + std::to_string(levels_out) + " levels of " +
-              (keep ? pixel_type_name(in_type) : "the format's integers") + " (the input " +
-              std::to_string(levels_in) + (levels_in >= 4096 ? "+" : "") +
-              "): stored as integers the image is destroyed";
-          if (integer_only)
-            throw Error(it.path + ": " + what +
-                        "; PNG, JPEG and BMP hold integers only: convert the inputs to NIfTI "
-                        "(then float32 is written), or use a harmonizer whose output keeps the "
-                        "intensity range (e.g. histogram-match)");
-          if (strict)
-            throw Error(it.path + ": " + what +
-                        " (--pixel-type keep-strict); use --pixel-type keep or float32");
-          wo.keep_pixel_type = false;
-          bar.print("warning: " + it.path + ": " + what + "; written as float32");
-          std::lock_guard<std::mutex> lock(switched_mutex);
-          switched.push_back(it.relative);
-        }
-        if (wo.keep_pixel_type && clamps(im)) ++counts.clamped;
-        if (!keep && is_integer_only_format(out)) ++counts.rounded;
-        wo.new_uids = !before || before->data != im.data;
-        wo.publisher = &publisher;
-        write_image(im, out, wo);
-        if (report_pick[i]) report.add(it.site, it.relative, *before, im);
-      }
-    } catch (const std::exception& e) {
-      failures.add(it.path, with_path(it.path, e.what()), &bar);
+    // An output is complete when it exists and its record names the input as it is now; a
+    // stale output (also one of another harmonization, --overwrite) goes before the new record,
+    // so that the record never vouches for it, and an input that now fails has no output.
+    const std::string identity = input_identity(it.path);
+    const bool done = fs::exists(out) && !o.overwrite && records.matches(it.relative, identity);
+    if (!done && (it.role == InputItem::Role::Image || o.masks == "copy")) {
+      if (fs::exists(out)) fs::remove_all(out);
+      records.record(it.relative, identity);
     }
-    bar.advance();
-    std::string status;
-    if (counts.skipped) status += std::to_string(counts.skipped) + " already done";
-    if (failures.size())
-      status += (status.empty() ? "" : ", ") + std::to_string(failures.size()) + " failed";
-    bar.set_status(status);
+    if (it.role == InputItem::Role::Mask) {
+      if (o.masks == "copy") {
+        if (done)
+          ++loop.skipped;
+        else
+          copy_atomic(it.path, out), ++loop.masks;
+      }
+      return;
+    }
+    if (done) {
+      ++loop.skipped;
+      if (loop.in_report(i))
+        loop.report.add(it.site, it.relative, read_input(it.path, o), read_image(out));
+      return;
+    }
+    Worker& w = worker();
+    if (w.site != it.site) {
+      w.h->set_statistics(stats, it.site);
+      w.site = it.site;
+    }
+    Image im = read_input(it.path, o);
+    std::optional<Image> before;
+    if (loop.in_report(i) || it.dicom) before = im;
+    // Written as integers: the input's integer type (keep), or a format that has no floats.
+    const bool integer_only = is_integer_only_format(out);
+    const bool integer = (keep && is_integer_type(im.pixel_type)) || integer_only;
+    const PixelType in_type = im.pixel_type;
+    const size_t levels_in = integer ? integer_levels(im) : 0;
+    w.h->apply(im);
+    if (im.data.size() != size_t(im.channels) * size_t(im.voxels()))
+      throw Error("harmonizer '" + method +
+                  "' returned an image whose buffer does not match "
+                  "its size");
+    WriteOptions wo;
+    wo.keep_pixel_type = keep;
+    const size_t levels_out = integer ? integer_levels(im) : 0;
+    if (integer && integer_type_destroys(levels_in, levels_out)) {
+      const std::string what =
+          "harmonized values span " + std::to_string(levels_out) + " levels of " +
+          (keep ? pixel_type_name(in_type) : "the format's integers") + " (the input " +
+          std::to_string(levels_in) + (levels_in >= 4096 ? "+" : "") +
+          "): stored as integers the image is destroyed";
+      if (integer_only)
+        throw Error(it.path + ": " + what +
+                    "; PNG, JPEG and BMP hold integers only: convert the inputs to NIfTI "
+                    "(then float32 is written), or use a harmonizer whose output keeps the "
+                    "intensity range (e.g. histogram-match)");
+      if (strict)
+        throw Error(it.path + ": " + what +
+                    " (--pixel-type keep-strict); use --pixel-type keep or float32");
+      wo.keep_pixel_type = false;
+      loop.bar().print("warning: " + it.path + ": " + what + "; written as float32");
+      std::lock_guard<std::mutex> lock(switched_mutex);
+      switched.push_back(it.relative);
+    }
+    if (wo.keep_pixel_type && clamps(im)) ++clamped;
+    if (!keep && is_integer_only_format(out)) ++rounded;
+    wo.new_uids = !before || before->data != im.data;
+    loop.write(im, out, wo, loop.written);
+    if (loop.in_report(i)) loop.report.add(it.site, it.relative, *before, im);
   });
-  publisher.finish();
-  bar.finish();
   records.compact();
   *processed = items.size() + failed_before;
   // An input that failed only while fitting is still a failed input.
   for (const auto& [what, reason] : fit_failures.list())
     if (!failures.has(what)) failures.add(what, reason, nullptr);
 
-  std::cout << "harmonize apply: " << counts.written << " written, " << counts.skipped
-            << " already complete (skipped), " << counts.copied << " masks copied, "
-            << failures.size() << " failed, in " << format_duration(bar.elapsed_seconds()) << " ("
-            << jobs << " threads)\n";
-  if (counts.clamped)
+  loop.print_summary();
+  if (clamped)
     spdlog::warn(
         "{} outputs had more than 0.1% of their values clamped to the input pixel type's "
         "range; consider --pixel-type float32",
-        size_t(counts.clamped));
-  if (counts.rounded)
+        size_t(clamped));
+  if (rounded)
     spdlog::warn(
         "{} outputs are PNG/JPEG/BMP, which cannot hold float32: their values were "
         "rounded (and clamped) to 16-bit (PNG) or 8-bit integers",
-        size_t(counts.rounded));
+        size_t(rounded));
   std::sort(switched.begin(), switched.end());
   if (!switched.empty())
     spdlog::warn(
@@ -488,13 +446,9 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
         switched.size());
   json rep;
   rep["method"] = method;
-  rep["written"] = size_t(counts.written);
-  rep["skipped"] = size_t(counts.skipped);
-  rep["masks_copied"] = size_t(counts.copied);
   rep["written_as_float32"] = switched;
   rep["ignored"] = found.ignored;  // files that are not images: neither written nor failed
-  add_failures_to_report(failures, rep);
-  print_site_shift(report, rep, o.preview, o.preview_per_site);
+  loop.add_to_report(rep, o.preview, o.preview_per_site);
   if (!o.report.empty()) write_file_atomic(o.report, json_text(rep, 2) + "\n");
   if (!o.report.empty()) write_harmonize_report_html(o.report, rep, report, o.preview_per_site);
 }

@@ -1,5 +1,6 @@
 #include "harmonize_common.h"
 
+#include <concord/durable_output.h>
 #include <concord/error.h>
 #include <concord/message.h>
 #include <concord/seed.h>
@@ -197,11 +198,7 @@ void remove_leftover_temporaries(const std::string& out) {
   std::vector<fs::path> stale;
   std::error_code ec;
   for (fs::recursive_directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    const auto tmp = name.rfind(".tmp-");
-    if (name.find(".concord-tmp-") != std::string::npos ||
-        (tmp != std::string::npos &&
-         name.find_first_not_of("0123456789-", tmp + 5) == std::string::npos)) {
+    if (is_temporary_name(it->path().filename().string())) {
       stale.push_back(it->path());
       if (it->is_directory()) it.disable_recursion_pending();
     }

@@ -1,5 +1,6 @@
 #include "harmonize_report.h"
 
+#include <concord/durable_output.h>
 #include <concord/error.h>
 #include <concord/message.h>
 

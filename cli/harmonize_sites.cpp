@@ -1,9 +1,11 @@
 // `concord harmonize fit|apply --pipeline P --sites`: see harmonize_sites.h and docs/harmonize.md.
 #include "harmonize_sites.h"
 
+#include "harmonize_apply.h"
 #include "harmonize_common.h"
 #include "report_html.h"
 
+#include <concord/durable_output.h>
 #include <concord/engine.h>
 #include <concord/error.h>
 #include <concord/image_io.h>
@@ -194,56 +196,42 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
   claim_output_folder(o.out, mine, o.overwrite);
 
   const std::vector<Item> items = plan(r, o.masks == "copy");
-  std::vector<std::string> site_of;
-  for (const auto& it : items) site_of.push_back(it.site->name);
-  const std::vector<bool> report_pick = pick_report_items(site_of, 16, p.config.seed);
-  SiteShiftReport report;
   Failures failures;
-  std::atomic<size_t> written{0}, skipped{0}, masks{0};
-  const int jobs = worker_count(o.jobs);
-  ProgressBar bar("write " + p.method, int64_t(items.size()), !o.no_progress);
-  // Flush + rename on a publisher thread (see harmonize apply on files).
-  OutputPublisher publisher([&](const std::string& path, const std::string& error) {
-    if (!error.empty()) failures.add(path, path + ": " + error, &bar);
-  });
-  parallel_for(items.size(), jobs, [&](size_t i) {
+  ApplyLoopOptions lo;
+  lo.label = "write " + p.method;
+  lo.jobs = worker_count(o.jobs);
+  lo.progress = !o.no_progress;
+  for (const auto& it : items) lo.site_of.push_back(it.site->name);
+  lo.seed = p.config.seed;
+  ApplyLoop loop(std::move(lo), failures);
+  auto name_of = [&](size_t i) {
+    return items[i].site->name + "/" + items[i].split + " sample '" + items[i].sample->id + "'";
+  };
+  loop.run(name_of, [&](size_t i) {
     const Item& it = items[i];
     const fs::path image = fs::path(o.out) / it.image;
-    try {
-      if (fs::exists(image) && !o.overwrite) {
-        ++skipped;
-      } else {
-        Image im = it.sample->image;
-        im.pixel_type = PixelType::F32;
-        WriteOptions wo;
-        wo.keep_pixel_type = false;
-        wo.publisher = &publisher;
-        write_image(im, image.string(), wo);
-        ++written;
-      }
-      if (!it.mask.empty()) {
-        const fs::path mask = fs::path(o.out) / it.mask;
-        if (!fs::exists(mask) || o.overwrite) {
-          Image m = *it.sample->mask;
-          float top = 0;
-          for (float v : m.data) top = std::max(top, v);
-          m.pixel_type = top <= 255 ? PixelType::U8 : PixelType::U16;
-          WriteOptions mo;
-          mo.publisher = &publisher;
-          write_image(m, mask.string(), mo);
-          ++masks;
-        }
-      }
-      if (report_pick[i]) report.add(it.site->name, it.image, it.before->image, it.sample->image);
-    } catch (const std::exception& e) {
-      const std::string what = it.site->name + "/" + it.split + " sample '" + it.sample->id + "'";
-      failures.add(what, what + ": " + e.what(), &bar);
+    if (fs::exists(image) && !o.overwrite) {
+      ++loop.skipped;
+    } else {
+      Image im = it.sample->image;
+      im.pixel_type = PixelType::F32;
+      WriteOptions wo;
+      wo.keep_pixel_type = false;
+      loop.write(im, image.string(), wo, loop.written);
     }
-    bar.advance();
-    if (failures.size()) bar.set_status(std::to_string(failures.size()) + " failed");
+    if (!it.mask.empty()) {
+      const fs::path mask = fs::path(o.out) / it.mask;
+      if (!fs::exists(mask) || o.overwrite) {
+        Image m = *it.sample->mask;
+        float top = 0;
+        for (float v : m.data) top = std::max(top, v);
+        m.pixel_type = top <= 255 ? PixelType::U8 : PixelType::U16;
+        loop.write(m, mask.string(), WriteOptions{}, loop.masks);
+      }
+    }
+    if (loop.in_report(i))
+      loop.report.add(it.site->name, it.image, it.before->image, it.sample->image);
   });
-  publisher.finish();  // every output in place (or failed) before the manifest lists it
-  bar.finish();
 
   // The manifest lists every sample whose files are complete, in the federation's order.
   const bool seg = r.federation.task == Task::Segmentation;
@@ -266,20 +254,13 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
     write_file_atomic(manifest, text);
   }
 
-  std::cout << "harmonize apply: " << written << " written, " << skipped
-            << " already complete (skipped), " << masks << " masks written, " << failures.size()
-            << " failed, in " << format_duration(bar.elapsed_seconds()) << " (" << jobs
-            << " threads)\n";
+  loop.print_summary();
   json rep;
   rep["method"] = p.method;
   rep["pipeline"] = o.pipeline;
   rep["harmonizer"] = o.harmonizer;
-  rep["written"] = size_t(written);
-  rep["skipped"] = size_t(skipped);
-  rep["masks_written"] = size_t(masks);
   rep["manifest"] = manifest;
-  add_failures_to_report(failures, rep);
-  print_site_shift(report, rep, o.preview, o.preview_per_site);
+  loop.add_to_report(rep, o.preview, o.preview_per_site);
   if (!manifest.empty())
     std::cout << "manifest: " << manifest << " (train on it with the csv dataset: {type: csv, "
               << "args: {file: " << manifest << ", normalize: none}})\n";

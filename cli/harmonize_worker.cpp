@@ -2,6 +2,7 @@
 
 #include "harmonize_common.h"
 
+#include <concord/durable_output.h>
 #include <concord/error.h>
 #include <concord/message.h>
 

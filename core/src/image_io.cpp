@@ -1,6 +1,7 @@
 // Image reading and writing: OpenCV for PNG/JPEG/BMP/TIFF, ITK for NIfTI/NRRD/MetaImage and
 // DICOM series. ITK formats go through itk::ImageIOBase directly so that any dimension (2 or 3),
 // component type and channel count is read without templating on them.
+#include <concord/durable_output.h>
 #include <concord/error.h>
 #include <concord/image_io.h>
 #include <concord/message.h>
@@ -25,16 +26,10 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -42,7 +37,6 @@
 #include <mutex>
 #include <random>
 #include <sstream>
-#include <thread>
 
 namespace concord {
 namespace fs = std::filesystem;
@@ -326,79 +320,6 @@ void to_planar(itk::IOComponentEnum c, const void* src, int ncomp, int64_t nvox,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Atomic output helpers
-
-std::string temp_suffix() {
-  static std::atomic<uint64_t> counter{0};
-  static const uint64_t salt = std::random_device{}();
-  return std::to_string(getpid()) + "-" + std::to_string((salt + counter++) % 100000000);
-}
-
-void fsync_path(const fs::path& p) {
-  int fd = ::open(p.c_str(), O_RDONLY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-}
-
-// A hidden scratch folder next to `target`, removed (with its contents) unless released.
-class ScratchDir {
- public:
-  explicit ScratchDir(const fs::path& target) {
-    fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
-    fs::create_directories(parent);
-    path_ = parent / ("." + target.filename().string() + ".concord-tmp-" + temp_suffix());
-    fs::create_directory(path_);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
-// Moves every file written into `scratch` next to `target`; `target` itself goes last, so a
-// header (.mhd, .nhdr) appears only once its data file is complete.
-void publish_files(const fs::path& scratch, const fs::path& target) {
-  fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  std::vector<fs::path> files;
-  for (const auto& e : fs::directory_iterator(scratch)) files.push_back(e.path());
-  std::stable_partition(files.begin(), files.end(),
-                        [&](const fs::path& f) { return f.filename() != target.filename(); });
-  for (const auto& f : files) {
-    fsync_path(f);
-    std::error_code ec;
-    fs::rename(f, parent / f.filename(), ec);
-    if (ec)
-      throw Error("cannot move " + f.string() + " to " + (parent / f.filename()).string() + ": " +
-                  ec.message());
-  }
-}
-
-// Runs `publish` (fsync + rename out of `scratch`) now, or on the options' publisher thread; the
-// scratch folder lives until then. Without `publish`: publish_files(scratch, target).
-void finish_output(std::shared_ptr<ScratchDir> scratch, const fs::path& target,
-                   const WriteOptions& opt, std::function<void()> publish = {}) {
-  if (!publish) publish = [dir = scratch->path(), target] { publish_files(dir, target); };
-  if (!opt.publisher) return publish();
-  opt.publisher->submit(
-      target.string(), [scratch = std::move(scratch), publish = std::move(publish)] { publish(); });
-}
-
-// Writes bytes to a new file without flushing it (publish_files flushes before the rename).
-void write_bytes(const fs::path& file, const void* data, size_t size) {
-  std::ofstream out(file, std::ios::binary | std::ios::trunc);
-  if (!out) throw Error("cannot create " + file.string() + ": " + std::strerror(errno));
-  out.write(static_cast<const char*>(data), std::streamsize(size));
-  out.close();
-  if (!out) throw Error("cannot write " + file.string() + ": " + std::strerror(errno));
-}
-
-// ---------------------------------------------------------------------------------------------
 // OpenCV formats
 
 Image read_opencv(const std::string& path, size_t max_bytes) {
@@ -509,10 +430,9 @@ void write_opencv(const Image& im, const std::string& path, const WriteOptions& 
     throw Error(path + ": cannot encode image: " + e.what());
   }
   if (!ok) throw Error(path + ": cannot encode image as " + ext);
-  const fs::path target(path);
-  auto scratch = std::make_shared<ScratchDir>(target);
-  write_bytes(scratch->path() / target.filename(), bytes.data(), bytes.size());
-  finish_output(scratch, target, opt);
+  auto scratch = std::make_shared<ScratchFolder>(path);
+  scratch->write(scratch->target().filename().string(), bytes.data(), bytes.size());
+  publish_output(scratch, opt.publisher);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -932,9 +852,8 @@ Image read_itk(const std::string& path, size_t max_bytes) {
 
 void write_itk(const Image& im, const std::string& path, const WriteOptions& opt) {
   register_itk_io();
-  const fs::path target(path);
-  auto scratch = std::make_shared<ScratchDir>(target);
-  const std::string tmp = (scratch->path() / target.filename()).string();
+  auto scratch = std::make_shared<ScratchFolder>(path);
+  const std::string tmp = (scratch->path() / scratch->target().filename()).string();
   itk::ImageIOBase::Pointer io =
       itk::ImageIOFactory::CreateImageIO(tmp.c_str(), itk::IOFileModeEnum::WriteMode);
   if (!io) throw Error(path + ": no ITK writer for this extension");
@@ -972,7 +891,7 @@ void write_itk(const Image& im, const std::string& path, const WriteOptions& opt
   } catch (const itk::ExceptionObject& e) {
     throw Error(path + ": cannot write: " + std::string(e.GetDescription()));
   }
-  finish_output(scratch, target, opt);
+  publish_output(scratch, opt.publisher);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1324,9 +1243,7 @@ void write_dicom_series(const Image& im, const std::string& path, const WriteOpt
   if (im.channels != 1)
     throw Error(path + ": DICOM output supports one channel, the image has " +
                 std::to_string(im.channels));
-  fs::path target(path);
-  while (!target.empty() && target.filename().empty()) target = target.parent_path();
-  auto scratch = std::make_shared<ScratchDir>(target);
+  auto scratch = std::make_shared<ScratchFolder>(path);
   fs::path out = scratch->path() / "series";
   fs::create_directory(out);
   const DicomStorage st = choose_dicom_storage(im, opt.keep_pixel_type);
@@ -1353,17 +1270,9 @@ void write_dicom_series(const Image& im, const std::string& path, const WriteOpt
   } catch (const itk::ExceptionObject& e) {
     throw Error(path + ": cannot write DICOM series: " + std::string(e.GetDescription()));
   }
-  finish_output(scratch, target, opt, [out, old = scratch->path() / "previous", target] {
-    for (const auto& e : fs::directory_iterator(out)) fsync_path(e.path());
-    // Replace the folder as a whole: old content moves aside first, then is deleted.
-    std::error_code ec;
-    if (fs::exists(target)) {
-      fs::rename(target, old, ec);
-      if (ec) throw Error("cannot replace " + target.string() + ": " + ec.message());
-    }
-    fs::rename(out, target, ec);
-    if (ec) throw Error("cannot move DICOM series to " + target.string() + ": " + ec.message());
-  });
+  // The series replaces an existing one as a whole.
+  publish_output(scratch, opt.publisher,
+                 [](const ScratchFolder& s) { s.publish_folder("series"); });
 }
 
 }  // namespace
@@ -1572,86 +1481,6 @@ void write_image(const Image& image, const std::string& path, bool keep_pixel_ty
   WriteOptions o;
   o.keep_pixel_type = keep_pixel_type;
   write_image(image, path, o);
-}
-
-// ---------------------------------------------------------------------------------------------
-// OutputPublisher
-
-struct OutputPublisher::State {
-  Done done;
-  size_t max_pending;
-  std::mutex mutex;
-  std::condition_variable changed;
-  std::deque<std::pair<std::string, std::function<void()>>> queue;
-  size_t in_flight = 0;  // queued + being published
-  bool closing = false;
-  std::thread thread;
-
-  void run() {
-    for (;;) {
-      std::pair<std::string, std::function<void()>> job;
-      {
-        std::unique_lock<std::mutex> lock(mutex);
-        changed.wait(lock, [&] { return closing || !queue.empty(); });
-        if (queue.empty()) return;  // closing and drained
-        job = std::move(queue.front());
-        queue.pop_front();
-      }
-      std::string error;
-      try {
-        job.second();
-      } catch (const std::exception& e) {
-        error = e.what();
-      }
-      job.second = nullptr;  // releases the scratch folder before reporting
-      if (done) {
-        try {
-          done(job.first, error);
-        } catch (const std::exception& e) {
-          spdlog::error("output publisher: callback for {} failed: {}", job.first, e.what());
-        }
-      } else if (!error.empty()) {
-        spdlog::error("{}", error);
-      }
-      {
-        std::lock_guard<std::mutex> lock(mutex);
-        --in_flight;
-      }
-      changed.notify_all();
-    }
-  }
-};
-
-OutputPublisher::OutputPublisher(Done done, size_t max_pending) : state_(new State) {
-  state_->done = std::move(done);
-  state_->max_pending = std::max<size_t>(1, max_pending);
-  state_->thread = std::thread([s = state_.get()] { s->run(); });
-}
-
-OutputPublisher::~OutputPublisher() {
-  finish();
-}
-
-void OutputPublisher::finish() {
-  {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    if (state_->closing) return;
-    state_->closing = true;
-  }
-  state_->changed.notify_all();
-  if (state_->thread.joinable()) state_->thread.join();
-}
-
-void OutputPublisher::submit(const std::string& path, std::function<void()> publish) {
-  State& s = *state_;
-  {
-    std::unique_lock<std::mutex> lock(s.mutex);
-    s.changed.wait(lock, [&] { return s.closing || s.in_flight < s.max_pending; });
-    if (s.closing) throw Error(path + ": output publisher already finished");
-    s.queue.emplace_back(path, std::move(publish));
-    ++s.in_flight;
-  }
-  s.changed.notify_all();
 }
 
 }  // namespace concord

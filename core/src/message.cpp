@@ -12,11 +12,9 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <mutex>
-#include <random>
 
 namespace concord {
 
@@ -317,41 +315,6 @@ Message decode(const Bytes& bytes) {
     throw Error("corrupt message: its arrays end at offset " + std::to_string(off) + " of " +
                 std::to_string(bytes->size()));
   return m;
-}
-
-void write_file_atomic(const std::string& file, const void* data, size_t size) {
-  namespace fs = std::filesystem;
-  fs::path target(file);
-  if (target.has_parent_path()) fs::create_directories(target.parent_path());
-  static thread_local std::mt19937_64 rng(std::random_device{}());
-  std::string tmp =
-      file + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(rng() % 1000000);
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw Error("cannot write " + tmp + ": " + std::strerror(errno));
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  size_t left = size;
-  while (left > 0) {
-    ssize_t n = ::write(fd, p, left);
-    if (n < 0) {
-      int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw Error("cannot write " + tmp + ": " + std::strerror(err));
-    }
-    p += n;
-    left -= size_t(n);
-  }
-  ::fsync(fd);
-  ::close(fd);
-  if (::rename(tmp.c_str(), file.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    throw Error("cannot rename " + tmp + " to " + file + ": " + std::strerror(err));
-  }
-}
-
-void write_file_atomic(const std::string& file, const std::string& text) {
-  write_file_atomic(file, text.data(), text.size());
 }
 
 namespace {

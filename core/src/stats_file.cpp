@@ -1,3 +1,4 @@
+#include <concord/durable_output.h>
 #include <concord/error.h>
 #include <concord/harmonizer.h>
 #include <concord/message.h>

@@ -1,4 +1,5 @@
 #include <concord/batchnorm.h>
+#include <concord/durable_output.h>
 #include <concord/error.h>
 #include <concord/message.h>
 #include <concord/seed.h>

@@ -5,6 +5,7 @@
 //                 sample (an augmentation)
 //   swap        — FDA (Yang & Soatto, CVPR 2020): one site's spectrum or a saved spectrum file
 // Formulas, the band window and the statistics layout are in README.md.
+#include <concord/durable_output.h>
 #include <concord/harmonizer.h>
 #include <concord/message.h>
 #include <concord/seed.h>

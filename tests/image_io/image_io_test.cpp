@@ -1,5 +1,6 @@
 // Round trips through every format read_image/write_image support: values, geometry, pixel type,
 // channels; atomic output; errors that name the file.
+#include <concord/durable_output.h>
 #include <concord/error.h>
 #include <concord/image_io.h>
 

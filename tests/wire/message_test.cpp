@@ -3,7 +3,6 @@
 #include <concord/protocol.h>
 
 #include <cstring>
-#include <fstream>
 
 #include "testing.h"
 
@@ -75,18 +74,4 @@ TEST(Channel, InProcessCarriesBytesAndReportsSiteErrors) {
     EXPECT_NE(std::string(e.what()).find("disk full"), std::string::npos);
   }
   EXPECT_THROW(ch.call("nowhere", encode(req)), SiteError);
-}
-
-TEST(Files, AtomicWriteLeavesNoTemporaries) {
-  testkit::TempDir dir;
-  std::string f = dir.str() + "/sub/out.txt";
-  write_file_atomic(f, std::string("hello"));
-  write_file_atomic(f, std::string("world"));
-  std::ifstream in(f);
-  std::string s;
-  in >> s;
-  EXPECT_EQ(s, "world");
-  int n = 0;
-  for (auto& e : std::filesystem::directory_iterator(dir.path() / "sub")) (void)e, ++n;
-  EXPECT_EQ(n, 1);
 }

@@ -1,5 +1,6 @@
 // Reading and writing medical and natural images (ITK for NIfTI/NRRD/MHA/DICOM, OpenCV for
-// PNG/JPEG). Reading treats files as untrusted; all writes are atomic (temporary file + rename).
+// PNG/JPEG). Reading treats files as untrusted; all writes are atomic and durable
+// (durable_output.h: scratch folder, fsync, rename).
 #pragma once
 
 #include <concord/image.h>
@@ -11,7 +12,7 @@
 
 namespace concord {
 
-class OutputPublisher;
+class OutputPublisher;  // durable_output.h
 
 // What read_image does with NaN / +-Inf voxels (only float inputs can hold them).
 enum class NonFinite {
@@ -90,31 +91,5 @@ DicomDirInfo scan_dicom_dir(const std::string& path);
 // name. Never throws (an unreadable file is not DICOM).
 bool is_dicom_file(const std::string& path);
 bool is_dicom_dir(const std::string& path);
-
-// Finishes written outputs on a background thread, in submission order: each output's files are
-// flushed to disk (fsync) and then renamed from their hidden scratch folder to the final name.
-// A worker that writes many files thus computes while the disk flushes, with the same guarantee
-// as the synchronous path: an output appears under its final name only once its bytes are
-// durable, and a killed process leaves only scratch folders (never a partial output).
-// At most `max_pending` outputs wait; write_image blocks beyond that (bounds scratch files and
-// dirty memory when the disk is slower than the workers).
-class OutputPublisher {
- public:
-  // done(path, error) runs on the publisher thread after each output; error is empty on success.
-  using Done = std::function<void(const std::string& path, const std::string& error)>;
-  explicit OutputPublisher(Done done = {}, size_t max_pending = 8);
-  ~OutputPublisher();  // finish()
-  OutputPublisher(const OutputPublisher&) = delete;
-  OutputPublisher& operator=(const OutputPublisher&) = delete;
-
-  // Waits until every submitted output is published or has failed. Further submits are refused.
-  void finish();
-  // Queues `publish` (the step that makes `path` appear); used by write_image.
-  void submit(const std::string& path, std::function<void()> publish);
-
- private:
-  struct State;
-  std::unique_ptr<State> state_;
-};
 
 }  // namespace concord

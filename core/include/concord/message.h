@@ -6,6 +6,9 @@
 #pragma once
 
 #include <concord/array.h>
+// write_file_atomic lives in durable_output.h; included here so that code which found it in
+// message.h (plugins, other branches) keeps building.
+#include <concord/durable_output.h>
 
 #include <cstdint>
 #include <map>
@@ -54,9 +57,6 @@ Bytes encode(const Message& m);
 // arithmetic before anything is allocated. Throws Error on a truncated or corrupt buffer.
 Message decode(const Bytes& bytes);
 
-// Atomic file helpers: write to a temporary file in the same folder, fsync, rename.
-void write_file_atomic(const std::string& file, const void* data, size_t size);
-void write_file_atomic(const std::string& file, const std::string& text);
 // The whole of a regular file (a folder, device or pipe is refused), at most max_message_bytes()
 // or `max_bytes`: the size is checked before the buffer is allocated.
 Bytes read_file(const std::string& file);

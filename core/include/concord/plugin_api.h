@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define CONCORD_API_VERSION 2u
+#define CONCORD_API_VERSION 2u  // when it changes: the end of this file
 #define CONCORD_PLUGIN_SYMBOL "concord_plugin"
 
 #ifdef __cplusplus
@@ -66,5 +66,28 @@ class Registry;
   }                                                                               \
   static void concord_register_(concord::Registry& registry)
 #endif
+
+// When CONCORD_API_VERSION changes.
+//
+// CONCORD_API_VERSION names the C++ contract between libconcord and a plugin, beyond what the
+// ABI tag covers (compiler, C++ ABI, LibTorch). A plugin built against another version would
+// call a virtual method through the wrong vtable slot or read a struct with the wrong layout, so
+// the version is bumped (by one) in the same commit as any change that an already built plugin
+// would see:
+//   - an interface's virtual methods: Plugin, Dataset, Model, Harmonizer, Adapter, Aggregator,
+//     Filter, Metric, LocalTrainer - adding, removing or reordering one, or changing its
+//     parameters, return type, const-ness or meaning (e.g. Aggregator gains a client-side hook;
+//     LocalTrainer::train takes another parameter; Harmonizer::apply may now be called from
+//     several threads at once);
+//   - a struct or class that crosses the boundary, passed to or returned by those methods or the
+//     registry: PluginDesc, ArgSpec, Value, Args, BuildContext, Stats, SiteUpdate, RoundInfo,
+//     TrainResult, FilterContext, Predictions, ModelSpec, StateEntry, ModuleEntry, DataRequest,
+//     Image, Geometry, Sample, SiteData, Federation, Array / NamedArrays - a member added,
+//     removed, reordered or retyped (e.g. Stats gains a field; ArgSpec's range becomes a type of
+//     its own), or a value of Kind, ArgType, Task, PixelType or DType added or renumbered;
+//   - concord_plugin_info above, or what register_plugins may do with the registry.
+// No bump: new free functions or classes in libconcord that no interface above takes or returns,
+// fixes inside libconcord that keep signatures and meaning, new plugins. (A new plugin kind is a
+// new Kind value: bump.) The loader refuses a mismatch naming the file and both versions.
 
 #endif  // CONCORD_PLUGIN_API_H

@@ -1,4 +1,5 @@
 #include <concord/dataset.h>
+#include <concord/durable_output.h>
 #include <concord/image_io.h>
 #include <concord/message.h>
 

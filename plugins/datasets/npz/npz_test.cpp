@@ -1,4 +1,5 @@
 #include <concord/dataset.h>
+#include <concord/durable_output.h>
 #include <concord/message.h>
 
 #include <zlib.h>

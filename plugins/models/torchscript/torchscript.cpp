@@ -1,5 +1,6 @@
 // torchscript: trains a user's scripted network (torch.jit.script(...).save(file) in Python, or
 // torch::jit::Module::save in C++), loaded with torch::jit::load.
+#include <concord/durable_output.h>
 #include <concord/error.h>
 #include <concord/message.h>
 #include <concord/model.h>

@@ -1,5 +1,6 @@
 // fuzz_make_seeds OUT: small valid inputs for every fuzz target, written by Concord's own
 // writers into OUT/<target>/ (scripts/fuzz adds the pipelines, npz and real DICOM seeds).
+#include <concord/durable_output.h>
 #include <concord/harmonizer.h>
 #include <concord/image_io.h>
 #include <concord/message.h>
