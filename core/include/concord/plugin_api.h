@@ -89,5 +89,8 @@ class Registry;
 // No bump: new free functions or classes in libconcord that no interface above takes or returns,
 // fixes inside libconcord that keep signatures and meaning, new plugins. (A new plugin kind is a
 // new Kind value: bump.) The loader refuses a mismatch naming the file and both versions.
+//
+// History: 2 - Aggregator::client_settings() replaced by local_loss_term(); PluginDesc gained
+// default_for; LocalTrainer moved to local_trainer.h (issue 9). 1 - the first.
 
 #endif  // CONCORD_PLUGIN_API_H
