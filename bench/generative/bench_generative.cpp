@@ -1,6 +1,6 @@
 // CycleGAN training step and translation throughput at 128 x 128 (harmonizers/cyclegan), timed
 // like bench/generative/pytorch_mirror.py times the same network in PyTorch; run.sh prints the
-// ratios. Usage: bench_generative [threads (2)] [seconds per block (2)]
+// ratios. Usage: bench_generative [threads (2)] [seconds per block (2)] [size (128)]
 #include "cyclegan.h"
 
 #include <ATen/Parallel.h>
@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
   const int threads = argc > 1 ? std::atoi(argv[1]) : 2;
   const double seconds = argc > 2 ? std::atof(argv[2]) : 2.0;
   at::set_num_threads(threads);
-  const int64_t size = 128;
+  const int64_t size = argc > 3 ? std::atoll(argv[3]) : 128;
   cyclegan::Options opt;  // defaults: ngf 32, ndf 32, 6 blocks, pool 50
   opt.epochs_constant = 1000000;
   SeededRandom data_rng(1);
@@ -78,6 +78,6 @@ int main(int argc, char** argv) {
   const Image volume = noise_image(data_rng, size, size);
   const double t0 = now();
   const Image out = translator.translate(volume);
-  std::printf("volume_128_s %.4f\n", now() - t0);
+  std::printf("volume_s %.4f\n", now() - t0);
   return out.size == volume.size ? 0 : 1;
 }

@@ -3,7 +3,7 @@
 same way as bench_generative: a training step (both generators, then both discriminators, LSGAN,
 cycle 10, identity 0.5, 50-image pool, Adam 2e-4 / 0.5) at batch 1 and 4, translation of 2D
 128x128 images one by one, and a 128^3 volume slice by slice (8 slices per pass).
-Prints "key value" lines. Usage: pytorch_mirror.py THREADS SECONDS"""
+Prints "key value" lines. Usage: pytorch_mirror.py THREADS SECONDS [SIZE]"""
 import random
 import sys
 import time
@@ -150,7 +150,7 @@ def main():
     torch.set_num_threads(threads)
     torch.manual_seed(1)
     random.seed(1)
-    size = 128
+    size = int(sys.argv[3]) if len(sys.argv) > 3 else 128
     gan = CycleGan()
     for m in (gan.g_a, gan.g_b, gan.d_a, gan.d_b):
         m.train()
@@ -177,7 +177,7 @@ def main():
                 g(volume[z:z + 8])
     t0 = time.perf_counter()
     translate_volume()
-    print(f"volume_128_s {time.perf_counter() - t0:.4f}", flush=True)
+    print(f"volume_s {time.perf_counter() - t0:.4f}", flush=True)
 
 
 if __name__ == "__main__":
