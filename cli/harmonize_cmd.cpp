@@ -450,7 +450,8 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   rep["ignored"] = found.ignored;  // files that are not images: neither written nor failed
   loop.add_to_report(rep, o.preview, o.preview_per_site);
   if (!o.report.empty()) write_file_atomic(o.report, json_text(rep, 2) + "\n");
-  if (!o.report.empty()) write_harmonize_report_html(o.report, rep, report, o.preview_per_site);
+  if (!o.report.empty())
+    write_harmonize_report_html(o.report, rep, loop.report, o.preview_per_site);
 }
 
 // `--probe PATH` in a worker: that input alone, one thread, as fit and apply would treat it.

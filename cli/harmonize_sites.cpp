@@ -265,7 +265,8 @@ void run_sites_apply(const Globals& g, const SitesOptions& o) {
     std::cout << "manifest: " << manifest << " (train on it with the csv dataset: {type: csv, "
               << "args: {file: " << manifest << ", normalize: none}})\n";
   if (!o.report.empty()) write_file_atomic(o.report, json_text(rep, 2) + "\n");
-  if (!o.report.empty()) write_harmonize_report_html(o.report, rep, report, o.preview_per_site);
+  if (!o.report.empty())
+    write_harmonize_report_html(o.report, rep, loop.report, o.preview_per_site);
   if (failures.size()) {
     print_failures(failures, items.size(), "write");
     throw Exit{1};
