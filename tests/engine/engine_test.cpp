@@ -193,9 +193,7 @@ class Null : public Aggregator {
 
 TEST(Coordinator, SelectionIsSeededAndHonoursFractionAndAvailability) {
   InProcessChannel ch;
-  Null agg;
   Coordinator c(ch, 5);
-  Aggregator& aggregator = agg;
   std::vector<std::string> sites;
   for (int i = 0; i < 20; ++i) sites.push_back("s" + std::to_string(i));
   auto a = c.select(3, sites, 0.25, 1.0, {});
@@ -218,9 +216,7 @@ TEST(Coordinator, SelectionIsSeededAndHonoursFractionAndAvailability) {
 // sample of sites. The golden lists come from an independent reimplementation (tests/seed).
 TEST(Coordinator, SelectionIsPinnedOnEveryPlatform) {
   InProcessChannel ch;
-  Null agg;
   Coordinator c(ch, 1);
-  Aggregator& aggregator = agg;
   std::vector<std::string> sites;
   for (int i = 0; i < 20; ++i) sites.push_back("s" + std::to_string(i));
   EXPECT_EQ(c.select(3, sites, 0.25, 1.0, {}),
