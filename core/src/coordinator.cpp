@@ -111,47 +111,47 @@ Coordinator::RoundOutcome Coordinator::train_round(
   return out;
 }
 
-std::vector<std::string> Coordinator::broadcast(int round, const std::vector<std::string>& sites) {
-  std::vector<std::string> failures;
-  Bytes bytes =
-      encode(protocol::broadcast(round, global_));  // encoded once, the same bytes go to every site
-  for (const auto& site : sites) {
-    try {
-      if (std::string why = protocol::ack_problem(decode(channel_.call(site, bytes))); !why.empty())
-        throw SiteError(site, why);
-    } catch (const std::exception& e) {
-      failures.push_back(site_failure(site, e));
-      spdlog::error("round {}: broadcast: {}", round, failures.back());
-    }
-  }
-  return failures;
-}
-
 namespace {
 
-// Asks each of `sites` with the same request bytes; `take(site, reply)` reads a reply and returns
-// "" or why it is unusable. Failures (thrown or refused) are added to `failures`, by site.
+// Asks each of `sites` with the same request bytes (encoded once); `take(site, reply)` reads a
+// reply and returns "" or why it is unusable. Failures (thrown or refused) are added to
+// `failures`, by site; the caller reports them.
 template <class Take>
-void ask_each(Channel& channel, const char* what, int round, const Bytes& request,
-              const std::vector<std::string>& sites, Coordinator::Failures& failures, Take take) {
+void ask_each(Channel& channel, const Bytes& request, const std::vector<std::string>& sites,
+              Coordinator::Failures& failures, Take take) {
   for (const auto& site : sites) {
     try {
       if (std::string why = take(site, decode(channel.call(site, request))); !why.empty())
         throw SiteError(site, why);
     } catch (const std::exception& e) {
       failures.push_back({site, site_failure(site, e)});
-      spdlog::error("round {}: {}: {}", round, what, failures.back().what);
     }
   }
 }
 
+// The reader of replies that only acknowledge.
+std::string acked(const std::string&, Message&& reply) {
+  return protocol::ack_problem(reply);
+}
+
 }  // namespace
+
+std::vector<std::string> Coordinator::broadcast(int round, const std::vector<std::string>& sites) {
+  Failures failed;
+  ask_each(channel_, encode(protocol::broadcast(round, global_)), sites, failed, acked);
+  std::vector<std::string> failures;
+  for (const auto& f : failed) {
+    failures.push_back(f.what);
+    spdlog::error("round {}: broadcast: {}", round, f.what);
+  }
+  return failures;
+}
 
 std::vector<std::pair<std::string, Stats>> Coordinator::fit_statistics(
     size_t index, const std::vector<std::string>& sites, Failures& failures,
     const std::function<void(const std::string&)>& after_each) {
   std::vector<std::pair<std::string, Stats>> out;
-  ask_each(channel_, "fit", 0, encode(protocol::fit_request(index)), sites, failures,
+  ask_each(channel_, encode(protocol::fit_request(index)), sites, failures,
            [&](const std::string& site, Message&& reply) {
              auto stats = protocol::read_statistics(std::move(reply));
              if (after_each) after_each(site);
@@ -165,9 +165,8 @@ std::vector<std::pair<std::string, Stats>> Coordinator::fit_statistics(
 Coordinator::Failures Coordinator::set_statistics(size_t index, Stats global,
                                                   const std::vector<std::string>& sites) {
   Failures failures;
-  ask_each(channel_, "harmonizer statistics", 0,
-           encode(protocol::set_statistics(index, std::move(global))), sites, failures,
-           [](const std::string&, Message&& reply) { return protocol::ack_problem(reply); });
+  ask_each(channel_, encode(protocol::set_statistics(index, std::move(global))), sites, failures,
+           acked);
   return failures;
 }
 
@@ -175,8 +174,8 @@ std::map<std::string, std::map<std::string, double>> Coordinator::evaluate(
     int round, const std::string& phase, const std::vector<std::string>& sites,
     Failures& failures) {
   std::map<std::string, std::map<std::string, double>> out;
-  ask_each(channel_, "evaluate", round, encode(protocol::evaluate_request(round, phase)), sites,
-           failures, [&](const std::string& site, Message&& reply) {
+  ask_each(channel_, encode(protocol::evaluate_request(round, phase)), sites, failures,
+           [&](const std::string& site, Message&& reply) {
              auto m = protocol::read_metrics(std::move(reply));
              if (!m.ok()) return m.problem;
              out[site] = std::move(m.value->values);
@@ -187,17 +186,15 @@ std::map<std::string, std::map<std::string, double>> Coordinator::evaluate(
 
 Coordinator::Failures Coordinator::personalize(int round, const std::vector<std::string>& sites) {
   Failures failures;
-  ask_each(channel_, "personalize", round, encode(protocol::personalize_request(round)), sites,
-           failures,
-           [](const std::string&, Message&& reply) { return protocol::ack_problem(reply); });
+  ask_each(channel_, encode(protocol::personalize_request(round)), sites, failures, acked);
   return failures;
 }
 
 std::map<std::string, protocol::SiteState> Coordinator::export_states(
     int round, const std::vector<std::string>& sites, Failures& failures) {
   std::map<std::string, protocol::SiteState> out;
-  ask_each(channel_, "export state", round, encode(protocol::export_state_request(round)), sites,
-           failures, [&](const std::string& site, Message&& reply) {
+  ask_each(channel_, encode(protocol::export_state_request(round)), sites, failures,
+           [&](const std::string& site, Message&& reply) {
              auto st = protocol::read_site_state(std::move(reply));
              if (!st.ok()) return st.problem;
              out[site] = std::move(*st.value);
@@ -210,9 +207,7 @@ Coordinator::Failures Coordinator::restore_states(
     int round, const std::map<std::string, protocol::SiteState>& states) {
   Failures failures;
   for (const auto& [site, st] : states)
-    ask_each(channel_, "restore state", round, encode(protocol::restore_state_request(round, st)),
-             {site}, failures,
-             [](const std::string&, Message&& reply) { return protocol::ack_problem(reply); });
+    ask_each(channel_, encode(protocol::restore_state_request(round, st)), {site}, failures, acked);
   return failures;
 }
 

@@ -332,7 +332,7 @@ RunSummary Experiment::run(const RunOptions& options) {
   else if (options.resume)
     spdlog::info("resuming {} after round {}", record.dir().string(), done);
   for (const auto& f : x.coordinator->broadcast(done, x.roster.names(true)))  // the start model
-    x.failures.add("round " + std::to_string(done) + ": broadcast: " + f);
+    x.failures.lines.push_back("round " + std::to_string(done) + ": broadcast: " + f);
 
   for (int round = done + 1; round <= cfg.federation.rounds; ++round) {
     x.run_round(round, options, record);
