@@ -22,6 +22,7 @@
 #include "harmonize_evaluate.h"
 #include "harmonize_inputs.h"
 #include "harmonize_report.h"
+#include "harmonize_shard.h"
 #include "harmonize_sites.h"
 #include "harmonize_worker.h"
 #include "progress.h"
@@ -79,6 +80,9 @@ struct Options {
   std::string report;
   uint64_t seed = 0;
   bool no_progress = false;
+  std::string shard;              // --shard I/N: this process's share of the inputs
+  std::string shard_by = "site";  // fit: whole sites per shard, or split by path
+  std::string inputs_digest;      // with --shard: the digest of the whole input list
   std::string worker_state;  // hidden: this process is a supervised worker (harmonize_worker.h)
   std::string probe;         // hidden: with worker_state, decode and harmonize this input alone
 };
@@ -128,14 +132,19 @@ struct FitResult {
   Stats stats;
   size_t images = 0;
   std::vector<std::string> sites;
+  std::vector<Stats> parts;  // per site, before combine (only with `partial`)
 };
 
+// `partial` (fit --shard): the per-site statistics are kept, not combined, and a share without
+// images (or whose every input failed) is no error: the merge decides.
 FitResult fit(const std::string& method, const Args& args, const Options& o,
-              const std::vector<InputItem>& items, Failures& failures, const WorkerState& state) {
+              const std::vector<InputItem>& items, Failures& failures, const WorkerState& state,
+              bool partial = false) {
   std::map<std::string, std::vector<const InputItem*>> by_site;
   size_t total = 0;
   for (const auto& it : items)
     if (it.role == InputItem::Role::Image) by_site[it.site].push_back(&it), ++total;
+  if (total == 0 && partial) return {};
   if (total == 0) throw Error("no images to fit '" + method + "' on");
   std::vector<std::pair<std::string, std::vector<const InputItem*>>> sites(by_site.begin(),
                                                                            by_site.end());
@@ -201,6 +210,11 @@ FitResult fit(const std::string& method, const Args& args, const Options& o,
   std::vector<Stats> ok;
   for (auto& p : parts)
     if (p) ok.push_back(std::move(*p));
+  result.images = read_ok;
+  if (partial) {
+    result.parts = std::move(ok);
+    return result;
+  }
   if (ok.empty() || read_ok == 0)
     throw Error("harmonizer '" + method +
                 "': no statistics could be computed (every input failed)");
@@ -313,8 +327,11 @@ void apply(const std::string& method, const Args& args, const std::vector<std::s
   mine["args"] = arg_pairs;
   mine["stats"] = stats_id;
   mine["pixel_type"] = o.pixel_type;
-  claim_output_folder(o.out, mine, o.overwrite);
-  OutputRecords records(o.out);
+  const Shard shard = o.shard.empty() ? Shard{} : parse_shard(o.shard);
+  claim_output_folder(o.out, mine, o.overwrite, shard.active());
+  OutputRecords records(o.out, shard.active() ? "shard-" + std::to_string(shard.index) + "-of-" +
+                                                    std::to_string(shard.count)
+                                              : "");
 
   ApplyLoopOptions lo;
   lo.label = "apply " + method;
@@ -510,6 +527,9 @@ void add_common(CLI::App* sub, Options& o) {
   // The supervisor's worker (harmonize_worker.h); not for people.
   sub->add_option("--worker-state", o.worker_state)->group("");
   sub->add_option("--probe", o.probe)->group("");
+  sub->add_option("--shard", o.shard,
+                  "I/N: only this shard's share of the inputs (0 <= I < N; by a stable hash of "
+                  "the path, or of the site for fit); see `harmonize merge`");
   sub->add_flag("--no-progress", o.no_progress, "No progress bar");
 }
 
@@ -567,6 +587,10 @@ SitesOptions sites_options(const Options& o) {
         "pipeline's dataset names the sites and samples");
   if (o.seed != 0)
     throw Error("with --sites the pipeline's seed is used: change it with --set seed=N");
+  if (!o.shard.empty())
+    throw Error(
+        "--shard splits files and folders; with --sites the whole federation is built "
+        "in one process (shard the files: give INPUTS instead of --sites)");
   if (o.channels != "auto" || o.non_finite != "error")
     throw Error(
         "--channels and --non-finite choose how files are read; with --sites the pipeline's "
@@ -609,6 +633,85 @@ void add_early_failures(const Discovery& found, const WorkerState& state,
               items.end());
 }
 
+// --shard I/N: keeps this shard's share of the inputs (whole sites with `by_site`), after
+// recording the digest of the whole list in `o.inputs_digest`.
+Shard take_share(Options& o, Discovery& found, bool by_site) {
+  if (o.shard.empty()) return {};
+  const Shard shard = parse_shard(o.shard);
+  o.inputs_digest = inputs_digest(found.items);
+  const size_t all = found.items.size();
+  shard_discovery(found, shard, by_site);
+  spdlog::info("shard {}: {} of {} inputs (by {})", shard.str(), found.items.size(), all,
+               by_site ? "site" : "path");
+  return shard;
+}
+
+// fit --shard: the per-site statistics of this share, not combined, as a part for `merge`.
+void fit_part(const Options& o, const Args& args, const Discovery& found, const Shard& shard,
+              Failures& failures, const WorkerState& state) {
+  FitResult r = fit(o.method, args, o, found.items, failures, state, /*partial=*/true);
+  PartInfo info;
+  info.method = o.method;
+  info.args = arg_pairs_of(args);
+  std::sort(info.args.begin(), info.args.end());
+  info.seed = std::to_string(o.seed);
+  info.shard_by = o.shard_by;
+  info.shard = shard;
+  info.inputs = o.inputs_digest;
+  info.images = r.images;
+  info.failed = failures.list();
+  std::sort(info.failed.begin(), info.failed.end());
+  save_part(o.stats, info, r.parts);
+  std::cout << "fitted shard " << shard.str() << " of '" << o.method << "' on " << r.images
+            << " images from " << r.parts.size() << " sites -> " << o.stats
+            << " (combine all parts with `concord harmonize merge`)\n";
+  if (failures.size()) {
+    print_failures(failures, r.images + failures.size(), "fit");
+    throw Exit{1};
+  }
+}
+
+// `harmonize merge PARTS... --stats OUT`: the parts of every shard combined as a single fit
+// combines its sites, written like `fit --stats` (with the sidecar).
+void run_merge(const Globals& g, const std::vector<std::string>& files, const std::string& out) {
+  std::vector<Part> parts;
+  for (const auto& f : files) parts.push_back(load_part(f));
+  const PartInfo& info = parts.front().info;
+  const PluginDesc& desc = harmonizer_desc(g, info.method);
+  Args args = build_args(desc, info.args);
+  auto h = make_harmonizer(info.method, args, std::stoull(info.seed));
+  std::vector<Stats> sites = merge_chunks(parts, *h);
+  Failures failures;
+  size_t images = 0;
+  for (const Part& p : parts) {
+    images += p.info.images;
+    for (const auto& [what, reason] : p.info.failed) failures.add(what, reason, nullptr);
+  }
+  if (sites.empty() || images == 0)
+    throw Error("harmonizer '" + info.method +
+                "': no statistics could be computed (every input of every shard failed)");
+  std::vector<std::string> names;
+  for (const Stats& s : sites) names.push_back(s.site);
+  Stats stats;
+  try {
+    stats = h->combine(sites);
+  } catch (const std::exception& e) {
+    throw Error("harmonizer '" + info.method + "': combine failed: " + e.what());
+  }
+  json extra;
+  extra["merged_from"] = files;
+  extra["shards"] = info.shard.count;
+  extra["shard_by"] = info.shard_by;
+  save_stats_with_sidecar(stats, out, info.method, info.args, images, failures.size(), names,
+                          extra);
+  std::cout << "merged " << parts.size() << " parts of '" << info.method << "': " << images
+            << " images from " << names.size() << " sites -> " << out << "\n";
+  if (failures.size()) {
+    print_failures(failures, images + failures.size(), "fit");
+    throw Exit{1};
+  }
+}
+
 void run_fit(const Globals& g, Options o) {
   if (o.sites) return run_sites_fit(g, sites_options(o));
   if (o.worker_state.empty()) throw Exit{supervise_worker()};
@@ -626,9 +729,11 @@ void run_fit(const Globals& g, Options o) {
                 "`concord harmonize apply --method " +
                 o.method + "`");
   Discovery found = discover(o);
+  const Shard shard = take_share(o, found, o.shard_by == "site");
   if (!o.probe.empty()) return probe_input(o.method, args, o, found.items, nullptr);
   Failures failures;
   add_early_failures(found, state, found.items, failures);
+  if (shard.active()) return fit_part(o, args, found, shard, failures, state);
   FitResult r = fit(o.method, args, o, found.items, failures, state);
   save_fit(r, o.stats, o.method, o, failures.size());
   std::cout << "fitted '" << o.method << "' on " << r.images << " images from " << r.sites.size()
@@ -657,7 +762,20 @@ void run_apply(const Globals& g, Options o) {
   std::vector<std::string> arg_pairs = o.arg_pairs;
   if (!o.stats.empty()) {
     std::string saved;
-    stats = load_stats(o.stats, &saved);
+    try {
+      stats = load_stats(o.stats, &saved);
+    } catch (const Error&) {
+      std::optional<Part> part;
+      try {
+        part = load_part(o.stats);
+      } catch (const Error&) {
+      }
+      if (part)
+        throw Error(o.stats + ": partial statistics of shard " + part->info.shard.str() +
+                    " of a `harmonize fit --shard`; combine every shard's part first: "
+                    "`concord harmonize merge PARTS... --stats FILE`");
+      throw;
+    }
     if (!method.empty() && method != saved)
       throw Error(o.stats + ": statistics of method '" + saved + "', not '" + method +
                   "'; fit them with --method " + method + " or apply with --method " + saved);
@@ -688,10 +806,16 @@ void run_apply(const Globals& g, Options o) {
                 "has no fixed transform to apply offline");
   Discovery found = discover(o);
   check_output_apart(o.out, o.inputs, found);
+  const Shard shard = take_share(o, found, /*by_site=*/false);
   // A worker restarted after a crash in the apply phase applies the statistics its predecessor
   // fitted: the same whether or not a crash happened.
   const std::string fitted = state.fitted_stats_file();
   const bool refit = o.stats.empty() && probe->needs_fit();
+  if (refit && shard.active())
+    throw Error(
+        "apply --shard applies statistics fitted on all the inputs: give --stats FILE "
+        "(from `harmonize fit`, or `harmonize fit --shard` and `harmonize merge`); a "
+        "one-shot --method would fit each shard on its share alone");
   if (refit && !fitted.empty() && fs::exists(fitted)) stats = load_stats(fitted);
   if (!o.probe.empty())
     return probe_input(method, args, o, found.items,
@@ -731,6 +855,11 @@ void add_harmonize_command(CLI::App& app, Globals& g) {
   fit_cmd->add_option("--arg", fit_opts->arg_pairs, "Plugin argument key=value (repeatable)")
       ->allow_extra_args(false);
   fit_cmd->add_option("--stats", fit_opts->stats, "Statistics file to write")->required();
+  fit_cmd
+      ->add_option("--shard-by", fit_opts->shard_by,
+                   "With --shard: site (whole sites per shard; merge equals a single fit byte for "
+                   "byte) or path (sites split too; equal up to rounding)")
+      ->check(CLI::IsMember({"site", "path"}));
   add_common(fit_cmd, *fit_opts);
   fit_cmd->callback([&g, fit_opts] { run_fit(g, *fit_opts); });
 
@@ -766,6 +895,14 @@ void add_harmonize_command(CLI::App& app, Globals& g) {
                         "JSON report: counts, failures, site shift before/after");
   add_common(apply_cmd, *apply_opts);
   apply_cmd->callback([&g, apply_opts] { run_apply(g, *apply_opts); });
+  auto merge_files = std::make_shared<std::vector<std::string>>();
+  auto merge_out = std::make_shared<std::string>();
+  auto* merge_cmd = sub->add_subcommand(
+      "merge", "Combine the partial statistics of `harmonize fit --shard I/N` (every shard once)");
+  merge_cmd->add_option("parts", *merge_files, "Partial statistics files, one per shard")
+      ->required();
+  merge_cmd->add_option("--stats", *merge_out, "Statistics file to write")->required();
+  merge_cmd->callback([&g, merge_files, merge_out] { run_merge(g, *merge_files, *merge_out); });
   add_harmonize_evaluate(*sub, g);
 }
 

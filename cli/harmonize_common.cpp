@@ -210,7 +210,7 @@ void remove_leftover_temporaries(const std::string& out) {
 
 }  // namespace
 
-void claim_output_folder(const std::string& out, const json& mine, bool overwrite) {
+void claim_output_folder(const std::string& out, const json& mine, bool overwrite, bool shared) {
   auto compact = [](const json& j) { return json_text(j); };
   fs::create_directories(out);
   // Refuse to mix outputs of different harmonizations in one folder (resume must be safe).
@@ -239,7 +239,7 @@ void claim_output_folder(const std::string& out, const json& mine, bool overwrit
     }
   }
   write_file_atomic(marker.string(), json_text(mine, 2) + "\n");
-  remove_leftover_temporaries(out);
+  if (!shared) remove_leftover_temporaries(out);
 }
 
 std::string escape_line(const std::string& s) {
@@ -270,11 +270,26 @@ std::vector<std::pair<std::string, std::string>> read_tab_lines(const std::strin
   return out;
 }
 
-OutputRecords::OutputRecords(const std::string& out)
-    : file_((fs::path(out) / ".concord-harmonize.inputs").string()) {
+OutputRecords::OutputRecords(const std::string& out, const std::string& shard_tag) {
+  const std::string base = ".concord-harmonize.inputs";
+  file_ = (fs::path(out) / (shard_tag.empty() ? base : base + "." + shard_tag)).string();
+  // Other runs' records (the unsharded file, then the shards' in name order) vouch for outputs
+  // too; this process's own file is read last and is the one it appends to and compacts.
+  std::vector<std::string> others;
+  std::error_code ec;
+  for (fs::directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(base + ".shard-", 0) == 0 && it->path().string() != file_ &&
+        !is_temporary_name(name))
+      others.push_back(it->path().string());
+  }
+  std::sort(others.begin(), others.end());
+  if (!shard_tag.empty()) others.insert(others.begin(), (fs::path(out) / base).string());
+  for (const auto& f : others)
+    for (auto& [id, rel] : read_tab_lines(f)) records_[rel] = id;
   // "identity<TAB>relative<LF>"; a torn last line (a killed run) is dropped.
   bool torn = false;
-  for (auto& [id, rel] : read_tab_lines(file_, &torn)) records_[rel] = id;
+  for (auto& [id, rel] : read_tab_lines(file_, &torn)) records_[rel] = id, own_[rel] = id;
   if (torn) compact();  // before appending after it
   fd_ = ::open(file_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (fd_ < 0) throw Error(file_ + ": cannot open: " + std::strerror(errno));
@@ -293,6 +308,7 @@ bool OutputRecords::matches(const std::string& relative, const std::string& iden
 void OutputRecords::record(const std::string& relative, const std::string& identity) {
   std::lock_guard<std::mutex> lock(mutex_);
   records_[relative] = identity;
+  own_[relative] = identity;
   const std::string text = identity + "\t" + escape_line(relative) + "\n";
   if (::write(fd_, text.data(), text.size()) != ssize_t(text.size()))
     throw Error(file_ + ": cannot write: " + std::strerror(errno));
@@ -301,7 +317,7 @@ void OutputRecords::record(const std::string& relative, const std::string& ident
 void OutputRecords::compact() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::string text;
-  for (const auto& [rel, id] : records_) text += id + "\t" + escape_line(rel) + "\n";
+  for (const auto& [rel, id] : own_) text += id + "\t" + escape_line(rel) + "\n";
   write_file_atomic(file_, text);
   if (fd_ >= 0) {  // the rename replaced the file the descriptor appends to
     ::close(fd_);

@@ -92,8 +92,11 @@ void save_stats_with_sidecar(const Stats& stats, const std::string& file, const 
 
 // Makes `out` and records `mine` (what is written there) in out/.concord-harmonize.json; refuses
 // a folder holding another harmonization unless `overwrite`, naming what differs (method,
-// arguments, statistics, pixel type). Removes temporaries an interrupted run left.
-void claim_output_folder(const std::string& out, const nlohmann::json& mine, bool overwrite);
+// arguments, statistics, pixel type). Removes temporaries an interrupted run left, unless
+// `shared` (shards of one apply writing into the folder at the same time: another shard's
+// temporaries are work in progress).
+void claim_output_folder(const std::string& out, const nlohmann::json& mine, bool overwrite,
+                         bool shared = false);
 
 // Files of "KEY<TAB>text<LF>" lines (journals, output records), appended one write() a line:
 // escape_line escapes '\\' and LF in the text; read_tab_lines drops a torn last line (a killed
@@ -106,9 +109,12 @@ std::vector<std::pair<std::string, std::string>> read_tab_lines(const std::strin
 // input's identity (input_identity) per output. A record is appended before its output may
 // appear, so an output on disk has its input's record; a rerun redoes an output whose input
 // changed since, or that has no record. Thread-safe.
+// A shard (`apply --shard I/N`, processes writing into one folder at once, possibly from several
+// machines) appends to its own OUT/.concord-harmonize.inputs.shard-I-of-N instead; every run
+// reads all of these files, so a rerun with other shards or none resumes what any shard wrote.
 class OutputRecords {
  public:
-  explicit OutputRecords(const std::string& out);
+  explicit OutputRecords(const std::string& out, const std::string& shard_tag = "");
   ~OutputRecords();
   OutputRecords(const OutputRecords&) = delete;
   OutputRecords& operator=(const OutputRecords&) = delete;
@@ -121,7 +127,8 @@ class OutputRecords {
   std::string file_;
   int fd_ = -1;
   mutable std::mutex mutex_;
-  std::map<std::string, std::string> records_;
+  std::map<std::string, std::string> records_;  // of every records file: for matches()
+  std::map<std::string, std::string> own_;      // of this process's file: for compact()
 };
 
 // Size and modification time (ns) of a file; of each file for a folder (a DICOM series).
