@@ -155,6 +155,11 @@ Part load_part(const std::string& file) {
   };
   info.method = text("method");
   info.seed = text("seed");
+  if (info.seed.empty() || info.seed.size() > 20 ||
+      !std::all_of(info.seed.begin(), info.seed.end(),
+                   [](unsigned char c) { return std::isdigit(c); }) ||
+      (info.seed.size() == 20 && info.seed > "18446744073709551615"))
+    throw Error(file + ": corrupt partial statistics: seed '" + info.seed + "'");
   info.shard_by = text("shard_by");
   info.inputs = text("inputs");
   try {

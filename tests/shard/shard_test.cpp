@@ -240,6 +240,14 @@ TEST(HarmonizeShard, MergeRefusesMismatchedMissingAndDuplicateParts) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("partial statistics of shard 0/2"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("harmonize merge"), std::string::npos) << r.out;
+  // A truncated part (a copy cut short) is refused, naming it.
+  {
+    const std::string bytes = slurp(t.path("a1"));
+    std::ofstream(t.path("cut1"), std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  }
+  r = merge("a0 cut1");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("cut1: not readable as partial statistics"), std::string::npos) << r.out;
   // Malformed --shard values.
   for (const char* bad : {"2/2", "1", "a/3", "0/0", "-1/2"}) {
     r = run(std::string("harmonize fit --method nyul --shard ") + bad + " --stats " + t.path("x") +
