@@ -15,6 +15,9 @@ class Channel {
   // One request/reply exchange with a site (a unary call, as gRPC will make it). Throws
   // SiteError when the site fails or cannot be reached.
   virtual Bytes call(const std::string& site, const Bytes& request) = 0;
+  // True when call() may run for several sites at once from different threads (sites in other
+  // processes); the coordinator then asks the sites of an exchange in parallel.
+  virtual bool concurrent() const { return false; }
 };
 
 using SiteHandler = std::function<Bytes(const Bytes& request)>;

@@ -78,6 +78,8 @@ class ServerStream : public detail::FramedStream<grpc::ServerGenericBidiReactor>
   }
 
   const std::string& site() const { return site_; }
+  const std::string& info() const { return info_; }
+  void set_info(std::string info) { info_ = std::move(info); }
   const std::string& peer() const { return peer_; }
   grpc::GenericCallbackServerContext* context() { return ctx_; }
   bool is_registered() const { return registered_; }
@@ -168,7 +170,7 @@ class ServerStream : public detail::FramedStream<grpc::ServerGenericBidiReactor>
  private:
   Impl* impl_;
   grpc::GenericCallbackServerContext* ctx_;
-  std::string peer_, site_;
+  std::string peer_, site_, info_;
   std::atomic<bool> registered_{false};
   bool finishing_ = false, finished_ = false;
   grpc::Status status_;
@@ -213,6 +215,19 @@ void Impl::register_site(const std::shared_ptr<ServerStream>& s, const FrameHead
     s->refuse("site '" + name + "' is not in this federation's site list (" + list + ")");
     return;
   }
+  if (opt.admit) {
+    std::string why;
+    try {
+      why = opt.admit(name, h.info);
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+    if (!why.empty()) {
+      s->refuse("site '" + name + "': " + why);
+      return;
+    }
+  }
+  s->set_info(h.info);
   std::shared_ptr<ServerStream> old;
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -238,6 +253,7 @@ void Impl::register_site(const std::shared_ptr<ServerStream>& s, const FrameHead
   w.heartbeat_ms = uint32_t(std::max(1.0, opt.heartbeat_seconds * 1000));
   w.site = name;
   w.text = kSoftware;
+  w.info = opt.welcome_info;
   s->send_control(std::move(w));
   cv.notify_all();
 }
@@ -462,6 +478,12 @@ std::vector<std::string> GrpcServerChannel::sites() const {
   return out;
 }
 
+std::string GrpcServerChannel::site_info(const std::string& site) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->registered.find(site);
+  return it == impl_->registered.end() ? std::string() : it->second->info();
+}
+
 std::vector<std::string> GrpcServerChannel::wait_for_sites(const std::vector<std::string>& names,
                                                            double timeout_seconds) {
   Impl& m = *impl_;
@@ -477,7 +499,7 @@ std::vector<std::string> GrpcServerChannel::wait_for_sites(const std::vector<std
   }
 }
 
-void GrpcServerChannel::shutdown(const std::string& reason) {
+void GrpcServerChannel::shutdown(const std::string& reason, bool end_run) {
   Impl& m = *impl_;
   std::vector<std::shared_ptr<ServerStream>> streams;
   {
@@ -486,7 +508,12 @@ void GrpcServerChannel::shutdown(const std::string& reason) {
     m.stopping = true;
     streams.assign(m.live.begin(), m.live.end());
   }
+  if (!end_run) spdlog::info("server stopping ({}): the sites will reconnect", reason);
   for (auto& s : streams) {
+    if (!end_run) {
+      s->cancel();
+      continue;
+    }
     FrameHeader h;
     h.kind = FrameKind::Shutdown;
     h.text = reason;
