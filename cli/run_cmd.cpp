@@ -162,7 +162,7 @@ RunSummary run_experiment(Experiment& exp, const PipelineConfig& config, const R
   if (r.after_run) r.after_run(s);
   if (s.rounds_completed < config.federation.rounds) {
     std::cout << "stopped after round " << s.rounds_completed << " of " << config.federation.rounds
-              << "; continue with " << r.resume_command << " " << s.run_dir << "\n";
+              << "; continue with: " << r.resume_command << " " << s.run_dir << "\n";
     throw Exit{130};
   }
   print_table(s);
