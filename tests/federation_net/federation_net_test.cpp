@@ -133,9 +133,9 @@ struct Federation {
     EXPECT_EQ(rc, 0) << out;
   }
   std::unique_ptr<Proc> server(const std::vector<std::string>& extra, const std::string& log,
-                               const std::string& kill_at = "") {
+                               const std::string& kill_at = "", const std::string& wait = "60") {
     std::vector<std::string> a = {"server",        "--kit",  (kits / "server").string(),
-                                  "--no-progress", "--wait", "60"};
+                                  "--no-progress", "--wait", wait};
     a.insert(a.end(), extra.begin(), extra.end());
     return std::make_unique<Proc>(a, dir.path() / log, kill_at);
   }
@@ -258,4 +258,41 @@ TEST(FederationNet, AKilledServerResumesAndTheSitesReconnectByThemselves) {
   for (auto& s : sites) EXPECT_EQ(s->wait(20), 0) << f.logs(all);
   EXPECT_NE(resumed->output().find("resuming"), std::string::npos);
   expect_same_weights(f.run, sim);
+}
+
+TEST(FederationNet, ASiteWithAnotherPipelineIsRefusedWithTheReasonOnBothEnds) {
+  Federation f;
+  // Another learning rate: a different federation part (the data section may differ freely).
+  std::string other = pipeline();
+  other.replace(other.find("lr: 0.01"), 8, "lr: 0.02");
+  const fs::path other_file = f.dir.path() / "other.yaml";
+  std::ofstream(other_file) << other;
+  auto server =
+      f.server({f.pipeline_file.string(), "--run-dir", f.run.string()}, "server.log", "", "8");
+  Proc site({"site", "--kit", (f.kits / "site-A").string(), other_file.string()},
+            f.dir.path() / "site-A.log");
+  const int site_rc = site.wait(60);
+  const int server_rc = server->wait(60);
+  const std::string logs = f.logs({server.get(), &site});
+  EXPECT_EQ(site_rc, 1) << logs;
+  EXPECT_NE(site.output().find("its pipeline differs from the server's"), std::string::npos)
+      << logs;
+  EXPECT_NE(server->output().find("its pipeline differs from the server's"), std::string::npos)
+      << logs;
+  EXPECT_EQ(server_rc, 1) << logs;  // no site registered
+  EXPECT_NE(server->output().find("no site registered within 8 s"), std::string::npos) << logs;
+}
+
+TEST(FederationNet, ASiteNotInThePipelinesSiteListStopsBeforeConnecting) {
+  Federation f;
+  std::string two = pipeline();
+  two.replace(two.find("sites: [site-A, site-B, site-C]"), 31, "sites: [site-A, site-B]");
+  const fs::path file = f.dir.path() / "two.yaml";
+  std::ofstream(file) << two;
+  Proc site({"site", "--kit", (f.kits / "site-C").string(), file.string()},
+            f.dir.path() / "site-C.log");
+  EXPECT_EQ(site.wait(60), 1) << site.output();
+  EXPECT_NE(site.output().find("site 'site-C' is not in data.sites (site-A, site-B)"),
+            std::string::npos)
+      << site.output();
 }
