@@ -144,6 +144,14 @@ struct Federation {
         std::vector<std::string>{"site", "--kit", (kits / name).string(), pipeline_file.string()},
         dir.path() / (name + ".log"), kill_at);
   }
+  // The pipeline with `from` replaced by `to`, written to `name` in the test's folder.
+  fs::path variant(const std::string& name, const std::string& from, const std::string& to) {
+    std::string text = pipeline();
+    text.replace(text.find(from), from.size(), to);
+    const fs::path file = dir.path() / name;
+    std::ofstream(file) << text;
+    return file;
+  }
   std::string logs(const std::vector<const Proc*>& procs) const {
     std::string all;
     for (const Proc* p : procs)
@@ -263,10 +271,7 @@ TEST(FederationNet, AKilledServerResumesAndTheSitesReconnectByThemselves) {
 TEST(FederationNet, ASiteWithAnotherPipelineIsRefusedWithTheReasonOnBothEnds) {
   Federation f;
   // Another learning rate: a different federation part (the data section may differ freely).
-  std::string other = pipeline();
-  other.replace(other.find("lr: 0.01"), 8, "lr: 0.02");
-  const fs::path other_file = f.dir.path() / "other.yaml";
-  std::ofstream(other_file) << other;
+  const fs::path other_file = f.variant("other.yaml", "lr: 0.01", "lr: 0.02");
   auto server =
       f.server({f.pipeline_file.string(), "--run-dir", f.run.string()}, "server.log", "", "8");
   Proc site({"site", "--kit", (f.kits / "site-A").string(), other_file.string()},
@@ -285,10 +290,8 @@ TEST(FederationNet, ASiteWithAnotherPipelineIsRefusedWithTheReasonOnBothEnds) {
 
 TEST(FederationNet, ASiteNotInThePipelinesSiteListStopsBeforeConnecting) {
   Federation f;
-  std::string two = pipeline();
-  two.replace(two.find("sites: [site-A, site-B, site-C]"), 31, "sites: [site-A, site-B]");
-  const fs::path file = f.dir.path() / "two.yaml";
-  std::ofstream(file) << two;
+  const fs::path file =
+      f.variant("two.yaml", "sites: [site-A, site-B, site-C]", "sites: [site-A, site-B]");
   Proc site({"site", "--kit", (f.kits / "site-C").string(), file.string()},
             f.dir.path() / "site-C.log");
   EXPECT_EQ(site.wait(60), 1) << site.output();
