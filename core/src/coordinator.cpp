@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <system_error>
 #include <thread>
@@ -44,24 +45,28 @@ std::string site_failure(const std::string& site, const std::exception& e) {
 
 namespace {
 
-// Runs work(i) for every i in [0, n): each on its own thread when the channel takes concurrent
-// calls (sites in other processes), else one after another. `work` must not throw. Results are
-// kept per index, so what the caller does with them afterwards is in site order either way.
+// Runs work(i) for every i in [0, n): on up to channel.max_concurrent_calls() threads at once
+// (sites in other processes), else one after another. `work` must not throw. Results are kept
+// per index, so what the caller does with them afterwards is in site order either way.
 template <class Work>
 void for_each_site(const Channel& channel, size_t n, Work work) {
-  if (!channel.concurrent() || n < 2) {
+  const size_t lanes = std::min(n, std::max<size_t>(channel.max_concurrent_calls(), 1));
+  if (lanes < 2) {
     for (size_t i = 0; i < n; ++i) work(i);
     return;
   }
+  std::atomic<size_t> next{0};
+  auto lane = [&] {
+    for (size_t i; (i = next++) < n;) work(i);
+  };
   std::vector<std::thread> threads;
-  threads.reserve(n);
-  size_t started = 0;
+  threads.reserve(lanes - 1);
   try {
-    for (; started < n; ++started) threads.emplace_back([&work, started] { work(started); });
-  } catch (const std::system_error& e) {  // no more threads: the rest in this one
-    spdlog::warn("cannot start more threads ({}): asking {} sites in turn", e.what(), n - started);
+    while (threads.size() + 1 < lanes) threads.emplace_back(lane);
+  } catch (const std::system_error& e) {  // fewer threads: the lanes started share the work
+    spdlog::warn("cannot start more threads ({}): {} calls at once", e.what(), threads.size() + 1);
   }
-  for (size_t i = started; i < n; ++i) work(i);
+  lane();
   for (auto& t : threads) t.join();
 }
 
@@ -77,11 +82,12 @@ Coordinator::RoundOutcome Coordinator::train_round(
   // checked (concurrently when the channel allows), then taken in site order.
   std::vector<protocol::Checked<protocol::Upload>> uploads(selected.size());
   std::vector<std::string> errors(selected.size());
-  if (on_site && channel_.concurrent())
+  const bool parallel = channel_.max_concurrent_calls() > 1;
+  if (on_site && parallel)
     for (size_t k = 0; k < selected.size(); ++k) on_site(selected[k], k, selected.size());
   for_each_site(channel_, selected.size(), [&](size_t k) {
     const std::string& site = selected[k];
-    if (on_site && !channel_.concurrent()) on_site(site, k, selected.size());
+    if (on_site && !parallel) on_site(site, k, selected.size());
     try {
       uploads[k] = protocol::read_update(decode(channel_.call(site, request)), global_);
     } catch (const std::exception& e) {

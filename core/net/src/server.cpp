@@ -9,6 +9,7 @@
 #include <grpcpp/generic/async_generic_service.h>
 
 #include <condition_variable>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <thread>
@@ -375,6 +376,17 @@ GrpcServerChannel::GrpcServerChannel(ServerOptions options) : impl_(std::make_sh
   check_chunk_bytes(m.opt.chunk_bytes);
   m.max_bytes = m.opt.max_message_bytes ? m.opt.max_message_bytes : max_message_bytes();
   if (m.opt.heartbeat_seconds <= 0) throw Error("server: heartbeat interval must be > 0");
+  if (m.opt.max_parallel_calls == 0) {
+    m.opt.max_parallel_calls = 8;
+    if (const char* v = std::getenv("CONCORD_NET_PARALLEL_SITES")) {
+      char* end = nullptr;
+      const long n = std::strtol(v, &end, 10);
+      if (!*v || *end || n < 1 || n > 1024)
+        throw Error(std::string("CONCORD_NET_PARALLEL_SITES='") + v +
+                    "': a whole number in [1, 1024]");
+      m.opt.max_parallel_calls = size_t(n);
+    }
+  }
   std::shared_ptr<grpc::ServerCredentials> creds;
   if (m.opt.insecure) {
     if (!is_loopback_address(m.opt.listen))
@@ -476,6 +488,10 @@ std::vector<std::string> GrpcServerChannel::sites() const {
   std::vector<std::string> out;
   for (const auto& [name, s] : impl_->registered) out.push_back(name);
   return out;
+}
+
+size_t GrpcServerChannel::max_concurrent_calls() const {
+  return impl_->opt.max_parallel_calls;
 }
 
 std::string GrpcServerChannel::site_info(const std::string& site) const {

@@ -45,6 +45,9 @@ struct ServerOptions {
   // request and reply bytes at min_throughput_mb_s (MB/s, the slowest link accepted).
   double call_base_seconds = 600;
   double min_throughput_mb_s = 5;
+  // Sites the coordinator asks at once (each call then runs on its own thread); more sites
+  // than this wait for a free slot. 0: CONCORD_NET_PARALLEL_SITES, else 8.
+  size_t max_parallel_calls = 0;
 };
 
 // The server side of the network: a Channel whose sites are the connected site processes.
@@ -67,7 +70,7 @@ class GrpcServerChannel : public Channel {
   std::vector<std::string> sites() const;  // registered sites, now
   // The info a registered site sent at its (latest) registration; "" when it is not registered.
   std::string site_info(const std::string& site) const;
-  bool concurrent() const override { return true; }
+  size_t max_concurrent_calls() const override;
 
   // Waits until every site of `names` is registered or `timeout_seconds` passed; returns the
   // ones still missing (empty: all there).
