@@ -6,8 +6,14 @@
 
 #include <CLI/CLI.hpp>
 
+#include <functional>
 #include <string>
 #include <vector>
+
+namespace concord {
+class Experiment;
+struct RunSummary;
+}  // namespace concord
 
 namespace concord::cli {
 
@@ -31,7 +37,27 @@ const std::vector<LoadFailure>& load_all_plugins(const Globals& g);
 PipelineConfig load_or_report(const Globals& g, const std::string& file,
                               const std::vector<std::string>& overrides);
 
+// `concord run`'s body for any Experiment, simulated or with remote sites (run_cmd.cpp): the run
+// folder (a fresh <output>/<name>[-N] when run_dir is empty), progress bar, SIGINT/SIGTERM (stop
+// after the round: Exit{130}), the results table and report.html; Exit{1} when the run has
+// failures.
+struct RunRequest {
+  std::string run_dir;
+  bool resume = false;
+  bool no_progress = false;
+  std::string resume_command = "concord run --resume";   // printed when stopped
+  std::function<void(int round)> after_round;            // after each round's checkpoint
+  std::function<void(const RunSummary&)> after_run;      // when run() returns
+  std::function<void(const RunSummary&)> before_report;  // after the table, before report.html
+};
+RunSummary run_experiment(Experiment& exp, const PipelineConfig& config, const RunRequest& r);
+// The pipeline file of `command FILE` or `command --resume RUN_DIR` (RUN_DIR/pipeline.yaml).
+std::string run_pipeline_file(const std::string& command, const std::string& file,
+                              const std::string& resume);
+
 void add_run_command(CLI::App& app, Globals& g);
+void add_server_command(CLI::App& app, Globals& g);  // federation_cmd.cpp
+void add_site_command(CLI::App& app, Globals& g);    // federation_cmd.cpp
 void add_validate_command(CLI::App& app, Globals& g);
 void add_plugins_command(CLI::App& app, Globals& g);
 void add_harmonize_command(CLI::App& app, Globals& g);

@@ -35,9 +35,10 @@ int main(int argc, char** argv) {
   using namespace concord::cli;
   // LibTorch's OpenMP threads spin while waiting by default; on a busy 2-core machine that
   // made training 4-5x slower. libgomp reads the policy at load time, so set it and re-exec;
-  // only `run` trains, and the re-exec costs ~0.3 s of start-up, so only for `run`.
-  const bool trains =
-      std::any_of(argv + 1, argv + argc, [](const char* a) { return std::string(a) == "run"; });
+  // only `run` and `site` train, and the re-exec costs ~0.3 s of start-up, so only for them.
+  const bool trains = std::any_of(argv + 1, argv + argc, [](const char* a) {
+    return std::string(a) == "run" || std::string(a) == "site";
+  });
   if (trains && !std::getenv("OMP_WAIT_POLICY")) {
     setenv("OMP_WAIT_POLICY", "passive", 1);
     execv("/proc/self/exe", argv);  // on failure, carry on with the default policy
@@ -66,6 +67,8 @@ int main(int argc, char** argv) {
   add_report_command(app, g);
   add_compare_command(app, g);
   add_provision_command(app, g);
+  add_server_command(app, g);
+  add_site_command(app, g);
   try {
     app.parse(argc, argv);
   } catch (const Exit& e) {

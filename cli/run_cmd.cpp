@@ -108,6 +108,70 @@ void on_stop_signal(int sig) {
 
 }  // namespace
 
+std::string run_pipeline_file(const std::string& command, const std::string& file,
+                              const std::string& resume) {
+  if (resume.empty()) {
+    if (file.empty()) throw Error(command + " needs a pipeline file (or --resume RUN_DIR)");
+    return file;
+  }
+  const std::string f =
+      file.empty() ? (std::filesystem::path(resume) / "pipeline.yaml").string() : file;
+  if (!std::filesystem::exists(f))
+    throw Error("cannot resume: " + f + " not found (is " + resume + " a run folder?)");
+  return f;
+}
+
+RunSummary run_experiment(Experiment& exp, const PipelineConfig& config, const RunRequest& r) {
+  RunOptions opts;
+  opts.run_dir = r.run_dir;
+  opts.resume = r.resume;
+  if (opts.run_dir.empty()) {
+    // A fresh folder per run: <output>/<name>, then <name>-2, <name>-3, ... never overwritten.
+    namespace fs = std::filesystem;
+    fs::path base = fs::path(config.output) / config.name;
+    fs::path dir = base;
+    for (int i = 2; fs::exists(dir); ++i) dir = base.string() + "-" + std::to_string(i);
+    opts.run_dir = dir.string();
+  }
+  spdlog::info("run folder: {}", opts.run_dir);
+  auto bar = std::make_unique<ProgressBar>("rounds", config.federation.rounds, !r.no_progress);
+  opts.on_progress = [&bar](const std::string& phase, int, int) { bar->set_status(phase); };
+  opts.on_round = [&bar, &r](int round) {
+    bar->advance(1);
+    if (r.after_round) r.after_round(round);
+  };
+  auto previous = spdlog::default_logger();
+  if (!r.no_progress && isatty(STDERR_FILENO)) {
+    auto sink = std::make_shared<BarSink>(*bar);
+    sink->set_pattern("[%H:%M:%S] %^%l%$ %v");
+    auto logger = std::make_shared<spdlog::logger>("concord", sink);
+    logger->set_level(previous->level());
+    spdlog::set_default_logger(logger);
+  }
+  struct Restore {
+    std::shared_ptr<spdlog::logger> logger;
+    ~Restore() { spdlog::set_default_logger(logger); }
+  } restore{previous};
+  opts.stop_after = [](int) { return stop_requested != 0; };
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  RunSummary s = exp.run(opts);
+  std::signal(SIGINT, SIG_DFL);
+  std::signal(SIGTERM, SIG_DFL);
+  bar->finish();
+  if (r.after_run) r.after_run(s);
+  if (s.rounds_completed < config.federation.rounds) {
+    std::cout << "stopped after round " << s.rounds_completed << " of " << config.federation.rounds
+              << "; continue with: " << r.resume_command << " " << s.run_dir << "\n";
+    throw Exit{130};
+  }
+  print_table(s);
+  if (r.before_report) r.before_report(s);
+  write_run_report_after_run(s.run_dir);
+  if (!s.failures.empty()) throw Exit{1};
+  return s;
+}
+
 void add_run_command(CLI::App& app, Globals& g) {
   auto* sub = app.add_subcommand("run", "Run a federated pipeline");
   sub->footer(
@@ -127,60 +191,18 @@ void add_run_command(CLI::App& app, Globals& g) {
   sub->add_option("--resume", o->resume, "Continue the interrupted run in this folder");
   sub->add_flag("--no-progress", o->no_progress, "No progress bar (log lines only)");
   sub->callback([&g, o] {
-    std::string file = o->file, run_dir = o->run_dir;
-    if (!o->resume.empty()) {
-      run_dir = o->resume;
-      if (file.empty()) file = (std::filesystem::path(o->resume) / "pipeline.yaml").string();
-      if (!std::filesystem::exists(file))
-        throw Error("cannot resume: " + file + " not found (is " + o->resume + " a run folder?)");
-    }
-    if (file.empty()) throw Error("run needs a pipeline file (or --resume RUN_DIR)");
-    PipelineConfig config = load_or_report(g, file, o->sets);
+    const std::string run_dir = o->resume.empty() ? o->run_dir : o->resume;
+    PipelineConfig config =
+        load_or_report(g, run_pipeline_file("run", o->file, o->resume), o->sets);
     Experiment exp(config, global_registry());
-    RunOptions opts;
-    opts.run_dir = run_dir;
-    opts.resume = !o->resume.empty();
-    if (opts.run_dir.empty()) {
-      // A fresh folder per run: <output>/<name>, then <name>-2, <name>-3, ... never overwritten.
-      namespace fs = std::filesystem;
-      fs::path base = fs::path(config.output) / config.name;
-      fs::path dir = base;
-      for (int i = 2; fs::exists(dir); ++i) dir = base.string() + "-" + std::to_string(i);
-      opts.run_dir = dir.string();
-    }
-    spdlog::info("run folder: {}", opts.run_dir);
-    auto bar = std::make_unique<ProgressBar>("rounds", config.federation.rounds, !o->no_progress);
-    opts.on_progress = [&bar](const std::string& phase, int, int) { bar->set_status(phase); };
-    opts.on_round = [&bar](int) { bar->advance(1); };
-    auto previous = spdlog::default_logger();
-    if (!o->no_progress && isatty(STDERR_FILENO)) {
-      auto sink = std::make_shared<BarSink>(*bar);
-      sink->set_pattern("[%H:%M:%S] %^%l%$ %v");
-      auto logger = std::make_shared<spdlog::logger>("concord", sink);
-      logger->set_level(previous->level());
-      spdlog::set_default_logger(logger);
-    }
-    struct Restore {
-      std::shared_ptr<spdlog::logger> logger;
-      ~Restore() { spdlog::set_default_logger(logger); }
-    } restore{previous};
-    opts.stop_after = [](int) { return stop_requested != 0; };
-    std::signal(SIGINT, on_stop_signal);
-    std::signal(SIGTERM, on_stop_signal);
-    RunSummary s = exp.run(opts);
-    std::signal(SIGINT, SIG_DFL);
-    std::signal(SIGTERM, SIG_DFL);
-    bar->finish();
-    if (s.rounds_completed < config.federation.rounds) {
-      std::cout << "stopped after round " << s.rounds_completed << " of "
-                << config.federation.rounds << "; continue with: concord run --resume " << s.run_dir
-                << "\n";
-      throw Exit{130};
-    }
-    print_table(s);
-    write_run_harmonization(config, s.run_dir);
-    write_run_report_after_run(s.run_dir);
-    if (!s.failures.empty()) throw Exit{1};
+    RunRequest r;
+    r.run_dir = run_dir;
+    r.resume = !o->resume.empty();
+    r.no_progress = o->no_progress;
+    r.before_report = [&config](const RunSummary& s) {
+      write_run_harmonization(config, s.run_dir);
+    };
+    run_experiment(exp, config, r);
   });
 }
 

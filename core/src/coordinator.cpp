@@ -6,7 +6,10 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <system_error>
+#include <thread>
 
 namespace concord {
 
@@ -40,40 +43,82 @@ std::string site_failure(const std::string& site, const std::exception& e) {
   return "site '" + site + "': " + e.what();
 }
 
+namespace {
+
+// Runs work(i) for every i in [0, n): on up to channel.max_concurrent_calls() threads at once
+// (sites in other processes), else one after another. `work` must not throw. Results are kept
+// per index, so what the caller does with them afterwards is in site order either way.
+template <class Work>
+void for_each_site(const Channel& channel, size_t n, Work work) {
+  const size_t lanes = std::min(n, std::max<size_t>(channel.max_concurrent_calls(), 1));
+  if (lanes < 2) {
+    for (size_t i = 0; i < n; ++i) work(i);
+    return;
+  }
+  std::atomic<size_t> next{0};
+  auto lane = [&] {
+    for (size_t i; (i = next++) < n;) work(i);
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(lanes - 1);
+  try {
+    while (threads.size() + 1 < lanes) threads.emplace_back(lane);
+  } catch (const std::system_error& e) {  // fewer threads: the lanes started share the work
+    spdlog::warn("cannot start more threads ({}): {} calls at once", e.what(), threads.size() + 1);
+  }
+  lane();
+  for (auto& t : threads) t.join();
+}
+
+}  // namespace
+
 Coordinator::RoundOutcome Coordinator::train_round(
     Aggregator& aggregator, int round, int rounds, const std::vector<std::string>& selected,
     const std::map<std::string, double>& settings, int min_sites,
     const std::function<void(const std::string&, size_t, size_t)>& on_site) {
   RoundOutcome out;
   Bytes request = encode(protocol::train_request(round, settings));
+  // Step 2 (local training) runs at the sites; step 3 (upload) is each one's reply, read and
+  // checked (concurrently when the channel allows), then taken in site order.
+  std::vector<protocol::Checked<protocol::Upload>> uploads(selected.size());
+  std::vector<std::string> errors(selected.size());
+  const bool parallel = channel_.max_concurrent_calls() > 1;
+  if (on_site && parallel)
+    for (size_t k = 0; k < selected.size(); ++k) on_site(selected[k], k, selected.size());
+  for_each_site(channel_, selected.size(), [&](size_t k) {
+    const std::string& site = selected[k];
+    if (on_site && !parallel) on_site(site, k, selected.size());
+    try {
+      uploads[k] = protocol::read_update(decode(channel_.call(site, request)), global_);
+    } catch (const std::exception& e) {
+      errors[k] = site_failure(site, e);
+    }
+  });
   for (size_t k = 0; k < selected.size(); ++k) {
     const std::string& site = selected[k];
-    if (on_site) on_site(site, k, selected.size());
-    // Step 2 (local training) runs at the site; step 3 (upload) is its reply.
-    try {
-      auto upload = protocol::read_update(decode(channel_.call(site, request)), global_);
-      if (!upload.ok()) {
-        spdlog::error("round {}: rejected the update of site '{}': {}", round, site,
-                      upload.problem);
-        out.failures.push_back("site '" + site + "': " + upload.problem + " (rejected)");
-        continue;
-      }
-      if (upload.value->num_samples == 0) {
-        spdlog::warn("round {}: site '{}' has no training samples; skipped", round, site);
-        out.skipped.push_back(site);
-        continue;
-      }
-      SiteUpdate u;
-      u.site = site;
-      u.state = std::move(upload.value->state);
-      u.num_samples = upload.value->num_samples;
-      u.train_loss = upload.value->train_loss;
-      u.scalars = std::move(upload.value->scalars);
-      out.updates.push_back(std::move(u));
-    } catch (const std::exception& e) {
-      out.failures.push_back(site_failure(site, e));
+    if (!errors[k].empty()) {
+      out.failures.push_back(errors[k]);
       spdlog::error("round {}: {}", round, out.failures.back());
+      continue;
     }
+    auto& upload = uploads[k];
+    if (!upload.ok()) {
+      spdlog::error("round {}: rejected the update of site '{}': {}", round, site, upload.problem);
+      out.failures.push_back("site '" + site + "': " + upload.problem + " (rejected)");
+      continue;
+    }
+    if (upload.value->num_samples == 0) {
+      spdlog::warn("round {}: site '{}' has no training samples; skipped", round, site);
+      out.skipped.push_back(site);
+      continue;
+    }
+    SiteUpdate u;
+    u.site = site;
+    u.state = std::move(upload.value->state);
+    u.num_samples = upload.value->num_samples;
+    u.train_loss = upload.value->train_loss;
+    u.scalars = std::move(upload.value->scalars);
+    out.updates.push_back(std::move(u));
   }
   // Step 4: aggregate, only with enough usable uploads.
   if (out.updates.empty() || int(out.updates.size()) < min_sites) {
@@ -113,16 +158,30 @@ Coordinator::RoundOutcome Coordinator::train_round(
 
 namespace {
 
-// Asks each of `sites` with the same request bytes (encoded once); `take(site, reply)` reads a
-// reply and returns "" or why it is unusable. Failures (thrown or refused) are added to
-// `failures`, by site; the caller reports them.
+// Asks each of `sites` with the same request bytes (encoded once; concurrently when the channel
+// allows); `take(site, reply)` reads a reply and returns "" or why it is unusable, in site order.
+// Failures (thrown or refused) are added to `failures`, by site; the caller reports them.
 template <class Take>
 void ask_each(Channel& channel, const Bytes& request, const std::vector<std::string>& sites,
               Coordinator::Failures& failures, Take take) {
-  for (const auto& site : sites) {
+  std::vector<Bytes> replies(sites.size());
+  std::vector<std::string> errors(sites.size());
+  for_each_site(channel, sites.size(), [&](size_t i) {
     try {
-      if (std::string why = take(site, decode(channel.call(site, request))); !why.empty())
-        throw SiteError(site, why);
+      replies[i] = channel.call(sites[i], request);
+    } catch (const std::exception& e) {
+      errors[i] = site_failure(sites[i], e);
+    }
+  });
+  for (size_t i = 0; i < sites.size(); ++i) {
+    const std::string& site = sites[i];
+    if (!errors[i].empty()) {
+      failures.push_back({site, errors[i]});
+      continue;
+    }
+    try {
+      Bytes reply = std::move(replies[i]);
+      if (std::string why = take(site, decode(reply)); !why.empty()) throw SiteError(site, why);
     } catch (const std::exception& e) {
       failures.push_back({site, site_failure(site, e)});
     }
@@ -205,9 +264,16 @@ std::map<std::string, protocol::SiteState> Coordinator::export_states(
 
 Coordinator::Failures Coordinator::restore_states(
     int round, const std::map<std::string, protocol::SiteState>& states) {
+  // One request per site (each its own state), concurrently when the channel allows.
+  std::vector<const std::pair<const std::string, protocol::SiteState>*> each;
+  for (const auto& entry : states) each.push_back(&entry);
+  std::vector<Failures> failed(each.size());
+  for_each_site(channel_, each.size(), [&](size_t i) {
+    ask_each(channel_, encode(protocol::restore_state_request(round, each[i]->second)),
+             {each[i]->first}, failed[i], acked);
+  });
   Failures failures;
-  for (const auto& [site, st] : states)
-    ask_each(channel_, encode(protocol::restore_state_request(round, st)), {site}, failures, acked);
+  for (auto& f : failed) failures.insert(failures.end(), f.begin(), f.end());
   return failures;
 }
 

@@ -33,6 +33,7 @@ struct Experiment::Impl {
   std::unique_ptr<Channel> wrapped;
   std::unique_ptr<ModelPool> pool;  // the process's model, scratch for the simulated sites
   std::unique_ptr<SimulatedSites> sites;
+  std::optional<RemoteSites> remote;  // concord server: the sites run elsewhere
   std::unique_ptr<Coordinator> coordinator;
   // The coordinator's own plugin instances.
   std::unique_ptr<Adapter> adapter;  // what is shared, whether sites personalise
@@ -55,18 +56,42 @@ struct Experiment::Impl {
   // Builds one Site per hospital (with the model, or for the harmonizer phase only) behind the
   // channel, and the coordinator on the channel.
   void connect(std::vector<SiteData>&& site_data, ModelPool* model_pool) {
-    sites = std::make_unique<SimulatedSites>(config, registry, std::move(site_data), model_pool,
-                                             channel);
-    if (wrap) wrapped = wrap(channel);
-    coordinator = std::make_unique<Coordinator>(wrapped ? *wrapped : channel, config.seed);
+    Channel* inner = &channel;
+    if (remote)
+      inner = remote->channel;
+    else
+      sites = std::make_unique<SimulatedSites>(config, registry, std::move(site_data), model_pool,
+                                               channel);
+    if (wrap) wrapped = wrap(*inner);
+    coordinator = std::make_unique<Coordinator>(wrapped ? *wrapped : *inner, config.seed);
+  }
+
+  // A federation whose sites run elsewhere: the pipeline's data.sites, data of the shape they
+  // reported, no images here.
+  Federation remote_federation() {
+    if (config.data.sites.empty())
+      throw Error(config.file +
+                  ": data.sites must list the federation's sites (each site's certificate name) "
+                  "to run with remote sites");
+    fill_roster(config, config.data.sites, roster);
+    Federation fed;
+    fed.task = remote->shape.task;
+    fed.channels = remote->shape.channels;
+    fed.num_classes = remote->shape.num_classes;
+    return fed;
   }
 
   // Data, model, the coordinator's plugins, the sites.
   void setup(const RunOptions& options) {
     set_torch_threads(config.training.threads);
     progress(options, "loading data", 0, 1);
-    Federation fed = load_federation(config, registry, roster);
-    pool = std::make_unique<ModelPool>(build_model_pool(config, registry, fed));
+    Federation fed = remote ? remote_federation() : load_federation(config, registry, roster);
+    ModelSpec spec;
+    if (remote)
+      spec = {remote->shape.task, remote->shape.channels, remote->shape.num_classes,
+              remote->shape.image_size};
+    pool = std::make_unique<ModelPool>(remote ? build_model_pool(config, registry, spec)
+                                              : build_model_pool(config, registry, fed));
     adapter = build_adapter(config, registry, *pool->model, "adapter");
     NamedArrays global;
     for (auto& e : pool->model->state())
@@ -298,9 +323,15 @@ struct Experiment::Impl {
 
 Experiment::Experiment(PipelineConfig config, const Registry& registry)
     : impl_(std::make_unique<Impl>(std::move(config), registry)) {}
+Experiment::Experiment(PipelineConfig config, const Registry& registry, RemoteSites remote)
+    : impl_(std::make_unique<Impl>(std::move(config), registry)) {
+  if (!remote.channel) throw Error("Experiment: remote sites without a channel");
+  impl_->remote = remote;
+}
 Experiment::~Experiment() = default;
 
 HarmonizeResult Experiment::harmonize(const HarmonizeOptions& options) {
+  if (impl_->remote) throw Error("harmonize runs simulated sites only");
   return impl_->harmonize(options);
 }
 

@@ -16,4 +16,14 @@ const Sample* first_sample(const Federation& fed);
 // Also fills `roster` (the dataset's site order, evaluation.held_out).
 Federation load_federation(const PipelineConfig& config, const Registry& registry, Roster& roster);
 
+// `roster` for the run's sites `sites` (in order), with evaluation.held_out and
+// federation.site_availability checked against them.
+void fill_roster(const PipelineConfig& config, const std::vector<std::string>& sites,
+                 Roster& roster);
+
+// One site's data for a site process (StandaloneSite): its samples (checked as load_federation
+// checks them); `description` gets the federation's task, classes, channels and notes.
+SiteData load_site_data(const PipelineConfig& config, const Registry& registry,
+                        const std::string& site, Federation& description);
+
 }  // namespace concord

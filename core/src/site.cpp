@@ -67,19 +67,24 @@ ModelPool build_model_pool(const PipelineConfig& config, const Registry& registr
                            const Federation& fed) {
   const Sample* first = first_sample(fed);
   if (!first) throw Error("dataset '" + config.data.dataset.type + "' has no samples");
-  ModelPool pool;
-  seed_torch(derive_seed(config.seed, "model-init"));
-  pool.model = registry.create<Model>(Kind::Model, config.model.type, config.model.args,
-                                      context(config, "model"));
   ModelSpec spec;
   spec.task = fed.task;
   spec.in_channels = fed.channels;
   spec.num_classes = fed.num_classes;
   spec.image_size = {first->image.size[0], first->image.size[1]};
+  return build_model_pool(config, registry, spec);
+}
+
+ModelPool build_model_pool(const PipelineConfig& config, const Registry& registry,
+                           const ModelSpec& spec) {
+  ModelPool pool;
+  seed_torch(derive_seed(config.seed, "model-init"));
+  pool.model = registry.create<Model>(Kind::Model, config.model.type, config.model.args,
+                                      context(config, "model"));
   pool.model->build(spec);
   for (auto& e : pool.model->state()) pool.initial[e.name] = to_array(e.tensor.detach().clone());
-  pool.task = fed.task;
-  pool.num_classes = fed.num_classes;
+  pool.task = spec.task;
+  pool.num_classes = spec.num_classes;
   return pool;
 }
 

@@ -36,6 +36,9 @@ struct ModelPool {
 // Builds the pipeline's model for data like `fed`'s (task, channels, classes, first image size).
 ModelPool build_model_pool(const PipelineConfig& config, const Registry& registry,
                            const Federation& fed);
+// The same for a model spec (a coordinator without data: concord server).
+ModelPool build_model_pool(const PipelineConfig& config, const Registry& registry,
+                           const ModelSpec& spec);
 
 // The pipeline's adapter (the default one, everything shared, when it names none), attached to
 // `model`; errors name the pipeline location.

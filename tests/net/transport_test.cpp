@@ -1,9 +1,11 @@
 // The network Channel on loopback: sites in threads and in separate processes, mutual TLS
 // accepted and refused, chunked payloads, sites that die, hang or misbehave.
+#include <concord/engine.h>
 #include <concord/error.h>
 #include <concord/net/kit.h>
 #include <concord/net/pki.h>
 #include <concord/net/transport.h>
+#include <concord/protocol.h>
 #include <concord/seed.h>
 
 #include <grpcpp/generic/generic_stub.h>
@@ -700,4 +702,46 @@ TEST(NetKits, ProjectFileErrorsNameTheLine) {
   EXPECT_NE(
       testkit::error_of([&] { load_project(d.str() + "/p.yaml"); }).find("unknown key 'site'"),
       std::string::npos);
+}
+
+// The Coordinator asks sites over the network in parallel, at most max_parallel_calls at once,
+// and takes the replies in site order. Each site's handler waits (up to 10 s) until `want`
+// calls are in flight: with sequential calls the most ever in flight would be 1.
+TEST(NetTransport, CoordinatorCallsSitesInParallelUpToTheLimit) {
+  for (const size_t limit : {size_t(2), size_t(3)}) {
+    ServerOptions so = server_opts({"site-a", "site-b", "site-c"});
+    so.max_parallel_calls = limit;
+    GrpcServerChannel server(so);
+    std::atomic<int> in_flight{0}, most{0};
+    auto handler = [&](const std::string& site) {
+      return [&, site](const Bytes& b) {
+        const int now = ++in_flight;
+        for (int seen = most.load(); now > seen && !most.compare_exchange_weak(seen, now);) {
+        }
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (most.load() < int(limit) && std::chrono::steady_clock::now() < until)
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        --in_flight;
+        const Message m = decode(b);
+        Message r = protocol::metrics(site, m.round, protocol::kPhaseGlobal, 4,
+                                      {{"accuracy", double(site.back() - 'a') / 10}});
+        return encode(r);
+      };
+    };
+    std::vector<std::unique_ptr<SiteThread>> sites;
+    const std::vector<std::string> names = {"site-a", "site-b", "site-c"};
+    for (const auto& n : names)
+      sites.push_back(std::make_unique<SiteThread>(site_opts(server.port(), n), handler(n)));
+    ASSERT_TRUE(server.wait_for_sites(names, 20).empty());
+    EXPECT_EQ(server.max_concurrent_calls(), limit);
+    Coordinator coordinator(server, 1);
+    Coordinator::Failures failures;
+    const auto metrics = coordinator.evaluate(1, protocol::kPhaseGlobal, names, failures);
+    EXPECT_TRUE(failures.empty());
+    EXPECT_EQ(most.load(), int(limit)) << "calls in flight at once, limit " << limit;
+    ASSERT_EQ(metrics.size(), names.size());
+    for (size_t i = 0; i < names.size(); ++i)
+      EXPECT_DOUBLE_EQ(metrics.at(names[i]).at("accuracy"), double(i) / 10);
+    server.shutdown("test over");
+  }
 }

@@ -15,6 +15,10 @@ class Channel {
   // One request/reply exchange with a site (a unary call, as gRPC will make it). Throws
   // SiteError when the site fails or cannot be reached.
   virtual Bytes call(const std::string& site, const Bytes& request) = 0;
+  // How many calls, each to another site, may run at once from different threads: 1 when the
+  // sites share this process (the simulation's model pool); more for sites in other processes.
+  // The coordinator asks up to that many sites of an exchange in parallel.
+  virtual size_t max_concurrent_calls() const { return 1; }
 };
 
 using SiteHandler = std::function<Bytes(const Bytes& request)>;

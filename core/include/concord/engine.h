@@ -9,6 +9,7 @@
 #include <concord/protocol.h>
 #include <concord/seed.h>
 
+#include <array>
 #include <functional>
 #include <map>
 #include <memory>
@@ -142,9 +143,49 @@ struct HarmonizeResult {
   int64_t fitted_images = 0;              // their training images
 };
 
+// What the sites' data is like: all a coordinator needs to build the model without the data
+// (`concord server`; each site tells it when it registers).
+struct DataShape {
+  Task task = Task::Classification;
+  int channels = 1;
+  int num_classes = 2;
+  std::array<int64_t, 2> image_size{0, 0};  // x, y
+  bool operator==(const DataShape& o) const {
+    return task == o.task && channels == o.channels && num_classes == o.num_classes &&
+           image_size == o.image_size;
+  }
+  std::string str() const;  // "classification, 2 classes, 1 x 24 x 24"
+};
+
+// The sites of a federation that run in other processes (`concord server`): the coordinator
+// reaches the pipeline's data.sites, in that order, through `channel`, and builds the model for
+// data of `shape`. The sites load their own data and answer the protocol (StandaloneSite).
+struct RemoteSites {
+  Channel* channel = nullptr;
+  DataShape shape;
+};
+
+// One site of such a federation (`concord site`): its data loaded as a run loads it (the
+// pipeline's data section; a simulated federation is built whole and this site's part kept, so
+// it holds exactly what the simulation gives it), its Site built with the pipeline's plugins as
+// in simulation, answering the coordinator's requests.
+class StandaloneSite {
+ public:
+  StandaloneSite(const PipelineConfig& config, const Registry& registry, const std::string& site);
+  ~StandaloneSite();
+  Bytes handle(const Bytes& request);
+  const DataShape& shape() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 class Experiment {
  public:
   Experiment(PipelineConfig config, const Registry& registry);
+  // The coordinator of a federation whose sites run elsewhere: run() only (no harmonize()).
+  Experiment(PipelineConfig config, const Registry& registry, RemoteSites remote);
   ~Experiment();
   RunSummary run(const RunOptions& options);
   // Test and tooling seam: every exchange between the coordinator and the sites passes through

@@ -9,6 +9,7 @@
 #include <grpcpp/generic/async_generic_service.h>
 
 #include <condition_variable>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <thread>
@@ -78,6 +79,8 @@ class ServerStream : public detail::FramedStream<grpc::ServerGenericBidiReactor>
   }
 
   const std::string& site() const { return site_; }
+  const std::string& info() const { return info_; }
+  void set_info(std::string info) { info_ = std::move(info); }
   const std::string& peer() const { return peer_; }
   grpc::GenericCallbackServerContext* context() { return ctx_; }
   bool is_registered() const { return registered_; }
@@ -168,7 +171,7 @@ class ServerStream : public detail::FramedStream<grpc::ServerGenericBidiReactor>
  private:
   Impl* impl_;
   grpc::GenericCallbackServerContext* ctx_;
-  std::string peer_, site_;
+  std::string peer_, site_, info_;
   std::atomic<bool> registered_{false};
   bool finishing_ = false, finished_ = false;
   grpc::Status status_;
@@ -213,6 +216,19 @@ void Impl::register_site(const std::shared_ptr<ServerStream>& s, const FrameHead
     s->refuse("site '" + name + "' is not in this federation's site list (" + list + ")");
     return;
   }
+  if (opt.admit) {
+    std::string why;
+    try {
+      why = opt.admit(name, h.info);
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+    if (!why.empty()) {
+      s->refuse("site '" + name + "': " + why);
+      return;
+    }
+  }
+  s->set_info(h.info);
   std::shared_ptr<ServerStream> old;
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -238,6 +254,7 @@ void Impl::register_site(const std::shared_ptr<ServerStream>& s, const FrameHead
   w.heartbeat_ms = uint32_t(std::max(1.0, opt.heartbeat_seconds * 1000));
   w.site = name;
   w.text = kSoftware;
+  w.info = opt.welcome_info;
   s->send_control(std::move(w));
   cv.notify_all();
 }
@@ -359,6 +376,17 @@ GrpcServerChannel::GrpcServerChannel(ServerOptions options) : impl_(std::make_sh
   check_chunk_bytes(m.opt.chunk_bytes);
   m.max_bytes = m.opt.max_message_bytes ? m.opt.max_message_bytes : max_message_bytes();
   if (m.opt.heartbeat_seconds <= 0) throw Error("server: heartbeat interval must be > 0");
+  if (m.opt.max_parallel_calls == 0) {
+    m.opt.max_parallel_calls = 8;
+    if (const char* v = std::getenv("CONCORD_NET_PARALLEL_SITES")) {
+      char* end = nullptr;
+      const long n = std::strtol(v, &end, 10);
+      if (!*v || *end || n < 1 || n > 1024)
+        throw Error(std::string("CONCORD_NET_PARALLEL_SITES='") + v +
+                    "': a whole number in [1, 1024]");
+      m.opt.max_parallel_calls = size_t(n);
+    }
+  }
   std::shared_ptr<grpc::ServerCredentials> creds;
   if (m.opt.insecure) {
     if (!is_loopback_address(m.opt.listen))
@@ -462,6 +490,16 @@ std::vector<std::string> GrpcServerChannel::sites() const {
   return out;
 }
 
+size_t GrpcServerChannel::max_concurrent_calls() const {
+  return impl_->opt.max_parallel_calls;
+}
+
+std::string GrpcServerChannel::site_info(const std::string& site) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->registered.find(site);
+  return it == impl_->registered.end() ? std::string() : it->second->info();
+}
+
 std::vector<std::string> GrpcServerChannel::wait_for_sites(const std::vector<std::string>& names,
                                                            double timeout_seconds) {
   Impl& m = *impl_;
@@ -477,7 +515,7 @@ std::vector<std::string> GrpcServerChannel::wait_for_sites(const std::vector<std
   }
 }
 
-void GrpcServerChannel::shutdown(const std::string& reason) {
+void GrpcServerChannel::shutdown(const std::string& reason, bool end_run) {
   Impl& m = *impl_;
   std::vector<std::shared_ptr<ServerStream>> streams;
   {
@@ -486,7 +524,12 @@ void GrpcServerChannel::shutdown(const std::string& reason) {
     m.stopping = true;
     streams.assign(m.live.begin(), m.live.end());
   }
+  if (!end_run) spdlog::info("server stopping ({}): the sites will reconnect", reason);
   for (auto& s : streams) {
+    if (!end_run) {
+      s->cancel();
+      continue;
+    }
     FrameHeader h;
     h.kind = FrameKind::Shutdown;
     h.text = reason;

@@ -44,15 +44,17 @@ class SiteConnection;
 
 struct Work {
   std::shared_ptr<SiteConnection> conn;
-  uint64_t call_id;
+  uint64_t call_id = 0;
   Bytes request;
+  bool welcome = false;  // not a request: the server's WELCOME info for on_welcome
+  std::string info;
 };
 
 // Requests are answered one at a time, in order, on one thread: a site's state is not shared.
 class Worker {
  public:
-  Worker(SiteHandler handler, std::string site)
-      : handler_(std::move(handler)), site_(std::move(site)) {
+  Worker(SiteHandler handler, std::function<void(const std::string&)> on_welcome, std::string site)
+      : handler_(std::move(handler)), on_welcome_(std::move(on_welcome)), site_(std::move(site)) {
     thread_ = std::thread([this] { loop(); });
   }
   ~Worker() {
@@ -74,6 +76,7 @@ class Worker {
  private:
   void loop();
   SiteHandler handler_;
+  std::function<void(const std::string&)> on_welcome_;
   std::string site_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -95,6 +98,7 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
     r.kind = FrameKind::Register;
     r.site = opt_.site;
     r.text = kSoftware;
+    r.info = opt_.info;
     send_control(std::move(r));
     start_reading();
     StartCall();
@@ -136,6 +140,8 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
         if (h.heartbeat_ms > 0) heartbeat_ms_ = h.heartbeat_ms;
         welcomed_ = true;
         spdlog::info("site '{}': registered with the server ({})", opt_.site, h.text);
+        // Before any request of this connection, in the handler's thread.
+        worker_.push({shared_from_this(), 0, nullptr, true, h.info});
         break;
       case FrameKind::Request:
         on_request(f);
@@ -184,7 +190,7 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
       if (it->second.add(f)) {
         Bytes request = it->second.take();
         inbound_.erase(it);
-        worker_.push({shared_from_this(), id, std::move(request)});
+        worker_.push({shared_from_this(), id, std::move(request), false, {}});
       }
     } catch (const Error& e) {
       if (it != inbound_.end()) inbound_.erase(it);
@@ -253,6 +259,14 @@ void Worker::loop() {
       if (stop_) return;  // requests still queued belong to a closed connection
       w = std::move(queue_.front());
       queue_.pop_front();
+    }
+    if (w.welcome) {
+      try {
+        if (on_welcome_) on_welcome_(w.info);
+      } catch (const std::exception& e) {
+        spdlog::error("site '{}': {}", site_, e.what());
+      }
+      continue;
     }
     Bytes reply;
     std::string error;
@@ -332,7 +346,7 @@ SiteExit run_site_client(const SiteClientOptions& options, SiteHandler handler) 
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
 
   SeededRandom rng(derive_seed(o.seed, "reconnect/" + o.site));
-  Worker worker(std::move(handler), o.site);
+  Worker worker(std::move(handler), o.on_welcome, o.site);
   int failures = 0;
   for (;;) {
     if (stop_requested(o)) return SiteExit::Stopped;

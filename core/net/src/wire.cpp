@@ -138,6 +138,11 @@ std::string encode_frame_prefix(const FrameHeader& h, size_t chunk_size) {
   pb.set_heartbeat_ms(h.heartbeat_ms);
   pb.set_site(h.site);
   pb.set_text(h.text.size() > kMaxHeaderBytes / 2 ? h.text.substr(0, kMaxHeaderBytes / 2) : h.text);
+  if (h.info.size() > kMaxInfoBytes)
+    throw Error(std::string(kind_name(h.kind)) + " frame: info of " +
+                std::to_string(h.info.size()) + " bytes (at most " + std::to_string(kMaxInfoBytes) +
+                ")");
+  pb.set_info(h.info);
   const std::string header = pb.SerializeAsString();
   std::string out;
   {
@@ -228,6 +233,10 @@ Frame decode_frame(const std::vector<Span>& pieces) {
   h.heartbeat_ms = pb.heartbeat_ms();
   h.site = pb.site();
   h.text = pb.text();
+  h.info = pb.info();
+  if (h.info.size() > kMaxInfoBytes)
+    throw Error("frame info of " + std::to_string(h.info.size()) + " bytes (at most " +
+                std::to_string(kMaxInfoBytes) + ")");
   check_header(h, f.chunk_size, has_chunk && f.chunk_size > 0);
   return f;
 }

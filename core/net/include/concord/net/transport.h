@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,8 +31,13 @@ struct ServerOptions {
   // loopback address; logs a warning.
   bool insecure = false;
   std::vector<std::string> sites;  // the sites allowed to register (the pipeline's site list)
-  size_t chunk_bytes = 0;          // 0: CONCORD_NET_CHUNK_KB, else 1 MiB (4 KiB .. 4 MiB)
-  size_t max_message_bytes = 0;    // 0: max_message_bytes() (CONCORD_MAX_MESSAGE_MB)
+  // Called at each registration (after the identity checks) with the site's name and the info
+  // it sent: "" admits it, anything else refuses it with that reason, which both ends log
+  // (e.g. a different pipeline). May be called from several threads at once.
+  std::function<std::string(const std::string& site, const std::string& info)> admit;
+  std::string welcome_info;      // sent to every site in WELCOME (SiteClientOptions::on_welcome)
+  size_t chunk_bytes = 0;        // 0: CONCORD_NET_CHUNK_KB, else 1 MiB (4 KiB .. 4 MiB)
+  size_t max_message_bytes = 0;  // 0: max_message_bytes() (CONCORD_MAX_MESSAGE_MB)
   // Application heartbeat interval (sent to every site in WELCOME). A site silent for
   // 3 intervals is dropped and its calls fail. HTTP/2 keepalive pings run separately.
   double heartbeat_seconds = 5;
@@ -39,6 +45,9 @@ struct ServerOptions {
   // request and reply bytes at min_throughput_mb_s (MB/s, the slowest link accepted).
   double call_base_seconds = 600;
   double min_throughput_mb_s = 5;
+  // Sites the coordinator asks at once (each call then runs on its own thread); more sites
+  // than this wait for a free slot. 0: CONCORD_NET_PARALLEL_SITES, else 8.
+  size_t max_parallel_calls = 0;
 };
 
 // The server side of the network: a Channel whose sites are the connected site processes.
@@ -59,13 +68,18 @@ class GrpcServerChannel : public Channel {
   // (the site's handler threw), sends a malformed reply, or misses the deadline.
   Bytes call(const std::string& site, const Bytes& request) override;
   std::vector<std::string> sites() const;  // registered sites, now
+  // The info a registered site sent at its (latest) registration; "" when it is not registered.
+  std::string site_info(const std::string& site) const;
+  size_t max_concurrent_calls() const override;
 
   // Waits until every site of `names` is registered or `timeout_seconds` passed; returns the
   // ones still missing (empty: all there).
   std::vector<std::string> wait_for_sites(const std::vector<std::string>& names,
                                           double timeout_seconds);
   // Sends SHUTDOWN (with `reason`) to every site, lets the streams close, stops the server.
-  void shutdown(const std::string& reason);
+  // end_run false: the streams are cut without SHUTDOWN, so the sites keep reconnecting (to a
+  // server resuming the run).
+  void shutdown(const std::string& reason, bool end_run = true);
 
   struct Impl;
 
@@ -90,6 +104,10 @@ struct SiteClientOptions {
   uint64_t seed = 0;
   // Set (e.g. by a signal handler: stop_flag_on_signals()) to stop: the stream is closed.
   const std::atomic<bool>* stop = nullptr;
+  std::string info;  // sent in REGISTER (ServerOptions::admit reads it)
+  // Called with the server's WELCOME info after each registration, on the thread that runs the
+  // handler and before any request of that connection (e.g. a new server run: start afresh).
+  std::function<void(const std::string& welcome_info)> on_welcome;
 };
 
 enum class SiteExit {

@@ -42,7 +42,9 @@ struct FrameHeader {
   uint32_t heartbeat_ms = 0;
   std::string site;
   std::string text;
+  std::string info;  // REGISTER / WELCOME: the application's description (at most kMaxInfoBytes)
 };
+constexpr size_t kMaxInfoBytes = size_t(4) << 10;
 
 struct Span {
   const uint8_t* data;

@@ -1,0 +1,301 @@
+// `concord server` and `concord site` as separate processes on loopback, with mutual TLS from
+// `concord provision`: a server and three sites run a short pipeline and end with the weights the
+// in-process simulation of the same pipeline and seed ends with, bit for bit; a site killed in the
+// middle of a round costs that site only (k = 2 of 3); a server killed after a round is resumed
+// with --resume, the sites reconnect by themselves, and the run still ends bit-identical.
+#include <nlohmann/json.hpp>
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "testing.h"
+
+using namespace concord;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Tiny brainsim, a fitted harmonizer (the harmonizer phase crosses the network too) and an
+// aggregator with server state (so resume restores it): 2 rounds. Checkpoints hold the resolved
+// pipeline, so every run uses the same text (runs name their folder with --run-dir).
+std::string pipeline() {
+  return R"(name: fednet
+seed: 7
+data:
+  dataset: {type: brainsim, args: {sites: 3, train_per_site: 8, test_per_site: 4, size: 24}}
+  sites: [site-A, site-B, site-C]
+model: {type: cnn, args: {width: 6, depth: 2}}
+harmonizers:
+  - type: histogram-match
+training: {local_epochs: 1, batch_size: 4, lr: 0.01, threads: 1}
+federation: {rounds: 2, min_sites: 2}
+aggregator: {type: fedadam}
+output: runs-unused
+)";
+}
+
+std::string read_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+int free_port() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// A `concord` process, its output in a log file.
+struct Proc {
+  pid_t pid = -1;
+  fs::path log;
+  int status = -1;
+
+  Proc(const std::vector<std::string>& args, const fs::path& log_file,
+       const std::string& kill_at = "")
+      : log(log_file) {
+    pid = fork();
+    if (pid == 0) {
+      FILE* f = std::fopen(log_file.c_str(), "w");
+      if (f) {
+        dup2(fileno(f), 1);
+        dup2(fileno(f), 2);
+      }
+      if (!kill_at.empty()) setenv("CONCORD_FAULT_KILL_AT", kill_at.c_str(), 1);
+      std::vector<std::string> a = {testkit::concord_exe()};
+      a.insert(a.end(), args.begin(), args.end());
+      std::vector<char*> argv;
+      for (auto& s : a) argv.push_back(s.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+  }
+  ~Proc() {
+    if (status < 0 && pid > 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  }
+  // The exit status (128 + signal when killed), or -1 after `seconds`.
+  int wait(double seconds) {
+    const auto until =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(seconds * 1000));
+    while (status < 0) {
+      int st = 0;
+      if (waitpid(pid, &st, WNOHANG) == pid) {
+        status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        break;
+      }
+      if (std::chrono::steady_clock::now() > until) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return status;
+  }
+  std::string output() const { return read_bytes(log); }
+};
+
+struct Federation {
+  testkit::TempDir dir;
+  int port = free_port();
+  fs::path pipeline_file = dir.path() / "pipeline.yaml";
+  fs::path kits = dir.path() / "kits";
+  fs::path run = dir.path() / "net-run";
+  std::vector<std::string> sites = {"site-A", "site-B", "site-C"};
+
+  Federation() {
+    std::ofstream(pipeline_file) << pipeline();
+    std::ofstream(dir.path() / "project.yaml")
+        << "project: fednet-test\nserver: {hosts: [127.0.0.1], port: " << port
+        << "}\nsites: [site-A, site-B, site-C]\n";
+    std::string out;
+    const int rc =
+        testkit::run_command(testkit::concord_exe() + " provision " +
+                                 (dir.path() / "project.yaml").string() + " --out " + kits.string(),
+                             &out);
+    EXPECT_EQ(rc, 0) << out;
+  }
+  std::unique_ptr<Proc> server(const std::vector<std::string>& extra, const std::string& log,
+                               const std::string& kill_at = "", const std::string& wait = "60") {
+    std::vector<std::string> a = {"server",        "--kit",  (kits / "server").string(),
+                                  "--no-progress", "--wait", wait};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return std::make_unique<Proc>(a, dir.path() / log, kill_at);
+  }
+  std::unique_ptr<Proc> site(const std::string& name, const std::string& kill_at = "") {
+    return std::make_unique<Proc>(
+        std::vector<std::string>{"site", "--kit", (kits / name).string(), pipeline_file.string()},
+        dir.path() / (name + ".log"), kill_at);
+  }
+  // The pipeline with `from` replaced by `to`, written to `name` in the test's folder.
+  fs::path variant(const std::string& name, const std::string& from, const std::string& to) {
+    std::string text = pipeline();
+    text.replace(text.find(from), from.size(), to);
+    const fs::path file = dir.path() / name;
+    std::ofstream(file) << text;
+    return file;
+  }
+  std::string logs(const std::vector<const Proc*>& procs) const {
+    std::string all;
+    for (const Proc* p : procs)
+      all += "---- " + p->log.filename().string() + "\n" + p->output() + "\n";
+    return all;
+  }
+};
+
+// The in-process simulation of the pipeline (`concord run`), once for all tests.
+const fs::path& simulation() {
+  static testkit::TempDir dir;
+  static fs::path run = [] {
+    std::ofstream(dir.path() / "pipeline.yaml") << pipeline();
+    const fs::path r = dir.path() / "sim-run";
+    std::string out;
+    const int rc = testkit::run_command(testkit::concord_exe() + " run --no-progress " +
+                                            (dir.path() / "pipeline.yaml").string() +
+                                            " --run-dir " + r.string() + " 2>&1",
+                                        &out);
+    EXPECT_EQ(rc, 0) << out;
+    return r;
+  }();
+  return run;
+}
+
+void expect_same_weights(const fs::path& net, const fs::path& sim) {
+  for (const char* f : {"global.state", "model.pt", "checkpoints/round-0002.ckpt"}) {
+    ASSERT_TRUE(fs::exists(sim / f)) << f;
+    ASSERT_TRUE(fs::exists(net / f)) << f;
+    const std::string a = read_bytes(net / f), b = read_bytes(sim / f);
+    EXPECT_EQ(a.size(), b.size()) << f;
+    EXPECT_TRUE(a == b) << f << " differs between the network run and the simulation";
+  }
+}
+
+nlohmann::json summary(const fs::path& run) {
+  return nlohmann::json::parse(read_bytes(run / "summary.json"));
+}
+
+}  // namespace
+
+TEST(FederationNet, ThreeSiteProcessesEndBitIdenticalToTheSimulation) {
+  const fs::path& sim = simulation();
+  Federation f;
+  auto server = f.server({f.pipeline_file.string(), "--run-dir", f.run.string()}, "server.log");
+  std::vector<std::unique_ptr<Proc>> sites;
+  for (const auto& s : f.sites) sites.push_back(f.site(s));
+  const int rc = server->wait(90);
+  std::vector<const Proc*> all = {server.get()};
+  for (auto& s : sites) all.push_back(s.get());
+  ASSERT_EQ(rc, 0) << f.logs(all);
+  for (auto& s : sites) EXPECT_EQ(s->wait(20), 0) << f.logs(all);  // SHUTDOWN ends them
+  expect_same_weights(f.run, sim);
+  EXPECT_TRUE(summary(f.run)["failures"].empty());
+  EXPECT_TRUE(fs::exists(f.run / "report.html"));
+  EXPECT_TRUE(fs::exists(f.run / "metrics.jsonl"));
+  // The server names the sites' data shape, never their data.
+  EXPECT_NE(server->output().find("classification, 2 classes, 1 x 24 x 24"), std::string::npos);
+}
+
+TEST(FederationNet, ASiteKilledMidRoundIsNamedAndTheRoundCompletesWithTheOthers) {
+  Federation f;
+  auto server = f.server({f.pipeline_file.string(), "--run-dir", f.run.string()}, "server.log");
+  auto a = f.site("site-A");
+  auto b = f.site("site-B");
+  auto c = f.site("site-C", "train:1");  // dies when round 1's training request arrives
+  const int rc = server->wait(90);
+  std::vector<const Proc*> all = {server.get(), a.get(), b.get(), c.get()};
+  EXPECT_EQ(c->wait(5), 128 + SIGKILL) << f.logs(all);
+  ASSERT_EQ(rc, 1) << f.logs(all);  // completed, with failures
+  const auto s = summary(f.run);
+  bool named = false;
+  for (const auto& line : s["failures"]) {
+    const std::string l = line.get<std::string>();
+    EXPECT_EQ(l.find("not aggregated"), std::string::npos) << l;
+    if (l.rfind("round 1: site 'site-C'", 0) == 0) named = true;
+  }
+  EXPECT_TRUE(named) << s["failures"].dump(1);
+  EXPECT_EQ(s["rounds"], 2) << s.dump(1);
+  // Round 1 aggregated the two updates that arrived; site-C sent none.
+  std::ifstream metrics(f.run / "metrics.jsonl");
+  std::map<std::string, bool> uploaded;
+  for (std::string line; std::getline(metrics, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.value("round", 0) != 1 || !j.contains("aggregated")) continue;
+    EXPECT_TRUE(j["aggregated"].get<bool>()) << line;
+    uploaded[j["site"].get<std::string>()] = j.contains("num_samples");
+  }
+  EXPECT_EQ(uploaded,
+            (std::map<std::string, bool>{{"site-A", true}, {"site-B", true}, {"site-C", false}}));
+  EXPECT_TRUE(fs::exists(f.run / "checkpoints/round-0002.ckpt"));
+  EXPECT_EQ(a->wait(20), 0) << f.logs(all);
+  EXPECT_EQ(b->wait(20), 0) << f.logs(all);
+}
+
+TEST(FederationNet, AKilledServerResumesAndTheSitesReconnectByThemselves) {
+  const fs::path& sim = simulation();
+  Federation f;
+  std::vector<std::unique_ptr<Proc>> sites;
+  auto first =
+      f.server({f.pipeline_file.string(), "--run-dir", f.run.string()}, "server-1.log", "round:1");
+  for (const auto& s : f.sites) sites.push_back(f.site(s));
+  const int killed = first->wait(90);
+  std::vector<const Proc*> all = {first.get()};
+  for (auto& s : sites) all.push_back(s.get());
+  ASSERT_EQ(killed, 128 + SIGKILL) << f.logs(all);
+  ASSERT_TRUE(fs::exists(f.run / "checkpoints/round-0001.ckpt"));
+  for (auto& s : sites) EXPECT_EQ(s->wait(0.5), -1) << "a site stopped with its server";
+  auto resumed = f.server({"--resume", f.run.string()}, "server-2.log");
+  all.push_back(resumed.get());
+  ASSERT_EQ(resumed->wait(90), 0) << f.logs(all);
+  for (auto& s : sites) EXPECT_EQ(s->wait(20), 0) << f.logs(all);
+  EXPECT_NE(resumed->output().find("resuming"), std::string::npos);
+  expect_same_weights(f.run, sim);
+}
+
+TEST(FederationNet, ASiteWithAnotherPipelineIsRefusedWithTheReasonOnBothEnds) {
+  Federation f;
+  // Another learning rate: a different federation part (the data section may differ freely).
+  const fs::path other_file = f.variant("other.yaml", "lr: 0.01", "lr: 0.02");
+  auto server =
+      f.server({f.pipeline_file.string(), "--run-dir", f.run.string()}, "server.log", "", "8");
+  Proc site({"site", "--kit", (f.kits / "site-A").string(), other_file.string()},
+            f.dir.path() / "site-A.log");
+  const int site_rc = site.wait(60);
+  const int server_rc = server->wait(60);
+  const std::string logs = f.logs({server.get(), &site});
+  EXPECT_EQ(site_rc, 1) << logs;
+  EXPECT_NE(site.output().find("its pipeline differs from the server's"), std::string::npos)
+      << logs;
+  EXPECT_NE(server->output().find("its pipeline differs from the server's"), std::string::npos)
+      << logs;
+  EXPECT_EQ(server_rc, 1) << logs;  // no site registered
+  EXPECT_NE(server->output().find("no site registered within 8 s"), std::string::npos) << logs;
+}
+
+TEST(FederationNet, ASiteNotInThePipelinesSiteListStopsBeforeConnecting) {
+  Federation f;
+  const fs::path file =
+      f.variant("two.yaml", "sites: [site-A, site-B, site-C]", "sites: [site-A, site-B]");
+  Proc site({"site", "--kit", (f.kits / "site-C").string(), file.string()},
+            f.dir.path() / "site-C.log");
+  EXPECT_EQ(site.wait(60), 1) << site.output();
+  EXPECT_NE(site.output().find("site 'site-C' is not in data.sites (site-A, site-B)"),
+            std::string::npos)
+      << site.output();
+}
