@@ -66,6 +66,7 @@ int main(int argc, char** argv) {
   add_report_command(app, g);
   add_compare_command(app, g);
   add_provision_command(app, g);
+  add_audit_command(app, g);
   try {
     app.parse(argc, argv);
   } catch (const Exit& e) {
