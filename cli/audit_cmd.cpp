@@ -8,6 +8,7 @@
 #include <concord/durable_output.h>
 #include <concord/federation_tools.h>
 #include <concord/json_text.h>
+#include <concord/model.h>
 #include <concord/seed.h>
 #include <concord/tensor_bridge.h>
 
@@ -43,6 +44,17 @@ struct AuditOptions {
   int iterations = 300;
   double epsilon = 8;  // when the pipeline has no privacy key
   std::string out = "audit";
+  std::string model = "mlp";  // mlp | pipeline
+};
+
+// The audit's default victim: a small fully connected network (as in DLG, Zhu et al. 2019), the
+// case where an update leaks most (the first layer's gradient rows are multiples of the input).
+struct Mlp : torch::nn::Module {
+  Mlp(int64_t in, int64_t hidden, int64_t classes)
+      : fc1(register_module("fc1", torch::nn::Linear(in, hidden))),
+        fc2(register_module("fc2", torch::nn::Linear(hidden, classes))) {}
+  at::Tensor forward(const at::Tensor& x) { return fc2(torch::sigmoid(fc1(x.flatten(1)))); }
+  torch::nn::Linear fc1, fc2;
 };
 
 struct Batch {
@@ -128,22 +140,33 @@ void run_audit(const Globals& g, const AuditOptions& o) {
   const Batch& truth = batches[victim];
 
   torch::manual_seed(derive_seed(cfg.seed, "model-init"));
-  auto model = reg.create<Model>(Kind::Model, cfg.model.type, cfg.model.args, {cfg.seed, "model"});
-  ModelSpec spec;
-  spec.task = fed.task;
-  spec.in_channels = fed.channels;
-  spec.num_classes = fed.num_classes;
-  spec.image_size = {truth.x.size(3), truth.x.size(2)};
-  model->build(spec);
-  model->set_training(true);
+  std::unique_ptr<Model> pipeline_model;
+  std::shared_ptr<Mlp> mlp;
   std::vector<at::Tensor> params;
-  for (auto& e : model->state())
-    if (e.is_parameter) params.push_back(e.tensor);
+  audit::Forward forward;
+  if (o.model == "pipeline") {
+    pipeline_model =
+        reg.create<Model>(Kind::Model, cfg.model.type, cfg.model.args, {cfg.seed, "model"});
+    ModelSpec spec;
+    spec.task = fed.task;
+    spec.in_channels = fed.channels;
+    spec.num_classes = fed.num_classes;
+    spec.image_size = {truth.x.size(3), truth.x.size(2)};
+    pipeline_model->build(spec);
+    pipeline_model->set_training(true);
+    for (auto& e : pipeline_model->state())
+      if (e.is_parameter) params.push_back(e.tensor);
+    forward = [&](const at::Tensor& x) { return pipeline_model->forward(x); };
+  } else {
+    mlp = std::make_shared<Mlp>(truth.x[0].numel(), 64, fed.num_classes);
+    params = mlp->parameters();
+    forward = [&](const at::Tensor& x) { return mlp->forward(x); };
+  }
 
   // Every site's gradient at the global model: its update is one local step, -lr * gradient.
   std::vector<std::vector<at::Tensor>> grads;
   for (const auto& b : batches) {
-    auto gr = audit::loss_gradient(*model, params, b.x, b.y, false);
+    auto gr = audit::loss_gradient(forward, params, b.x, b.y, false);
     for (auto& t : gr) t = t.detach();
     grads.push_back(gr);
   }
@@ -195,13 +218,14 @@ void run_audit(const Globals& g, const AuditOptions& o) {
               {"images", o.images},
               {"iterations", o.iterations},
               {"sites", m},
+              {"model", o.model == "pipeline" ? cfg.model.type : "mlp (64 sigmoid units)"},
               {"attack",
                "inverting gradients (Geiping et al. 2020), labels known, one local "
                "SGD step"}};
   std::vector<std::pair<std::string, at::Tensor>> rows{{"truth", truth.x}};
   const auto attack = [&](const std::string& name, const std::vector<at::Tensor>& target) {
     spdlog::info("audit: attacking the {} view ({} iterations)", name, o.iterations);
-    const at::Tensor rec = audit::invert_gradients(*model, params, target, truth.y, shape, ao);
+    const at::Tensor rec = audit::invert_gradients(forward, params, target, truth.y, shape, ao);
     const Score s = score(truth.x, rec, range);
     report["scenarios"][name] = {{"ssim", s.ssim}, {"psnr", s.psnr}};
     rows.emplace_back(name, rec);
@@ -222,6 +246,17 @@ void run_audit(const Globals& g, const AuditOptions& o) {
     rows.emplace_back("random", random);
   }
 
+  if (batches.size() > 1) {
+    // What an attacker knows without any update: what images of this kind look like (the mean
+    // of the other sites' batches). A reconstruction from a sum is judged against it.
+    at::Tensor mean = torch::zeros_like(truth.x);
+    for (size_t i = 0; i < batches.size(); ++i)
+      if (i != victim) mean = mean + batches[i].x / double(batches.size() - 1);
+    const Score s = score(truth.x, mean, range);
+    report["scenarios"]["population-mean"] = {{"ssim", s.ssim}, {"psnr", s.psnr}};
+    rows.emplace_back("population-mean", mean);
+  }
+
   fs::create_directories(o.out);
   std::vector<cv::Mat> mats;
   for (const auto& [name, t] : rows) mats.push_back(row_of(t, low, high));
@@ -236,17 +271,19 @@ void run_audit(const Globals& g, const AuditOptions& o) {
 
   std::cout << "\nleakage audit: site '" << truth.site << "', " << o.images << " image(s), "
             << o.iterations << " iterations\n";
-  std::cout << std::left << std::setw(12) << "view" << std::right << std::setw(8) << "SSIM"
+  std::cout << std::left << std::setw(16) << "view" << std::right << std::setw(8) << "SSIM"
             << std::setw(10) << "PSNR dB"
             << "\n";
-  for (const char* v : {"fedavg", "dp", "secagg", "random"}) {
+  for (const char* v : {"fedavg", "dp", "secagg", "random", "population-mean"}) {
+    if (!report["scenarios"].contains(v)) continue;
     const json& s = report["scenarios"][v];
-    std::cout << std::left << std::setw(12) << v << std::right << std::fixed << std::setprecision(3)
+    std::cout << std::left << std::setw(16) << v << std::right << std::fixed << std::setprecision(3)
               << std::setw(8) << s["ssim"].get<double>() << std::setprecision(2) << std::setw(10)
               << s["psnr"].get<double>() << "\n";
   }
-  std::cout << "dp: epsilon " << eps << " at delta " << delta << ", z = " << z
-            << ", per-upload noise std " << noise_std << "\n"
+  std::cout.unsetf(std::ios::fixed);
+  std::cout << std::setprecision(6) << "dp: epsilon " << eps << " at delta " << delta
+            << ", z = " << z << ", per-upload noise std " << noise_std << "\n"
             << "results: " << (fs::path(o.out) / "audit.json").string() << ", "
             << (fs::path(o.out) / "montage.png").string() << "\n";
 }
@@ -268,6 +305,10 @@ void add_audit_command(CLI::App& app, Globals& g) {
   cmd->add_option("--epsilon", o->epsilon,
                   "Budget for the DP view when the pipeline has no privacy key")
       ->check(CLI::Range(1e-3, 1e6));
+  cmd->add_option("--model", o->model,
+                  "Victim network: mlp (a small fully connected net, the worst case) or the "
+                  "pipeline's model")
+      ->check(CLI::IsMember({"mlp", "pipeline"}));
   cmd->add_option("--out", o->out, "Output folder (audit.json, montage.png)");
   cmd->callback([&g, o] { run_audit(g, *o); });
 }

@@ -5,10 +5,10 @@
 
 namespace concord::audit {
 
-std::vector<at::Tensor> loss_gradient(Model& model, const std::vector<at::Tensor>& params,
+std::vector<at::Tensor> loss_gradient(const Forward& model, const std::vector<at::Tensor>& params,
                                       const at::Tensor& x, const at::Tensor& labels,
                                       bool create_graph) {
-  const at::Tensor loss = torch::nn::functional::cross_entropy(model.forward(x), labels);
+  const at::Tensor loss = torch::nn::functional::cross_entropy(model(x), labels);
   return torch::autograd::grad({loss}, params, {}, /*retain_graph=*/create_graph, create_graph);
 }
 
@@ -25,7 +25,7 @@ at::Tensor total_variation(const at::Tensor& x) {
 
 }  // namespace
 
-at::Tensor invert_gradients(Model& model, const std::vector<at::Tensor>& params,
+at::Tensor invert_gradients(const Forward& model, const std::vector<at::Tensor>& params,
                             const std::vector<at::Tensor>& target, const at::Tensor& labels,
                             const std::vector<int64_t>& shape, const AttackOptions& o) {
   torch::manual_seed(o.seed);

@@ -4,18 +4,20 @@
 // coordinator sees of one site's update. LibTorch: include only from the audit's own TUs.
 #pragma once
 
-#include <concord/model.h>
-
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace concord::audit {
 
+// A network's forward pass: NCHW images to logits (its parameters are passed alongside).
+using Forward = std::function<at::Tensor(const at::Tensor&)>;
+
 // The gradient of the mean cross-entropy of `model` on (x, labels) with respect to `params`;
 // create_graph keeps it differentiable (the attack differentiates through it).
-std::vector<at::Tensor> loss_gradient(Model& model, const std::vector<at::Tensor>& params,
+std::vector<at::Tensor> loss_gradient(const Forward& model, const std::vector<at::Tensor>& params,
                                       const at::Tensor& x, const at::Tensor& labels,
                                       bool create_graph);
 
@@ -30,7 +32,7 @@ struct AttackOptions {
 // Images of `shape` (N, C, H, W) with the known `labels` (the label of a single image is
 // recoverable from the last layer's gradient, Zhao et al. 2020) minimising
 // 1 - cos(grad(x), target) + tv_weight * TV(x), the cosine over all parameters as one vector.
-at::Tensor invert_gradients(Model& model, const std::vector<at::Tensor>& params,
+at::Tensor invert_gradients(const Forward& model, const std::vector<at::Tensor>& params,
                             const std::vector<at::Tensor>& target, const at::Tensor& labels,
                             const std::vector<int64_t>& shape, const AttackOptions& options);
 

@@ -227,6 +227,13 @@ Message SecureAggregationSite::masked_input(
   protocol::SecAggTrain t = protocol::read_secagg_train(request, state_->setup.index, c.sites);
   TrainedUpload trained = train(t.settings);
   const std::vector<float> delta = secagg::flatten_delta(trained.upload, global);
+  const int64_t clipped = std::count_if(delta.begin(), delta.end(),
+                                        [&](float v) { return std::fabs(double(v)) > c.clip; });
+  if (clipped > 0)
+    spdlog::warn(
+        "site '{}': round {}: {} of {} delta values lie outside secure_aggregation.range {} and "
+        "are clipped to it (raise the range: BatchNorm running variances move the most)",
+        site_, request.round, clipped, delta.size(), c.clip);
   const uint64_t weight =
       c.max_weight == 1
           ? (trained.num_samples > 0 ? 1 : 0)

@@ -81,7 +81,7 @@ const std::string kPrivacy = "privacy: {epsilon: 8, delta: 1.0e-5, clip: 0.5}\n"
 TEST(PrivacyRun, PipelineKeyIsValidatedWithLineAndColumn) {
   const std::string err = testkit::error_of(
       [&] { config(pipeline(2, "privacy: {epsilon: 8, mode: centrl, clipp: 1}\n")); });
-  EXPECT_NE(err.find("privacy-test.yaml:7:"), std::string::npos) << err;
+  EXPECT_NE(err.find("privacy-test.yaml:8:"), std::string::npos) << err;
   EXPECT_NE(err.find("did you mean 'clip'"), std::string::npos) << err;
   EXPECT_NE(err.find("centrl"), std::string::npos) << err;
   const std::string missing = testkit::error_of([&] { config(pipeline(2, "privacy: {}\n")); });
@@ -185,7 +185,7 @@ TEST(PrivacyRun, AggregatorsThatNeedIndividualUpdatesAreRefused) {
   Experiment e(config(pipeline(2, kPrivacy + "aggregator: median\n")), testkit::builtin_registry());
   testkit::TempDir dir;
   const std::string err = testkit::error_of([&] { run(e, dir.str()); });
-  EXPECT_NE(err.find("privacy-test.yaml:7:"), std::string::npos) << err;
+  EXPECT_NE(err.find("privacy-test.yaml:8:"), std::string::npos) << err;
   EXPECT_NE(err.find("aggregator 'median'"), std::string::npos) << err;
   EXPECT_NE(err.find("needs the individual updates"), std::string::npos) << err;
 }

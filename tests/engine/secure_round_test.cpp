@@ -30,7 +30,9 @@ std::string pipeline(int rounds, const std::string& extra = "") {
          std::to_string(rounds) + "}\n" + extra;
 }
 
-const std::string kSecure = "secure_aggregation: {secrets: seeded, range: 0.5}\n";
+// The range must hold every delta value, BatchNorm running variances included.
+const std::string kSecure = "secure_aggregation: {secrets: seeded, range: 8, bits: 20}\n";
+const double kStep = 16.0 / ((1 << 20) - 1);  // one quantization step of [-8, 8]
 
 PipelineConfig config(const std::string& text, std::vector<std::string> sets = {}) {
   return parse_pipeline(text, "secagg-test.yaml", sets, testkit::builtin_registry());
@@ -120,11 +122,10 @@ TEST(SecureRound, FinalModelEqualsPlainFedAvgWithinQuantizationError) {
   const Ran plain = run(config(pipeline(1)));
   const Ran secure = run(config(pipeline(1, kSecure)));
   EXPECT_TRUE(secure.summary.failures.empty());
-  // One round: every value of the mean is off by less than one quantization step of the range
-  // [-0.5, 0.5] (each site's rounding error is below a step; the mean's too).
-  const double step = 1.0 / 65535;
+  // One round: every value of the mean is off by less than one quantization step (each site's
+  // rounding error is below a step; the mean's too), plus float32 rounding.
   const double d = max_diff(plain.global, secure.global);
-  EXPECT_LE(d, step + 1e-6) << d;
+  EXPECT_LE(d, kStep + 1e-6) << d;
   EXPECT_GT(d, 0.0);  // quantized: not bit-identical (the comparison can fail)
   // And over two rounds the models stay together.
   const double d2 =
@@ -163,7 +164,7 @@ TEST(SecureRound, ASiteDroppingAfterKeySharingIsRecovered) {
   ASSERT_EQ(secure.summary.failures.size(), 1u);
   EXPECT_NE(secure.summary.failures[0].find(gone), std::string::npos);
   const Ran plain = run(config(pipeline(1)), {{gone, protocol::kTrain, 1}});
-  EXPECT_LE(max_diff(plain.global, secure.global), 1.0 / 65535 + 1e-6);
+  EXPECT_LE(max_diff(plain.global, secure.global), kStep + 1e-6);
   // The unmask request told the survivors who dropped.
   bool told = false;
   for (const auto& e : secure.log)
@@ -195,7 +196,7 @@ TEST(SecureRound, AggregatorsThatNeedIndividualUpdatesAreRefused) {
     RunOptions o;
     o.run_dir = dir.str();
     const std::string err = testkit::error_of([&] { e.run(o); });
-    EXPECT_NE(err.find("secagg-test.yaml:7:"), std::string::npos) << err;
+    EXPECT_NE(err.find("secagg-test.yaml:8:"), std::string::npos) << err;
     EXPECT_NE(err.find("aggregator '" + agg + "'"), std::string::npos) << err;
     EXPECT_NE(err.find("needs the individual updates"), std::string::npos) << err;
   }
