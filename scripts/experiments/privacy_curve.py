@@ -2,7 +2,7 @@
 """The epsilon-accuracy curve of docs/privacy.md: pipelines/privacy-pneumoniamnist.yaml (client-level
 DP-FedAvg, central noise) at several budgets and without DP, over seeds, one run at a time.
 
-  scripts/experiments/privacy_curve.py [--budgets 1 8 64] [--seeds 1 2 3] [--runs DIR] [--out FILE]
+  scripts/experiments/privacy_curve.py [--budgets 8 64 512] [--seeds 1 2 3] [--runs DIR] [--out FILE]
   ... --aggregate-only    rebuild the table from existing runs
 
 Runs whose summary.json exists are not repeated. Python standard library only (shares run_one
@@ -17,12 +17,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evidence import ROOT, mean_sd, run_one  # noqa: E402
 
 PIPELINE = "pipelines/privacy-pneumoniamnist.yaml"
-METRICS = ["balanced-accuracy", "roc-auc", "accuracy"]
+METRICS = ["roc-auc", "balanced-accuracy", "accuracy"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 8.0, 64.0])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[8.0, 64.0, 512.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--runs", default=os.path.join(ROOT, "runs", "privacy-curve"))
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "privacy-curve", "curve.md"))

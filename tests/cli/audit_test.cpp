@@ -9,6 +9,7 @@
 #include "testing.h"
 
 namespace fs = std::filesystem;
+using namespace concord;
 
 TEST(Audit, AttackBeatsRandomOnPlainFedAvgAndDpMakesItWorse) {
   testkit::TempDir dir;

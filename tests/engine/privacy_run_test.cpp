@@ -118,7 +118,9 @@ TEST(PrivacyRun, EpsilonIsLoggedEveryRoundAndStaysWithinTheBudget) {
   for (int r = 1; r <= 3; ++r) {
     reference.step(z, 1.0);
     EXPECT_NEAR(eps[r], reference.epsilon(1e-5).epsilon, 1e-12) << r;
-    if (r > 1) EXPECT_GT(eps[r], eps[r - 1]);
+    if (r > 1) {
+      EXPECT_GT(eps[r], eps[r - 1]);
+    }
   }
   EXPECT_LE(eps[3], 8.0);
   EXPECT_GT(eps[3], 7.5);  // the planned z spends nearly all of it
@@ -212,9 +214,10 @@ TEST(PrivacyRun, SitesClipTheirDeltaAndAddTheirNoiseShareInLocalMode) {
       // Two uploads of the same round differ by two deltas, each of norm <= C (+ noise).
       largest = std::max(largest, dp::delta_norm(replies[i].arrays, replies[i + 1].arrays));
     }
-    if (mode == "central")
+    if (mode == "central") {
       EXPECT_LE(largest, 2 * 0.5 + 1e-4);
-    else
+    } else {
       EXPECT_GT(largest, 10.0);
+    }
   }
 }

@@ -147,8 +147,11 @@ TEST(SecureRound, NoPlainUpdateCrossesTheChannel) {
       EXPECT_EQ(e.reply.arrays.begin()->second.dtype(), DType::I64);
       EXPECT_FALSE(e.reply.scalars.count(protocol::kNumSamples));
     }
-    if (std::string(e.request.type).rfind("secagg-", 0) == 0)
-      for (const auto& [k, a] : e.reply.arrays) EXPECT_NE(a.dtype(), DType::F32) << k;
+    if (std::string(e.request.type).rfind("secagg-", 0) == 0) {
+      for (const auto& [k, a] : e.reply.arrays) {
+        EXPECT_NE(a.dtype(), DType::F32) << k;
+      }
+    }
   }
   EXPECT_EQ(masked, 8u);  // 4 sites x 2 rounds
 }
@@ -241,7 +244,9 @@ TEST(SecureRound, ComposesWithLocalDifferentialPrivacy) {
   EXPECT_TRUE(r.summary.failures.empty()) << join(r.summary.failures);
   EXPECT_TRUE(aggregated(r, 2));
   EXPECT_NE(r.summary.privacy.find("local noise"), std::string::npos) << r.summary.privacy;
-  for (const auto& e : r.log)
-    if (e.request.type == std::string(protocol::kSecAggTrain))
+  for (const auto& e : r.log) {
+    if (e.request.type == std::string(protocol::kSecAggTrain)) {
       EXPECT_GT(e.request.scalars.at(protocol::kDpNoiseStd), 0.0);
+    }
+  }
 }
