@@ -64,5 +64,6 @@ void add_harmonize_command(CLI::App& app, Globals& g);
 void add_report_command(CLI::App& app, Globals& g);   // report_cmd.cpp
 void add_compare_command(CLI::App& app, Globals& g);  // report_cmd.cpp
 void add_provision_command(CLI::App& app, Globals& g);
+void add_audit_command(CLI::App& app, Globals& g);  // audit_cmd.cpp
 
 }  // namespace concord::cli

@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   add_provision_command(app, g);
   add_server_command(app, g);
   add_site_command(app, g);
+  add_audit_command(app, g);
   try {
     app.parse(argc, argv);
   } catch (const Exit& e) {

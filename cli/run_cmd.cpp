@@ -79,6 +79,7 @@ static void print_table(const RunSummary& s) {
         personalized ? &r.personalized : nullptr);
   row("mean", s.mean, nullptr);
   row("worst site", s.worst, nullptr);
+  if (!s.privacy.empty()) std::cout << "\nprivacy: " << s.privacy << "\n";
   std::cout << "\nresults: " << s.run_dir << "/summary.json, metrics.jsonl, model.pt\n";
   if (!s.failures.empty()) {
     std::cout << s.failures.size() << " failure(s) (exit status 1):\n";

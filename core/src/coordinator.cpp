@@ -120,6 +120,13 @@ Coordinator::RoundOutcome Coordinator::train_round(
     u.scalars = std::move(upload.value->scalars);
     out.updates.push_back(std::move(u));
   }
+  aggregate_updates(aggregator, round, rounds, selected, min_sites, out);
+  return out;
+}
+
+void Coordinator::aggregate_updates(Aggregator& aggregator, int round, int rounds,
+                                    const std::vector<std::string>& selected, int min_sites,
+                                    RoundOutcome& out) {
   // Step 4: aggregate, only with enough usable uploads.
   if (out.updates.empty() || int(out.updates.size()) < min_sites) {
     out.not_aggregated = selected.empty() ? "no site was available"
@@ -129,7 +136,7 @@ Coordinator::RoundOutcome Coordinator::train_round(
                                                 std::to_string(std::max(min_sites, 1)) + " needed";
     spdlog::warn("round {}: not aggregated ({}); global model unchanged", round,
                  out.not_aggregated);
-    return out;
+    return;
   }
   // The aggregator is a plugin: whatever it throws or returns, a bad result costs this round
   // only, never the run or the global model; its server state (e.g. FedOpt's moments) is put
@@ -153,7 +160,6 @@ Coordinator::RoundOutcome Coordinator::train_round(
     }
     spdlog::error("round {}: {}; global model unchanged", round, out.not_aggregated);
   }
-  return out;
 }
 
 namespace {

@@ -10,7 +10,9 @@
 #include "federation_load.h"
 #include "harmonization_phase.h"
 #include "local_training.h"
+#include "privacy_round.h"
 #include "run_record.h"
+#include "secure_round.h"
 #include "site.h"
 
 #include <spdlog/spdlog.h>
@@ -38,6 +40,7 @@ struct Experiment::Impl {
   // The coordinator's own plugin instances.
   std::unique_ptr<Adapter> adapter;  // what is shared, whether sites personalise
   std::unique_ptr<Aggregator> aggregator;
+  std::unique_ptr<PrivacyBudget> privacy;  // the pipeline's `privacy:` (privacy_round.h)
   std::vector<std::string> metric_names;
   Federation data_info;  // task, classes, channels, notes (the images live in the sites)
   Roster roster;
@@ -115,6 +118,14 @@ struct Experiment::Impl {
           config.file + ": federation.min_sites = " + std::to_string(config.federation.min_sites) +
           " but only " + std::to_string(trainers) + " sites train: no round could ever aggregate");
 
+    if (config.secure_aggregation)
+      check_secure_aggregation(config, aggregator->aggregates_by_sum(), trainers);
+    if (config.privacy) {
+      const size_t per_round = std::clamp<size_t>(
+          size_t(std::ceil(config.federation.fraction * double(trainers) - 1e-9)), 1, trainers);
+      privacy = std::make_unique<PrivacyBudget>(config, *aggregator, trainers, per_round);
+    }
+
     connect(take_sites(fed), pool.get());
     coordinator->set_global(std::move(global));
   }
@@ -142,8 +153,8 @@ struct Experiment::Impl {
   }
 
   // Steps 1-5 of one round, then evaluation (every evaluation.every rounds and at the end) and
-  // the round's metric lines.
-  void run_round(int round, const RunOptions& options, RunRecord& record) {
+  // the round's metric lines. False: the privacy budget refused the round (nothing ran).
+  bool run_round(int round, const RunOptions& options, RunRecord& record) {
     const auto& fed = config.federation;
     const std::string phase = "round " + std::to_string(round) + "/" + std::to_string(fed.rounds);
     const std::string at = "round " + std::to_string(round) + ": ";
@@ -154,16 +165,29 @@ struct Experiment::Impl {
     auto selected = coordinator->select(round, train_sites, fed.fraction, fed.availability,
                                         fed.site_availability);
     spdlog::debug("{}: selected {} of {} sites", phase, selected.size(), train_sites.size());
+    std::map<std::string, double> settings{{protocol::kLocalEpochs, config.training.local_epochs}};
+    if (privacy)
+      if (std::string why = privacy->plan(round, selected.size(), settings); !why.empty()) {
+        spdlog::error("{}{}", at, why);
+        failures.lines.push_back(at + why);
+        return false;
+      }
     // 2-4. local training, upload, aggregation
-    auto outcome = coordinator->train_round(
-        *aggregator, round, fed.rounds, selected,
-        {{protocol::kLocalEpochs, config.training.local_epochs}}, fed.min_sites,
-        [&](const std::string& site, size_t k, size_t n) {
-          progress(options,
-                   phase + ": " + site + " training (" + std::to_string(k + 1) + "/" +
-                       std::to_string(n) + ")",
-                   int(k), int(n));
-        });
+    Aggregator& aggregate_with = privacy ? privacy->aggregator() : *aggregator;
+    auto outcome = config.secure_aggregation
+                       ? coordinator->secure_train_round(
+                             aggregate_with, round, fed.rounds, selected, settings, fed.min_sites,
+                             *config.secure_aggregation,
+                             config.privacy || config.secure_aggregation->weights == "equal")
+                       : coordinator->train_round(
+                             aggregate_with, round, fed.rounds, selected, settings, fed.min_sites,
+                             [&](const std::string& site, size_t k, size_t n) {
+                               progress(options,
+                                        phase + ": " + site + " training (" +
+                                            std::to_string(k + 1) + "/" + std::to_string(n) + ")",
+                                        int(k), int(n));
+                             });
+    if (privacy) privacy->record(round, selected.size(), outcome);
     for (const auto& f : outcome.failures) failures.lines.push_back(at + f);
     if (!outcome.aggregated)
       failures.lines.push_back(at + "not aggregated: " + outcome.not_aggregated);
@@ -181,8 +205,10 @@ struct Experiment::Impl {
     progress(options, phase, 2, 3);
     const bool eval_now = round % config.evaluation.every == 0 || round == fed.rounds;
     if (eval_now) last_eval = evaluate(round, protocol::kPhaseGlobal);
-    record.add_round(
-        {round, &all_sites, &train_sites, &selected, &outcome, eval_now ? &last_eval : nullptr});
+    const PrivacyStatus spent = privacy ? privacy->status() : PrivacyStatus{};
+    record.add_round({round, &all_sites, &train_sites, &selected, &outcome,
+                      eval_now ? &last_eval : nullptr, privacy ? &spent : nullptr});
+    if (privacy) spdlog::info("{}: privacy: {}", phase, privacy->describe());
     if (eval_now) {
       std::string msg;  // the first metric of each site keeps the line short
       for (const auto& [site, m] : last_eval)
@@ -192,6 +218,7 @@ struct Experiment::Impl {
       spdlog::info("{}:{}", phase, msg);
     }
     progress(options, phase, 3, 3);
+    return true;
   }
 
   // The coordinator's checkpoint: the global and aggregator state, and each site's own state,
@@ -207,6 +234,7 @@ struct Experiment::Impl {
     c.round = round;
     c.global = coordinator->global();
     c.aggregator = aggregator->state();
+    if (privacy) c.privacy = privacy->save();
     c.sites = kept_states;
     c.pipeline = config.resolved_yaml;
     c.failures = failures.lines;  // the summary of a resumed run keeps them
@@ -231,6 +259,7 @@ struct Experiment::Impl {
       for (const auto& name : roster.names(true)) states[name] = c.sites[name];
       for (const auto& f : coordinator->restore_states(int(c.round), states)) throw Error(f.what);
       aggregator->load_state(c.aggregator);
+      if (privacy) privacy->load(c.privacy);
       failures.lines = std::move(c.failures);  // the replayed fit phase logged its failures again
       kept_states = std::move(c.sites);
       coordinator->set_global(std::move(c.global));
@@ -238,8 +267,8 @@ struct Experiment::Impl {
   }
 
   // After the last round: the adapter's personalisation (evaluated again), the summary, the model.
-  RunSummary finish(RunRecord& record, double seconds_so_far) {
-    const int rounds = config.federation.rounds;
+  // `rounds`: the rounds run (fewer than planned when the privacy budget refused one).
+  RunSummary finish(RunRecord& record, double seconds_so_far, int rounds) {
     RunSummary summary;
     summary.run_dir = record.dir().string();
     summary.rounds_completed = rounds;
@@ -261,9 +290,12 @@ struct Experiment::Impl {
     }
     summarise(summary);
     summary.failures = failures.lines;
+    const PrivacyStatus spent = privacy ? privacy->status() : PrivacyStatus{};
+    if (privacy) summary.privacy = privacy->describe();
     final_global = coordinator->global();
     record.write_final_model(rounds, final_global, *pool->model, pool->initial);
-    record.write_summary(config, summary, data_info.notes, data_info.task, seconds_so_far);
+    record.write_summary(config, summary, data_info.notes, data_info.task, seconds_so_far,
+                         privacy ? &spent : nullptr);
     return summary;
   }
 
@@ -365,8 +397,12 @@ RunSummary Experiment::run(const RunOptions& options) {
   for (const auto& f : x.coordinator->broadcast(done, x.roster.names(true)))  // the start model
     x.failures.lines.push_back("round " + std::to_string(done) + ": broadcast: " + f);
 
+  int last = cfg.federation.rounds;
   for (int round = done + 1; round <= cfg.federation.rounds; ++round) {
-    x.run_round(round, options, record);
+    if (!x.run_round(round, options, record)) {
+      last = round - 1;  // refused by the privacy budget: the run ends with what it has
+      break;
+    }
     x.checkpoint(record.dir() / "checkpoints", round);
     if (options.on_round) options.on_round(round);
     if (options.stop_after && options.stop_after(round) && round < cfg.federation.rounds) {
@@ -379,7 +415,7 @@ RunSummary Experiment::run(const RunOptions& options) {
       return summary;
     }
   }
-  return x.finish(record, seconds());
+  return x.finish(record, seconds(), last);
 }
 
 const char* task_name(Task t) {

@@ -47,6 +47,47 @@ std::vector<ArgSpec> federation_specs() {
                     "Probability that a site is available in a round (intermittent sites)")
           .range(0, 1)};
 }
+std::vector<ArgSpec> privacy_specs() {
+  return {
+      ArgSpec::real("epsilon", 8, "Privacy budget epsilon for the whole run (at delta)")
+          .range(1e-6, 1e6)
+          .required(),
+      ArgSpec::real("delta", 1e-5, "delta of (epsilon, delta)-DP; well below 1 / sites")
+          .range(1e-300, 0.1),
+      ArgSpec::choice("level", {"client"}, "client",
+                      "Protected unit: one site's whole data (client-level DP-FedAvg)"),
+      ArgSpec::choice("mode", {"central", "local"}, "central",
+                      "Who adds the noise: the coordinator (central) or each site its share "
+                      "(local; composes with secure aggregation)"),
+      ArgSpec::choice("sampling", {"none", "poisson"}, "none",
+                      "Accountant's assumption on site selection: none (q = 1, the safe choice) "
+                      "or poisson (q = selected / sites, only if selection is secret)"),
+      ArgSpec::real("clip", 1.0, "C: L2 bound on one site's delta (update - global)")
+          .range(1e-12, 1e12),
+      ArgSpec::real("noise_multiplier", 0,
+                    "z (noise std on the sum is z C); 0: the smallest z that keeps the planned "
+                    "rounds within the budget")
+          .range(0, 1e6)};
+}
+std::vector<ArgSpec> secure_aggregation_specs() {
+  return {ArgSpec::integer("threshold", 0,
+                           "t: neighbour shares that rebuild a dropped site's secret (0: k/2 + 1)")
+              .range(0, 100000),
+          ArgSpec::integer("neighbours", 0,
+                           "k: neighbours per site (0: all up to 11 sites, else ~2 log2 n + 2)")
+              .range(0, 100000),
+          ArgSpec::real("range", 1.0,
+                        "Each value of a site's delta is clipped to [-range, range] before "
+                        "quantization")
+              .range(1e-9, 1e9),
+          ArgSpec::integer("bits", 16, "Quantization: 2^bits levels over the range").range(2, 24),
+          ArgSpec::choice("weights", {"samples", "equal"}, "samples",
+                          "Weight of a site's delta inside the masked vector: its training "
+                          "samples (weighted FedAvg) or 1 (equal; always so with privacy)"),
+          ArgSpec::choice("secrets", {"random", "seeded"}, "random",
+                          "Sites' key and mask secrets: random (deployments) or derived from the "
+                          "pipeline seed (reproducible simulations; NOT secret)")};
+}
 std::vector<ArgSpec> partition_specs() {
   return {
       ArgSpec::choice("scheme", {"none", "iid", "dirichlet", "quantity"}, "none",
@@ -400,9 +441,10 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
   PipelineConfig c;
   c.file = file;
   YAML::Node out(YAML::NodeType::Map);
-  p.unknown_keys(root, "",
-                 {"name", "seed", "data", "model", "harmonizers", "adapter", "training",
-                  "federation", "aggregator", "filters", "evaluation", "output"});
+  p.unknown_keys(
+      root, "",
+      {"name", "seed", "data", "model", "harmonizers", "adapter", "training", "federation",
+       "aggregator", "filters", "evaluation", "privacy", "secure_aggregation", "output"});
 
   // name, seed, output
   {
@@ -586,6 +628,44 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
     for (const auto& s : c.evaluation.held_out) rh.push_back(s);
     r["held_out"] = rh;
     out["evaluation"] = r;
+  }
+
+  // privacy (optional)
+  if (root["privacy"] && !root["privacy"].IsNull()) {
+    YAML::Node r(YAML::NodeType::Map);
+    auto v = p.section(root["privacy"], "privacy", privacy_specs(), r);
+    out["privacy"] = r;
+    if (v.size() == privacy_specs().size()) {
+      PipelineConfig::Privacy pr;
+      pr.epsilon = v["epsilon"].f;
+      pr.delta = v["delta"].f;
+      pr.level = v["level"].s;
+      pr.mode = v["mode"].s;
+      pr.sampling = v["sampling"].s;
+      pr.clip = v["clip"].f;
+      pr.noise_multiplier = v["noise_multiplier"].f;
+      pr.where = p.loc(root["privacy"], "privacy");
+      c.privacy = pr;
+    }
+  }
+
+  // secure_aggregation (optional)
+  if (root["secure_aggregation"] && !root["secure_aggregation"].IsNull()) {
+    YAML::Node r(YAML::NodeType::Map);
+    auto v =
+        p.section(root["secure_aggregation"], "secure_aggregation", secure_aggregation_specs(), r);
+    out["secure_aggregation"] = r;
+    if (v.size() == secure_aggregation_specs().size()) {
+      PipelineConfig::SecureAggregation sa;
+      sa.threshold = int(v["threshold"].i);
+      sa.neighbours = int(v["neighbours"].i);
+      sa.range = v["range"].f;
+      sa.bits = int(v["bits"].i);
+      sa.weights = v["weights"].s;
+      sa.secrets = v["secrets"].s;
+      sa.where = p.loc(root["secure_aggregation"], "secure_aggregation");
+      c.secure_aggregation = sa;
+    }
   }
 
   if (c.federation.min_sites > 0 && c.data.partition.scheme != "none" &&

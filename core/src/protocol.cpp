@@ -5,7 +5,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 
 namespace concord {
 namespace protocol {
@@ -81,7 +84,11 @@ Request request_kind(const Message& m) {
                                                        {kSetStatistics, Request::SetStatistics},
                                                        {kPersonalize, Request::Personalize},
                                                        {kExportState, Request::ExportState},
-                                                       {kRestoreState, Request::RestoreState}};
+                                                       {kRestoreState, Request::RestoreState},
+                                                       {kSecAggSetup, Request::SecAggSetup},
+                                                       {kSecAggShareKeys, Request::SecAggShareKeys},
+                                                       {kSecAggTrain, Request::SecAggTrain},
+                                                       {kSecAggUnmask, Request::SecAggUnmask}};
   auto it = kinds.find(m.type);
   if (it == kinds.end()) throw Error("unknown request " + shown(m.type));
   return it->second;
@@ -104,6 +111,18 @@ TrainSettings read_train_request(const Message& m) {
       throw Error(std::string(kLocalEpochs) + " " + std::to_string(e) +
                   " is not a whole number in [1, 100000]");
     t.local_epochs = int(e);
+  }
+  if (auto it = m.scalars.find(kDpClip); it != m.scalars.end()) {
+    if (!(std::isfinite(it->second) && it->second > 0))
+      throw Error(std::string(kDpClip) + " " + std::to_string(it->second) +
+                  " is not a finite number above 0");
+    t.dp_clip = it->second;
+  }
+  if (auto it = m.scalars.find(kDpNoiseStd); it != m.scalars.end()) {
+    if (!(std::isfinite(it->second) && it->second >= 0) || t.dp_clip == 0)
+      throw Error(std::string(kDpNoiseStd) + " " + std::to_string(it->second) +
+                  " is not a finite number >= 0 sent with " + kDpClip);
+    t.dp_noise_std = it->second;
   }
   return t;
 }
@@ -352,16 +371,364 @@ Checked<SiteState> read_site_state(Message&& reply) {
 
 // ---- files -----------------------------------------------------------------------------------
 
+// ---- secure aggregation ---------------------------------------------------------------------
+
+namespace {
+
+const char* const kSecAggConfig = "config";  // I64: sites, neighbours, threshold, length,
+                                             // quant_bits, modulus_bits, max_weight, index
+const char* const kSecAggClip = "clip";
+const char* const kGraphSeed = "graph_seed";  // text: 64-bit decimal
+const char* const kKeys = "keys";             // U8 [k, 64]: cipher_pk ++ mask_pk
+const char* const kKeySites = "key_sites";    // I64 [k]
+const char* const kTo = "to";                 // I64 [s]
+const char* const kFrom = "from";             // I64 [s]
+const char* const kBoxPrefix = "box/";        // U8: one encrypted share box per peer
+const char* const kSharing = "sharing";       // I64
+const char* const kMasked = "masked";         // I64 (bit pattern of the uint64 words)
+const char* const kSurvivors = "survivors";   // I64
+const char* const kDropped = "dropped";       // I64
+const char* const kOwner = "owner";           // I64 [s]
+const char* const kShareX = "x";              // U8 [s]
+const char* const kMaskKey = "mask_key";      // U8 [s]
+const char* const kShare = "share";           // U8 [s, 32]
+constexpr size_t kMaxBox = 4096;
+
+Array ints(const std::vector<uint32_t>& v) {
+  std::vector<int64_t> w(v.begin(), v.end());
+  return Array::from(w, {int64_t(w.size())});
+}
+
+// An I64 array of site numbers below `sites`, distinct; throws Error naming `what`.
+std::vector<uint32_t> site_numbers(const NamedArrays& arrays, const char* what, uint32_t sites) {
+  auto it = arrays.find(what);
+  if (it == arrays.end()) throw Error(std::string("no '") + what + "' entry");
+  if (it->second.dtype() != DType::I64 || it->second.shape().size() != 1)
+    throw Error(std::string("'") + what + "' is not a list of site numbers");
+  std::vector<uint32_t> out;
+  for (int64_t v : it->second.to_vector<int64_t>()) {
+    if (v < 0 || v >= int64_t(sites))
+      throw Error(std::string("'") + what + "' names site number " + std::to_string(v) +
+                  " of a round of " + std::to_string(sites));
+    out.push_back(uint32_t(v));
+  }
+  std::vector<uint32_t> sorted = out;
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+    throw Error(std::string("'") + what + "' names a site twice");
+  return out;
+}
+
+const Array& entry(const NamedArrays& arrays, const std::string& name, DType dtype) {
+  auto it = arrays.find(name);
+  if (it == arrays.end()) throw Error("no '" + name + "' entry");
+  if (it->second.dtype() != dtype)
+    throw Error("'" + name + "' is " + dtype_name(it->second.dtype()) + ", expected " +
+                dtype_name(dtype));
+  return it->second;
+}
+
+// Boxes `box/<peer>` for the peers listed in `peers`.
+std::vector<secagg::EncryptedShare> boxes(const NamedArrays& arrays,
+                                          const std::vector<uint32_t>& peers, uint32_t self,
+                                          bool peers_are_senders) {
+  std::vector<secagg::EncryptedShare> out;
+  for (uint32_t p : peers) {
+    if (p == self) throw Error("a share box addressed from a site to itself");
+    const Array& a = entry(arrays, kBoxPrefix + std::to_string(p), DType::U8);
+    if (a.nbytes() == 0 || a.nbytes() > kMaxBox)
+      throw Error("share box " + std::to_string(p) + " has " + std::to_string(a.nbytes()) +
+                  " bytes (1.." + std::to_string(kMaxBox) + " allowed)");
+    secagg::EncryptedShare e;
+    e.from = peers_are_senders ? p : self;
+    e.to = peers_are_senders ? self : p;
+    e.box = a.to_vector<uint8_t>();
+    out.push_back(std::move(e));
+  }
+  if (arrays.size() != peers.size() + 1)  // the boxes and the list of peers
+    throw Error("unexpected entries beside the share boxes");
+  return out;
+}
+
+template <class T>
+Checked<T> checked_reply(Message&& reply, const char* type, const char* request,
+                         const std::function<T(Message&)>& read) {
+  if (std::string p = reply_problem(reply, type, request); !p.empty()) return Checked<T>::fail(p);
+  try {
+    return Checked<T>::of(read(reply));
+  } catch (const std::exception& e) {
+    return Checked<T>::fail(std::string("malformed ") + type + ": " + e.what());
+  }
+}
+
+}  // namespace
+
+Message secagg_setup(int64_t round, const secagg::Config& c, uint32_t index) {
+  Message m = stamped(kSecAggSetup, round);
+  std::vector<int64_t> v{c.sites,      c.neighbours,   c.threshold,           c.length,
+                         c.quant_bits, c.modulus_bits, int64_t(c.max_weight), index};
+  m.arrays[kSecAggConfig] = Array::from(v, {int64_t(v.size())});
+  m.scalars[kSecAggClip] = c.clip;
+  m.text[kGraphSeed] = std::to_string(c.graph_seed);
+  return m;
+}
+
+SecAggSetup read_secagg_setup(const Message& m) {
+  check(m);
+  if (m.type != kSecAggSetup) throw Error("expected " + std::string(kSecAggSetup));
+  const Array& a = entry(m.arrays, kSecAggConfig, DType::I64);
+  if (a.numel() != 8) throw Error("'config' must hold 8 numbers");
+  const auto v = a.to_vector<int64_t>();
+  for (int64_t x : v)
+    if (x < 0 || x > (int64_t(1) << 48)) throw Error("'config' holds " + std::to_string(x));
+  auto clip = m.scalars.find(kSecAggClip);
+  auto seed = m.text.find(kGraphSeed);
+  if (clip == m.scalars.end() || seed == m.text.end()) throw Error("no clip or graph seed");
+  SecAggSetup s;
+  s.config.sites = uint32_t(v[0]);
+  s.config.neighbours = uint32_t(v[1]);
+  s.config.threshold = uint32_t(v[2]);
+  s.config.length = v[3];
+  s.config.quant_bits = uint32_t(v[4]);
+  s.config.modulus_bits = uint32_t(v[5]);
+  s.config.max_weight = uint64_t(v[6]);
+  s.config.clip = clip->second;
+  try {
+    size_t used = 0;
+    s.config.graph_seed = std::stoull(seed->second, &used);
+    if (used != seed->second.size()) throw Error("");
+  } catch (const std::exception&) {
+    throw Error("graph seed " + shown(seed->second) + " is not a number");
+  }
+  s.config.check();
+  if (v[7] >= v[0])
+    throw Error("site number " + std::to_string(v[7]) + " of a round of " + std::to_string(v[0]));
+  s.index = uint32_t(v[7]);
+  return s;
+}
+
+Message secagg_advert(const std::string& site, int64_t round, const secagg::KeyAdvert& a) {
+  Message m = stamped(kSecAggAdvert, round);
+  m.site = site;
+  m.arrays["cipher_pk"] = Array::from(std::vector<uint8_t>(a.cipher_pk.begin(), a.cipher_pk.end()));
+  m.arrays["mask_pk"] = Array::from(std::vector<uint8_t>(a.mask_pk.begin(), a.mask_pk.end()));
+  m.scalars["index"] = a.site;
+  return m;
+}
+
+Checked<secagg::KeyAdvert> read_secagg_advert(Message&& reply, uint32_t index) {
+  return checked_reply<secagg::KeyAdvert>(
+      std::move(reply), kSecAggAdvert, kSecAggSetup, [&](Message& m) {
+        secagg::KeyAdvert a;
+        a.site = index;
+        for (auto [name, key] :
+             {std::pair<const char*, secagg::Bytes32*>{"cipher_pk", &a.cipher_pk},
+              {"mask_pk", &a.mask_pk}}) {
+          const Array& k = entry(m.arrays, name, DType::U8);
+          if (k.numel() != 32) throw Error(std::string(name) + " is not 32 bytes");
+          std::copy(k.data<uint8_t>(), k.data<uint8_t>() + 32, key->begin());
+        }
+        auto it = m.scalars.find("index");
+        if (it == m.scalars.end() || it->second != double(index))
+          throw Error("the advert is not for site number " + std::to_string(index));
+        return a;
+      });
+}
+
+Message secagg_share_keys(int64_t round, const std::vector<secagg::KeyAdvert>& keys) {
+  Message m = stamped(kSecAggShareKeys, round);
+  Array k(DType::U8, {int64_t(keys.size()), 64});
+  std::vector<uint32_t> sites;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    std::copy(keys[i].cipher_pk.begin(), keys[i].cipher_pk.end(), k.data<uint8_t>() + 64 * i);
+    std::copy(keys[i].mask_pk.begin(), keys[i].mask_pk.end(), k.data<uint8_t>() + 64 * i + 32);
+    sites.push_back(keys[i].site);
+  }
+  m.arrays[kKeys] = k;
+  m.arrays[kKeySites] = ints(sites);
+  return m;
+}
+
+std::vector<secagg::KeyAdvert> read_secagg_share_keys(const Message& m, uint32_t sites) {
+  check(m);
+  if (m.type != kSecAggShareKeys) throw Error("expected " + std::string(kSecAggShareKeys));
+  const auto who = site_numbers(m.arrays, kKeySites, sites);
+  const Array& k = entry(m.arrays, kKeys, DType::U8);
+  if (k.shape() != std::vector<int64_t>{int64_t(who.size()), 64})
+    throw Error("'keys' is not one 64-byte row per site");
+  std::vector<secagg::KeyAdvert> out(who.size());
+  for (size_t i = 0; i < who.size(); ++i) {
+    out[i].site = who[i];
+    const uint8_t* row = k.data<uint8_t>() + 64 * i;
+    std::copy(row, row + 32, out[i].cipher_pk.begin());
+    std::copy(row + 32, row + 64, out[i].mask_pk.begin());
+  }
+  return out;
+}
+
+Message secagg_shares(const std::string& site, int64_t round, const secagg::ShareKeys& shares) {
+  Message m = stamped(kSecAggShares, round);
+  m.site = site;
+  std::vector<uint32_t> to;
+  for (const auto& e : shares.shares) {
+    to.push_back(e.to);
+    m.arrays[kBoxPrefix + std::to_string(e.to)] = Array::from(e.box, {int64_t(e.box.size())});
+  }
+  m.arrays[kTo] = ints(to);
+  return m;
+}
+
+Checked<secagg::ShareKeys> read_secagg_shares(Message&& reply, uint32_t index, uint32_t sites) {
+  return checked_reply<secagg::ShareKeys>(
+      std::move(reply), kSecAggShares, kSecAggShareKeys, [&](Message& m) {
+        secagg::ShareKeys k;
+        k.site = index;
+        k.shares = boxes(m.arrays, site_numbers(m.arrays, kTo, sites), index, false);
+        return k;
+      });
+}
+
+Message secagg_train(int64_t round, const std::map<std::string, double>& settings,
+                     const secagg::ShareDelivery& delivery) {
+  Message m = stamped(kSecAggTrain, round);
+  m.scalars = settings;
+  m.arrays[kSharing] = ints(delivery.sharing);
+  std::vector<uint32_t> from;
+  for (const auto& e : delivery.shares) {
+    from.push_back(e.from);
+    m.arrays[kBoxPrefix + std::to_string(e.from)] = Array::from(e.box, {int64_t(e.box.size())});
+  }
+  m.arrays[kFrom] = ints(from);
+  return m;
+}
+
+SecAggTrain read_secagg_train(const Message& m, uint32_t index, uint32_t sites) {
+  if (m.type != kSecAggTrain) throw Error("expected " + std::string(kSecAggTrain));
+  Message as_train = m;  // the settings are read as a train request's
+  as_train.type = kTrain;
+  as_train.arrays.clear();
+  SecAggTrain t;
+  t.settings = read_train_request(as_train);
+  t.delivery.sharing = site_numbers(m.arrays, kSharing, sites);
+  NamedArrays rest = m.arrays;
+  rest.erase(kSharing);
+  t.delivery.shares = boxes(rest, site_numbers(rest, kFrom, sites), index, true);
+  return t;
+}
+
+Message secagg_masked(const std::string& site, int64_t round, const secagg::MaskedInput& input,
+                      double train_loss, int64_t steps) {
+  Message m = stamped(kSecAggMasked, round);
+  m.site = site;
+  Array a(DType::I64, {int64_t(input.values.size())});
+  std::memcpy(a.raw(), input.values.data(), a.nbytes());
+  m.arrays[kMasked] = a;
+  m.scalars[kTrainLoss] = train_loss;
+  m.scalars[kSteps] = double(steps);
+  return m;
+}
+
+Checked<SecAggMasked> read_secagg_masked(Message&& reply, uint32_t index,
+                                         const secagg::Config& config) {
+  return checked_reply<SecAggMasked>(
+      std::move(reply), kSecAggMasked, kSecAggTrain, [&](Message& m) {
+        const Array& a = entry(m.arrays, kMasked, DType::I64);
+        if (a.shape() != std::vector<int64_t>{config.length + 1})
+          throw Error("the masked input holds " + std::to_string(a.numel()) + " words, expected " +
+                      std::to_string(config.length + 1));
+        SecAggMasked out;
+        out.input.site = index;
+        out.input.values.resize(size_t(a.numel()));
+        std::memcpy(out.input.values.data(), a.raw(), a.nbytes());
+        if (config.modulus_bits < 64)
+          for (uint64_t w : out.input.values)
+            if (w >> config.modulus_bits)
+              throw Error("a masked word is not below 2^" + std::to_string(config.modulus_bits));
+        auto loss = m.scalars.find(kTrainLoss);
+        if (loss == m.scalars.end() || !std::isfinite(loss->second))
+          throw Error("no finite train_loss");
+        out.train_loss = loss->second;
+        return out;
+      });
+}
+
+Message secagg_unmask(int64_t round, const secagg::UnmaskRequest& request) {
+  Message m = stamped(kSecAggUnmask, round);
+  m.arrays[kSurvivors] = ints(request.survivors);
+  m.arrays[kDropped] = ints(request.dropped);
+  return m;
+}
+
+secagg::UnmaskRequest read_secagg_unmask(const Message& m, uint32_t sites) {
+  check(m);
+  if (m.type != kSecAggUnmask) throw Error("expected " + std::string(kSecAggUnmask));
+  secagg::UnmaskRequest r;
+  r.survivors = site_numbers(m.arrays, kSurvivors, sites);
+  r.dropped = site_numbers(m.arrays, kDropped, sites);
+  return r;
+}
+
+Message secagg_reveal(const std::string& site, int64_t round, const secagg::UnmaskReply& reply) {
+  Message m = stamped(kSecAggReveal, round);
+  m.site = site;
+  const int64_t s = int64_t(reply.shares.size());
+  std::vector<int64_t> owner;
+  std::vector<uint8_t> x, key;
+  Array share(DType::U8, {s, 32});
+  for (int64_t i = 0; i < s; ++i) {
+    const auto& r = reply.shares[size_t(i)];
+    owner.push_back(r.owner);
+    x.push_back(r.x);
+    key.push_back(r.mask_key ? 1 : 0);
+    std::copy(r.share.begin(), r.share.end(), share.data<uint8_t>() + 32 * i);
+  }
+  m.arrays[kOwner] = Array::from(owner, {s});
+  m.arrays[kShareX] = Array::from(x, {s});
+  m.arrays[kMaskKey] = Array::from(key, {s});
+  m.arrays[kShare] = share;
+  return m;
+}
+
+Checked<secagg::UnmaskReply> read_secagg_reveal(Message&& reply, uint32_t index, uint32_t sites) {
+  return checked_reply<secagg::UnmaskReply>(
+      std::move(reply), kSecAggReveal, kSecAggUnmask, [&](Message& m) {
+        const Array& owner = entry(m.arrays, kOwner, DType::I64);
+        const Array& x = entry(m.arrays, kShareX, DType::U8);
+        const Array& key = entry(m.arrays, kMaskKey, DType::U8);
+        const Array& share = entry(m.arrays, kShare, DType::U8);
+        const int64_t s = owner.numel();
+        if (x.numel() != s || key.numel() != s || share.shape() != std::vector<int64_t>{s, 32} ||
+            s > int64_t(sites))
+          throw Error("the revealed shares' lists differ in length");
+        secagg::UnmaskReply r;
+        r.site = index;
+        for (int64_t i = 0; i < s; ++i) {
+          secagg::RevealedShare one;
+          const int64_t o = owner.data<int64_t>()[i];
+          if (o < 0 || o >= int64_t(sites))
+            throw Error("a share of site number " + std::to_string(o));
+          one.owner = uint32_t(o);
+          one.x = x.data<uint8_t>()[i];
+          one.mask_key = key.data<uint8_t>()[i] != 0;
+          std::copy(share.data<uint8_t>() + 32 * i, share.data<uint8_t>() + 32 * (i + 1),
+                    one.share.begin());
+          r.shares.push_back(one);
+        }
+        return r;
+      });
+}
+
 namespace {
 const std::string kGlobalPrefix = "global/", kAggregatorPrefix = "aggregator/",
-                  kSitePrefix = "site/", kLocal = "/local/", kStore = "/store/",
-                  kTrainedSuffix = "/trained";
+                  kPrivacyPrefix = "privacy/", kSitePrefix = "site/", kLocal = "/local/",
+                  kStore = "/store/", kTrainedSuffix = "/trained";
 }  // namespace
 
 Message checkpoint(const Checkpoint& c) {
   Message m = stamped(kCheckpoint, c.round);
   for (const auto& [k, v] : c.global) m.arrays[kGlobalPrefix + k] = v;
   for (const auto& [k, v] : c.aggregator) m.arrays[kAggregatorPrefix + k] = v;
+  for (const auto& [k, v] : c.privacy) m.arrays[kPrivacyPrefix + k] = v;
   for (const auto& [name, s] : c.sites) {
     for (const auto& [k, v] : s.local) m.arrays[kSitePrefix + name + kLocal + k] = v;
     for (const auto& [k, v] : s.store) m.arrays[kSitePrefix + name + kStore + k] = v;
@@ -385,6 +752,8 @@ Checkpoint read_checkpoint(Message&& m, const std::vector<std::string>& sites) {
       c.global[k.substr(kGlobalPrefix.size())] = copy;
     } else if (starts_with(k, kAggregatorPrefix)) {
       c.aggregator[k.substr(kAggregatorPrefix.size())] = copy;
+    } else if (starts_with(k, kPrivacyPrefix)) {
+      c.privacy[k.substr(kPrivacyPrefix.size())] = copy;
     } else if (starts_with(k, kSitePrefix)) {
       const std::string rest = k.substr(kSitePrefix.size());
       bool known = false;

@@ -39,6 +39,21 @@ json metrics_json(const std::map<std::string, double>& m) {
   return o;
 }
 
+// The privacy fields of a metrics line and of summary.json (report.cpp reads `privacy.epsilon`).
+json privacy_json(const PrivacyStatus& p) {
+  return {{"epsilon", p.epsilon},
+          {"delta", p.delta},
+          {"budget", p.budget},
+          {"level", p.level},
+          {"mode", p.mode},
+          {"sampling", p.sampling},
+          {"q", p.q},
+          {"noise_multiplier", p.noise_multiplier},
+          {"clip", p.clip},
+          {"rdp_order", p.order},
+          {"rounds_accounted", p.rounds_accounted}};
+}
+
 bool contains(const std::vector<std::string>& v, const std::string& s) {
   return std::find(v.begin(), v.end(), s) != v.end();
 }
@@ -96,6 +111,7 @@ void RunRecord::add_round(const Round& r) {
     if (r.metrics)
       if (auto it = r.metrics->find(name); it != r.metrics->end())
         j["metrics"] = metrics_json(it->second);
+    if (r.privacy) j["privacy"] = privacy_json(*r.privacy);
     lines += jsonl_line(j);
   }
   metrics_ << lines;
@@ -115,7 +131,7 @@ void RunRecord::add_personalized(int round, const SiteMetrics& personalized) {
 
 void RunRecord::write_summary(const PipelineConfig& config, const RunSummary& summary,
                               const std::map<std::string, std::string>& data_notes, Task task,
-                              double seconds) const {
+                              double seconds, const PrivacyStatus* privacy) const {
   json js;
   js["name"] = config.name;
   js["seed"] = config.seed;
@@ -131,6 +147,7 @@ void RunRecord::write_summary(const PipelineConfig& config, const RunSummary& su
   js["sites"] = jsites;
   js["mean"] = metrics_json(summary.mean);
   js["worst"] = metrics_json(summary.worst);
+  if (privacy) js["privacy"] = privacy_json(*privacy);
   js["failures"] = summary.failures;
   js["ok"] = summary.failures.empty();
   json notes = json::object();

@@ -6,6 +6,8 @@
 #include <concord/engine.h>
 #include <concord/model.h>
 
+#include "privacy_round.h"
+
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -36,7 +38,8 @@ class RunRecord {
     const std::vector<std::string>* train_sites = nullptr;
     const std::vector<std::string>* selected = nullptr;
     const Coordinator::RoundOutcome* outcome = nullptr;
-    const SiteMetrics* metrics = nullptr;  // null: no evaluation this round
+    const SiteMetrics* metrics = nullptr;    // null: no evaluation this round
+    const PrivacyStatus* privacy = nullptr;  // null: no `privacy:` in the pipeline
   };
   void add_round(const Round& r);
   void add_personalized(int round, const SiteMetrics& personalized);
@@ -44,7 +47,7 @@ class RunRecord {
   // summary.json: the run's results, its failures, `ok`, and the data's notes.
   void write_summary(const PipelineConfig& config, const RunSummary& summary,
                      const std::map<std::string, std::string>& data_notes, Task task,
-                     double seconds) const;
+                     double seconds, const PrivacyStatus* privacy = nullptr) const;
   // global.state (the final global state as a protocol message) and model.pt (the model with
   // the global state, local entries at their initial values).
   void write_final_model(int round, const NamedArrays& global, Model& model,

@@ -3,6 +3,8 @@
 
 #include "federation_load.h"
 #include "local_training.h"
+#include "privacy_round.h"
+#include "secure_round.h"
 
 #include <concord/error.h>
 #include <concord/seed.h>
@@ -135,6 +137,7 @@ struct Site::Impl {
   SiteData data;
   ModelPool* pool;
   SiteHarmonizers harmonization;
+  SecureAggregationSite secure;  // between the secagg-* requests of a round
   // With a model only:
   std::unique_ptr<Adapter> adapter;
   std::unique_ptr<Aggregator> aggregator;  // its local_loss_term() only
@@ -152,7 +155,12 @@ struct Site::Impl {
   int64_t calls = 0;
 
   Impl(const PipelineConfig& c, const Registry& registry, SiteData d, ModelPool* p)
-      : config(c), name(d.name), data(std::move(d)), pool(p), harmonization(c, registry, name) {
+      : config(c),
+        name(d.name),
+        data(std::move(d)),
+        pool(p),
+        harmonization(c, registry, name),
+        secure(c, name) {
     if (!pool) return;
     adapter = build_adapter(config, registry, *pool->model, "adapter");
     for (auto& e : pool->model->state())
@@ -225,6 +233,20 @@ struct Site::Impl {
         restore(protocol::read_restore_state(std::move(in)));
         out = protocol::ack(name, round);
         break;
+      case protocol::Request::SecAggSetup:
+        model();
+        out = secure.setup(in);
+        break;
+      case protocol::Request::SecAggShareKeys:
+        out = secure.share_keys(in);
+        break;
+      case protocol::Request::SecAggTrain:
+        out = secure.masked_input(
+            in, global, [&](const protocol::TrainSettings& s) { return train_upload(s); });
+        break;
+      case protocol::Request::SecAggUnmask:
+        out = secure.unmask(in);
+        break;
     }
     out.round = round;
     return encode(out);
@@ -232,12 +254,24 @@ struct Site::Impl {
 
   Message train(const Message& in) {
     const protocol::TrainSettings settings = protocol::read_train_request(in);
+    if (config.secure_aggregation)
+      throw SiteError(name,
+                      "the pipeline asks for secure aggregation: refusing a plain train request "
+                      "(the coordinator would see this site's update)");
     if (data.train.empty()) {
       // Nothing to learn from: no upload to weigh, and no loss to claim (the coordinator skips
       // the site). The local state is left as it was: re-estimating BatchNorm statistics from no
       // images would reset them.
       return protocol::empty_update(name, round);
     }
+    TrainedUpload t = train_upload(settings);
+    return protocol::update(name, round, std::move(t.upload), t.num_samples, t.train_loss, t.steps);
+  }
+
+  // Local training and the upload as it leaves the site (filters, then privacy). No training
+  // data: the global state back with no samples (secure aggregation weighs it 0).
+  TrainedUpload train_upload(const protocol::TrainSettings& settings) {
+    if (data.train.empty()) return {global, 0, 0, 0};
     calls = 0;  // per-round stream of shuffling seeds: a resumed run replays it exactly
     load_model_state();
     seed_torch(derive_seed(config.seed, "torch/" + name, round));
@@ -255,8 +289,8 @@ struct Site::Impl {
       FilterContext ctx{name, round, &rng};
       for (auto& f : filters) f->apply(upload, global, ctx);
     }
-    return protocol::update(name, round, std::move(upload), double(data.train.size()), r.loss,
-                            r.steps);
+    privatize_upload(upload, global, settings, config, name, round);
+    return {std::move(upload), double(data.train.size()), r.loss, r.steps};
   }
 
   Message evaluate(const std::string& phase) {

@@ -72,7 +72,7 @@ TEST(Protocol, AMessageOfAnotherVersionIsRefusedNamingBothVersions) {
   EXPECT_FALSE(
       protocol::read_metrics(other_version(protocol::metrics("a", 1, "global", 1, {}), "x")).ok());
   EXPECT_FALSE(
-      protocol::read_statistics(other_version(protocol::statistics("a", Stats{}), "3")).ok());
+      protocol::read_statistics(other_version(protocol::statistics("a", Stats{}), "2")).ok());
   // A checkpoint is refused the same way.
   const std::string ck = error_of([] {
     protocol::read_checkpoint(other_version(protocol::checkpoint(protocol::Checkpoint{}), "7"), {});

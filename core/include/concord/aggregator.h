@@ -27,6 +27,12 @@ class Aggregator : public Plugin {
   // (the engine rejects non-finite ones before this call). Returns the new shared state.
   virtual NamedArrays aggregate(const NamedArrays& global, const std::vector<SiteUpdate>& updates,
                                 const RoundInfo& round) = 0;
+  // True when aggregate() depends on the updates only through their weighted sum (sum_i w_i x_i
+  // with w_i from num_samples, and sum_i w_i): such an aggregator works on a secure aggregate or
+  // on a noised mean (client-level DP). False (the default) for anything that needs individual
+  // updates (median, Krum, trimmed mean, loss weights): the engine refuses those with secure
+  // aggregation and differential privacy.
+  virtual bool aggregates_by_sum() const { return false; }
   // Server-side state (optimizer moments); saved in checkpoints for bit-identical resume.
   virtual NamedArrays state() const { return {}; }
   virtual void load_state(const NamedArrays& /*state*/) {}

@@ -47,6 +47,16 @@ class Coordinator {
       Aggregator& aggregator, int round, int rounds, const std::vector<std::string>& selected,
       const std::map<std::string, double>& settings, int min_sites,
       const std::function<void(const std::string&, size_t, size_t)>& on_site = nullptr);
+  // Steps 2-4 with secure aggregation (secure_round.cpp): the selected sites train and send
+  // masked deltas over the four secagg-* exchanges; the coordinator decodes only their weighted
+  // sum, recovers sites that drop after sharing keys, and gives the aggregator one update per
+  // survivor, each the survivors' mean (the aggregator must aggregate by sum). Below the
+  // threshold the round is not aggregated (not_aggregated says why) and the next one proceeds.
+  RoundOutcome secure_train_round(Aggregator& aggregator, int round, int rounds,
+                                  const std::vector<std::string>& selected,
+                                  const std::map<std::string, double>& settings, int min_sites,
+                                  const PipelineConfig::SecureAggregation& secure,
+                                  bool equal_weights);
   // Step 5: send the global state to `sites` (encoded once; one call per site). Returns a
   // failure line per site that did not acknowledge it.
   std::vector<std::string> broadcast(int round, const std::vector<std::string>& sites);
@@ -85,6 +95,11 @@ class Coordinator {
   Channel& channel_;
   uint64_t seed_;
   NamedArrays global_;
+  // Step 4 of train_round and secure_train_round: aggregates out.updates into global_ when at
+  // least min_sites are there, guarding against a failing aggregator.
+  void aggregate_updates(Aggregator& aggregator, int round, int rounds,
+                         const std::vector<std::string>& selected, int min_sites,
+                         RoundOutcome& out);
 };
 
 // The failure line for an exception from an exchange with `site`, naming the site once.
@@ -105,6 +120,8 @@ struct RunSummary {
   // "round 3: site 'x': reason", "round 3: not aggregated: reason", "fit: ...", "evaluate: ...".
   // Empty when every selected site trained and every round aggregated (exit status 0).
   std::vector<std::string> failures;
+  // With the pipeline's `privacy:`: the epsilon spent, its delta and assumptions (one line).
+  std::string privacy;
 };
 
 struct RunOptions {

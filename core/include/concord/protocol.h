@@ -14,6 +14,7 @@
 
 #include <concord/harmonizer.h>
 #include <concord/message.h>
+#include <concord/secagg.h>
 
 #include <cstdint>
 #include <map>
@@ -25,7 +26,9 @@ namespace concord {
 namespace protocol {
 
 // 2: state export/restore for checkpoints through the Channel; FedProx's mu no longer sent.
-constexpr int kVersion = 2;
+// 3: differential privacy settings in train requests, the accountant in checkpoints, secure
+//    aggregation's messages.
+constexpr int kVersion = 3;
 
 // Message types. Coordinator to site:
 inline constexpr const char* kTrain = "train";                     // train one round locally
@@ -36,11 +39,20 @@ inline constexpr const char* kSetStatistics = "harmonizer-stats";  // global sta
 inline constexpr const char* kPersonalize = "personalize";         // the adapter's personalisation
 inline constexpr const char* kExportState = "export-state";        // the site's state, to keep
 inline constexpr const char* kRestoreState = "restore-state";      // a kept state, to resume
+// Secure aggregation (secure_round.cpp, secagg.h), one round in four exchanges:
+inline constexpr const char* kSecAggSetup = "secagg-setup";  // the round's settings, site number
+inline constexpr const char* kSecAggShareKeys = "secagg-share-keys";  // neighbours' public keys
+inline constexpr const char* kSecAggTrain = "secagg-train";    // train; shares addressed to it
+inline constexpr const char* kSecAggUnmask = "secagg-unmask";  // who survived, who dropped
 // Site to coordinator:
-inline constexpr const char* kUpdate = "update";         // reply to train
-inline constexpr const char* kMetrics = "metrics";       // reply to evaluate
-inline constexpr const char* kStats = "stats";           // reply to fit
-inline constexpr const char* kSiteState = "site-state";  // reply to export-state
+inline constexpr const char* kUpdate = "update";               // reply to train
+inline constexpr const char* kMetrics = "metrics";             // reply to evaluate
+inline constexpr const char* kStats = "stats";                 // reply to fit
+inline constexpr const char* kSiteState = "site-state";        // reply to export-state
+inline constexpr const char* kSecAggAdvert = "secagg-advert";  // reply to secagg-setup
+inline constexpr const char* kSecAggShares = "secagg-shares";  // reply to secagg-share-keys
+inline constexpr const char* kSecAggMasked = "secagg-masked";  // reply to secagg-train
+inline constexpr const char* kSecAggReveal = "secagg-reveal";  // reply to secagg-unmask
 // reply to broadcast, harmonizer-stats, personalize, restore-state:
 inline constexpr const char* kAck = "ack";
 // Files the coordinator writes in the same form:
@@ -62,6 +74,8 @@ inline constexpr const char* kSteps = "steps";               // update
 inline constexpr const char* kNumTest = "num_test";          // metrics
 inline constexpr const char* kLocalEpochs = "local_epochs";  // train
 inline constexpr const char* kTrained = "trained";           // site-state, restore-state
+inline constexpr const char* kDpClip = "dp_clip";            // train: clip the delta to this
+inline constexpr const char* kDpNoiseStd = "dp_noise_std";   // train: local noise std per value
 // Values of kPhase:
 inline constexpr const char* kPhaseGlobal = "global";
 inline constexpr const char* kPhasePersonalized = "personalized";
@@ -94,14 +108,22 @@ enum class Request {
   SetStatistics,
   Personalize,
   ExportState,
-  RestoreState
+  RestoreState,
+  SecAggSetup,
+  SecAggShareKeys,
+  SecAggTrain,
+  SecAggUnmask
 };
 Request request_kind(const Message& m);
 
 // train: the round's settings (local_epochs).
 Message train_request(int64_t round, const std::map<std::string, double>& settings);
 struct TrainSettings {
-  int local_epochs = 1;               // a whole number in [1, 100000]
+  int local_epochs = 1;  // a whole number in [1, 100000]
+  // Client-level DP (privacy.h): clip the delta to L2 norm dp_clip (finite > 0; 0 = no DP), add
+  // N(0, dp_noise_std^2) per value (finite >= 0; only with dp_clip).
+  double dp_clip = 0;
+  double dp_noise_std = 0;
   std::map<std::string, double> all;  // every setting, as sent
 };
 TrainSettings read_train_request(const Message& m);
@@ -181,11 +203,68 @@ Message site_state(const std::string& site, int64_t round, SiteState state);
 // Checks: type site-state; every entry under local/ or store/; finite floating-point values.
 Checked<SiteState> read_site_state(Message&& reply);
 
+// ---- secure aggregation ---------------------------------------------------------------------
+// The coordinator relays keys and encrypted shares and receives masked inputs only (secagg.h).
+// Site numbers are the places of the round's selected sites, in selection order.
+
+// secagg-setup: the round's secagg::Config and the site's number.
+Message secagg_setup(int64_t round, const secagg::Config& config, uint32_t index);
+struct SecAggSetup {
+  secagg::Config config;
+  uint32_t index = 0;
+};
+// Checks every field (secagg::Config::check()) and index < sites; throws Error.
+SecAggSetup read_secagg_setup(const Message& m);
+
+// secagg-advert: the site's two public keys.
+Message secagg_advert(const std::string& site, int64_t round, const secagg::KeyAdvert& advert);
+// Checks: type; 32-byte keys; the site number `index` it was given.
+Checked<secagg::KeyAdvert> read_secagg_advert(Message&& reply, uint32_t index);
+
+// secagg-share-keys: the adverts to relay to one site.
+Message secagg_share_keys(int64_t round, const std::vector<secagg::KeyAdvert>& keys);
+std::vector<secagg::KeyAdvert> read_secagg_share_keys(const Message& m, uint32_t sites);
+
+// secagg-shares: one encrypted box per neighbour.
+Message secagg_shares(const std::string& site, int64_t round, const secagg::ShareKeys& shares);
+// Checks: type; recipients distinct, below `sites`, not the sender; boxes of at most 4 KiB.
+Checked<secagg::ShareKeys> read_secagg_shares(Message&& reply, uint32_t index, uint32_t sites);
+
+// secagg-train: the train request's settings and the shares addressed to the site.
+Message secagg_train(int64_t round, const std::map<std::string, double>& settings,
+                     const secagg::ShareDelivery& delivery);
+struct SecAggTrain {
+  TrainSettings settings;
+  secagg::ShareDelivery delivery;
+};
+SecAggTrain read_secagg_train(const Message& m, uint32_t index, uint32_t sites);
+
+// secagg-masked: the masked weighted delta and weight (L + 1 words), the train loss and steps.
+// No sample count: the weight travels inside the masked vector.
+Message secagg_masked(const std::string& site, int64_t round, const secagg::MaskedInput& input,
+                      double train_loss, int64_t steps);
+struct SecAggMasked {
+  secagg::MaskedInput input;
+  double train_loss = 0;
+};
+// Checks: type; `length` + 1 words, each below 2^modulus_bits; a finite train loss.
+Checked<SecAggMasked> read_secagg_masked(Message&& reply, uint32_t index,
+                                         const secagg::Config& config);
+
+// secagg-unmask: survivors and dropped sites.
+Message secagg_unmask(int64_t round, const secagg::UnmaskRequest& request);
+secagg::UnmaskRequest read_secagg_unmask(const Message& m, uint32_t sites);
+
+// secagg-reveal: the site's shares of its neighbours' secrets.
+Message secagg_reveal(const std::string& site, int64_t round, const secagg::UnmaskReply& reply);
+Checked<secagg::UnmaskReply> read_secagg_reveal(Message&& reply, uint32_t index, uint32_t sites);
+
 // ---- files -----------------------------------------------------------------------------------
 
 struct Checkpoint {
   int64_t round = 0;
   NamedArrays global, aggregator;
+  NamedArrays privacy;  // the privacy accountant's history (entries `privacy/*`)
   std::map<std::string, SiteState> sites;
   std::string pipeline;               // the resolved pipeline it was written for
   std::vector<std::string> failures;  // failures so far (a resumed run's summary keeps them)

@@ -11,6 +11,8 @@ class FedAvg : public Aggregator {
  public:
   FedAvg(const Args& args, const BuildContext&) : weighting_(args.str("weighting")) {}
 
+  bool aggregates_by_sum() const override { return true; }
+
   NamedArrays aggregate(const NamedArrays& global, const std::vector<SiteUpdate>& updates,
                         const RoundInfo& round) override {
     if (updates.empty()) return global;

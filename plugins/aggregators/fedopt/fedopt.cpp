@@ -81,6 +81,8 @@ class FedOpt : public Aggregator {
                 args.has("beta2") ? static_cast<float>(args.real("beta2")) : 0.0f,
                 static_cast<float>(args.real("tau"))} {}
 
+  bool aggregates_by_sum() const override { return true; }
+
   NamedArrays aggregate(const NamedArrays& global, const std::vector<SiteUpdate>& updates,
                         const RoundInfo& round) override {
     if (updates.empty()) return global;

@@ -14,6 +14,8 @@ class FedProx : public Aggregator {
   FedProx(const Args& args, const BuildContext&)
       : weighting_(args.str("weighting")), mu_(args.real("mu")) {}
 
+  bool aggregates_by_sum() const override { return true; }
+
   NamedArrays aggregate(const NamedArrays& global, const std::vector<SiteUpdate>& updates,
                         const RoundInfo& round) override {
     if (updates.empty()) return global;
