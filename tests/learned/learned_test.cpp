@@ -310,3 +310,56 @@ harmonizers:
   EXPECT_EQ(c.learned_stages[0].aggregator.type, "fedavg");
   EXPECT_NE(c.resolved_yaml.find("stage:"), std::string::npos) << c.resolved_yaml;
 }
+
+// The statistics file a run leaves (learned/harmonizer-0-cyclegan.stats) translates plain image
+// files offline (`concord harmonize apply --stats FILE FOLDERS`) to the same bytes as the
+// pipeline's own sites with those statistics, and leaves the reference site's files unchanged.
+TEST(LearnedStage, HarmonizeApplyStatsOnFilesMatchesTheSitesWithTheRunsStatistics) {
+  testkit::TempDir dir;
+  const fs::path pipeline = dir.path() / "p.yaml";
+  { std::ofstream(pipeline) << cyclegan_pipeline("local", "site-B"); }
+  const std::string exe = testkit::concord_exe(), p = pipeline.string(), d = dir.str();
+  std::string out;
+  ASSERT_EQ(
+      testkit::run_command(exe + " run " + p + " --run-dir " + d + "/run --no-progress", &out), 0)
+      << out;
+  const std::string stats = d + "/run/learned/harmonizer-0-cyclegan.stats";
+  ASSERT_TRUE(fs::exists(stats)) << out;
+  ASSERT_EQ(testkit::run_command(exe + " harmonize apply --pipeline " + p +
+                                     " --set 'harmonizers=[{type: identity}]' --sites --out " + d +
+                                     "/raw --no-progress",
+                                 &out),
+            0)
+      << out;
+  ASSERT_EQ(testkit::run_command(exe + " harmonize apply --pipeline " + p + " --sites --stats " +
+                                     stats + " --out " + d + "/sites --no-progress",
+                                 &out),
+            0)
+      << out;
+  ASSERT_EQ(
+      testkit::run_command(exe + " harmonize apply --stats " + stats + " --out " + d + "/files " +
+                               d + "/raw/site-A " + d + "/raw/site-B " + "--no-progress",
+                           &out),
+      0)
+      << out;
+  int compared = 0;
+  for (const char* site : {"site-A", "site-B"})
+    for (const auto& e : fs::recursive_directory_iterator(dir.path() / "files" / site)) {
+      if (!e.is_regular_file()) continue;
+      const fs::path rel = fs::relative(e.path(), dir.path() / "files");
+      EXPECT_EQ(read_bytes(e.path()), read_bytes(dir.path() / "sites" / rel)) << rel;
+      if (std::string(site) == "site-B")
+        EXPECT_EQ(read_bytes(e.path()), read_bytes(dir.path() / "raw" / rel))
+            << "the reference site's file changed: " << rel;
+      else
+        EXPECT_NE(read_bytes(e.path()), read_bytes(dir.path() / "raw" / rel)) << rel;
+      ++compared;
+    }
+  EXPECT_EQ(compared, 2 * (6 + 2));
+  // A learned harmonizer is not fitted from files.
+  EXPECT_NE(testkit::run_command(exe + " harmonize fit --method cyclegan --stats " + d +
+                                     "/x.stats " + d + "/raw/site-A --no-progress",
+                                 &out),
+            0);
+  EXPECT_NE(out.find("is learned"), std::string::npos) << out;
+}
