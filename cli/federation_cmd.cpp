@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <filesystem>
 #include <cstdlib>
 #include <iostream>
 #include <mutex>
@@ -95,6 +96,10 @@ void add_server_command(CLI::App& app, Globals& g) {
     so.insecure = o->insecure;
     if (!o->listen.empty()) so.listen = o->listen;
 
+    const std::string out_dir =
+        !o->out.empty()
+            ? o->out
+            : (std::filesystem::path(config.output) / (config.name + "-site-" + so.site)).string();
     const std::string fingerprint = net::pipeline_fingerprint(config);
     const std::string session =
         std::to_string(std::chrono::system_clock::now().time_since_epoch().count()) + "-" +
@@ -173,7 +178,7 @@ void add_site_command(CLI::App& app, Globals& g) {
       "Exit status: 0 when the server ended the run, 1 on an error (a refused kit or pipeline), "
       "130 when stopped by SIGINT/SIGTERM.\n");
   struct Opts {
-    std::string kit, file, server, name;
+    std::string kit, file, server, name, out;
     std::vector<std::string> data;
     bool insecure = false;
   };
@@ -184,6 +189,9 @@ void add_site_command(CLI::App& app, Globals& g) {
                   "Where this site's data is: a key of the pipeline's data section, e.g. "
                   "--data dataset.args.root=/srv/mri (repeatable)");
   sub->add_option("--server", o->server, "host:port of the server (default: the kit's)");
+  sub->add_option("--out", o->out,
+                  "This site's own folder: a learned harmonizer's site-local state (needed to "
+                  "resume), replay montages (default: <pipeline output>/<name>-site-<site>)");
   sub->add_flag("--insecure", o->insecure,
                 "No TLS and no authentication: development on this machine only (loopback)");
   sub->add_option("--name", o->name, "The site's name with --insecure (a kit's is its own)");
@@ -212,9 +220,13 @@ void add_site_command(CLI::App& app, Globals& g) {
 
     // The site as simulation builds it; rebuilt when a new server run (a resumed server) begins,
     // as a resumed simulation rebuilds its sites before restoring their checkpointed state.
+    const std::string out_dir =
+        !o->out.empty()
+            ? o->out
+            : (std::filesystem::path(config.output) / (config.name + "-site-" + so.site)).string();
     const std::string fingerprint = net::pipeline_fingerprint(config);
     auto site = std::make_shared<std::unique_ptr<StandaloneSite>>(
-        std::make_unique<StandaloneSite>(config, global_registry(), so.site));
+        std::make_unique<StandaloneSite>(config, global_registry(), so.site, out_dir));
     spdlog::info("site '{}': data {}; pipeline fingerprint {}", so.site, (*site)->shape().str(),
                  fingerprint_short(fingerprint));
     so.info = net::encode_site_hello({fingerprint, (*site)->shape()});
@@ -222,7 +234,7 @@ void add_site_command(CLI::App& app, Globals& g) {
     so.stop = net::stop_flag_on_signals();
     auto session = std::make_shared<std::string>();
     const std::string name = so.site;
-    so.on_welcome = [config, site, session, name, fingerprint](const std::string& info) {
+    so.on_welcome = [config, site, session, name, fingerprint, out_dir](const std::string& info) {
       const net::ServerWelcome w = net::decode_server_welcome(info);
       if (w.pipeline != fingerprint)
         throw Error("the server runs another pipeline (fingerprint " +
@@ -232,7 +244,7 @@ void add_site_command(CLI::App& app, Globals& g) {
         spdlog::info("site '{}': the server started a new run (a resumed one?): starting afresh",
                      name);
         site->reset();
-        *site = std::make_unique<StandaloneSite>(config, global_registry(), name);
+        *site = std::make_unique<StandaloneSite>(config, global_registry(), name, out_dir);
       }
       *session = w.session;
     };

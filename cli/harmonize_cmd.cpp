@@ -140,6 +140,14 @@ struct FitResult {
 FitResult fit(const std::string& method, const Args& args, const Options& o,
               const std::vector<InputItem>& items, Failures& failures, const WorkerState& state,
               bool partial = false) {
+  if (make_harmonizer(method, args, o.seed)->learned())
+    throw Error("harmonizer '" + method +
+                "' is learned: it trains in a federated stage, not from files. Fit it with "
+                "`concord harmonize fit --pipeline P --sites --stats FILE` or take "
+                "learned/harmonizer-<i>-" +
+                method +
+                ".stats from a run folder, then apply with "
+                "--stats FILE");
   std::map<std::string, std::vector<const InputItem*>> by_site;
   size_t total = 0;
   for (const auto& it : items)

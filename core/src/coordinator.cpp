@@ -76,8 +76,16 @@ Coordinator::RoundOutcome Coordinator::train_round(
     Aggregator& aggregator, int round, int rounds, const std::vector<std::string>& selected,
     const std::map<std::string, double>& settings, int min_sites,
     const std::function<void(const std::string&, size_t, size_t)>& on_site) {
+  return train_round_with(aggregator, round, rounds, selected,
+                          protocol::train_request(round, settings), min_sites, on_site);
+}
+
+Coordinator::RoundOutcome Coordinator::train_round_with(
+    Aggregator& aggregator, int round, int rounds, const std::vector<std::string>& selected,
+    const Message& request_message, int min_sites,
+    const std::function<void(const std::string&, size_t, size_t)>& on_site) {
   RoundOutcome out;
-  Bytes request = encode(protocol::train_request(round, settings));
+  Bytes request = encode(request_message);
   // Step 2 (local training) runs at the sites; step 3 (upload) is each one's reply, read and
   // checked (concurrently when the channel allows), then taken in site order.
   std::vector<protocol::Checked<protocol::Upload>> uploads(selected.size());
@@ -200,6 +208,14 @@ std::string acked(const std::string&, Message&& reply) {
 }
 
 }  // namespace
+
+Coordinator::Failures Coordinator::ask(
+    const Message& request, const std::vector<std::string>& sites,
+    const std::function<std::string(const std::string& site, Message&& reply)>& take) {
+  Failures failures;
+  ask_each(channel_, encode(request), sites, failures, take);
+  return failures;
+}
 
 std::vector<std::string> Coordinator::broadcast(int round, const std::vector<std::string>& sites) {
   Failures failed;

@@ -9,6 +9,7 @@
 #include "checkpointing.h"
 #include "federation_load.h"
 #include "harmonization_phase.h"
+#include "learned_stage.h"
 #include "local_training.h"
 #include "privacy_round.h"
 #include "run_record.h"
@@ -138,9 +139,15 @@ struct Experiment::Impl {
     return out;
   }
 
-  void harmonize_sites(const RunOptions& options) {
+  void harmonize_sites(const RunOptions& options, RunRecord& record) {
     HarmonizationPhase phase{config, registry, *coordinator, roster, failures, nullptr, nullptr};
     phase.on_harmonizer = [&](const std::string& p, int i, int n) { progress(options, p, i, n); };
+    // Learned harmonizers train here, before the task stage (learned_stage.h).
+    LearnedStageOptions learned{record.dir(), options.resume, nullptr, nullptr,
+                                [&](const std::string& line) { record.append_line(line); }};
+    if (options.stop_after) learned.stop = [&] { return options.stop_after(0); };
+    learned.on_progress = [&](const std::string& p, int i, int n) { progress(options, p, i, n); };
+    phase.learned = &learned;
     phase.run();
   }
 
@@ -387,9 +394,20 @@ RunSummary Experiment::run(const RunOptions& options) {
   };
   // Set-up first: a run that cannot start leaves no run folder behind.
   x.setup(options);
-  x.harmonize_sites(options);
+  // A learned harmonizer's stage checkpoints and records into the run folder: open it first.
+  const bool learned = has_learned_harmonizer(cfg, x.registry);
+  if (learned && !options.resume) record.open(false, cfg.resolved_yaml, 0);
+  if (learned) x.sites->set_output_dir(record.dir().string());
+  try {
+    x.harmonize_sites(options, record);
+  } catch (const LearnedStageStopped&) {
+    RunSummary summary;
+    summary.run_dir = record.dir().string();
+    summary.failures = x.failures.lines;
+    return summary;
+  }
   const int done = options.resume ? x.resume(record.dir() / "checkpoints") : 0;
-  record.open(options.resume, cfg.resolved_yaml, done);
+  if (!learned || options.resume) record.open(options.resume, cfg.resolved_yaml, done);
   if (options.resume && done == 0)
     spdlog::warn("{} has no checkpoint yet: starting again from round 1", record.dir().string());
   else if (options.resume)

@@ -53,6 +53,11 @@ std::vector<Stats> HarmonizationPhase::run(int last, const std::optional<Stats>&
     size_t contributed = 0;
     if (from_given) {
       global = *given;
+    } else if (fit && combine->learned()) {
+      LearnedStage stage(config, registry, coordinator, roster, failures,
+                         learned ? *learned : LearnedStageOptions{});
+      global = stage.run(i, *combine, [&] { return site_statistics(i, label); });
+      contributed = roster.names(false).size();
     } else if (fit) {
       std::vector<Stats> parts = site_statistics(i, label);
       contributed = parts.size();

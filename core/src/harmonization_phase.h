@@ -7,6 +7,8 @@
 #include <concord/engine.h>
 #include <concord/pipeline.h>
 
+#include "learned_stage.h"
+
 #include <functional>
 #include <optional>
 #include <set>
@@ -41,6 +43,9 @@ struct HarmonizationPhase {
   std::function<void(const std::string&, int, int)> on_harmonizer;
   // After each site's fit statistics arrive (progress of the fits).
   std::function<void(const std::string& phase)> on_fit;
+  // Learned harmonizers' stages (learned_stage.h): run folder, resume, stop, progress, metrics.
+  // Null: no checkpoints or records (`concord harmonize --sites`).
+  const LearnedStageOptions* learned = nullptr;
 
   // harmonizers[0..last] (all when last < 0), in order; `given` replaces the fit of
   // harmonizers[last]. Returns the global statistics each one broadcast (empty Stats for

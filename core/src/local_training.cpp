@@ -143,6 +143,7 @@ TrainResult LocalTraining::train(int epochs, const ParamFilter& trainable, const
       if (end - start < 2 && order.size() >= 2) break;  // BatchNorm needs 2+ samples
       std::vector<size_t> idx(order.begin() + long(start), order.begin() + long(end));
       auto [x, y] = make_batch(*c_.site, c_.task, samples, idx, *c_.augmenters, &rng);
+      if (c_.replayers && !c_.replayers->empty()) add_replay(x, y, idx.size(), ep, epochs, rng);
       opt->zero_grad();
       at::Tensor loss = task_loss(c_.task, model.forward(x), y);
       if (extra) loss = loss + extra();
@@ -158,6 +159,27 @@ TrainResult LocalTraining::train(int epochs, const ParamFilter& trainable, const
   }
   restore_grad(saved_grad);
   return result;
+}
+
+// Synthetic samples from the replaying harmonizers (learned, e.g. a VAE), made here at the site
+// and appended to the batch (classification only).
+void LocalTraining::add_replay(at::Tensor& x, at::Tensor& y, size_t real, int, int,
+                               std::mt19937_64& rng) {
+  if (c_.task != Task::Classification)
+    throw SiteError(*c_.site, "replay adds labelled samples: classification only");
+  std::vector<Image> images;
+  std::vector<int64_t> labels;
+  for (Harmonizer* h : *c_.replayers)
+    h->replay({int64_t(real), round_, c_.rounds, &c_.data->train, &rng}, images, labels);
+  if (images.empty()) return;
+  if (images.size() != labels.size())
+    throw SiteError(*c_.site, "replay returned " + std::to_string(images.size()) + " images and " +
+                                  std::to_string(labels.size()) + " labels");
+  std::vector<at::Tensor> xs{x}, ys{y};
+  for (const auto& im : images) xs.push_back(image_to_tensor(im).unsqueeze(0));
+  ys.push_back(torch::tensor(labels, torch::kLong));
+  x = torch::cat(xs);
+  y = torch::cat(ys);
 }
 
 void LocalTraining::recalibrate_batchnorm() {

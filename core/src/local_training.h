@@ -37,6 +37,7 @@ class LocalTraining : public LocalTrainer {
     const SiteData* data = nullptr;
     Model* model = nullptr;
     const std::vector<Harmonizer*>* augmenters = nullptr;  // applied per training draw
+    const std::vector<Harmonizer*>* replayers = nullptr;   // add synthetic samples per batch
     NamedArrays* store = nullptr;
     const std::map<std::string, at::Tensor>* received = nullptr;
     LossTerm aggregator_term;  // the aggregator's local_loss_term(), or null
@@ -64,6 +65,8 @@ class LocalTraining : public LocalTrainer {
   Predictions predict(int num_classes);
 
  private:
+  void add_replay(at::Tensor& x, at::Tensor& y, size_t real, int epoch, int epochs,
+                  std::mt19937_64& rng);
   Context c_;
   int round_;
 };

@@ -1,5 +1,6 @@
 // Pipeline files: parse YAML, apply --set overrides, validate every section and every plugin's
 // arguments against their declarations, and report all problems at once with FILE:LINE:COL.
+#include <concord/harmonizer.h>
 #include <concord/pipeline.h>
 
 #include "local_training.h"
@@ -252,7 +253,8 @@ struct Parser {
 
   // `{type: NAME, args: {...}}` (or just `NAME`) for a plugin of `kind`.
   std::optional<Component> component(const YAML::Node& n, const std::string& path, Kind kind,
-                                     YAML::Node& resolved) {
+                                     YAML::Node& resolved,
+                                     const std::vector<std::string>& extra_keys = {}) {
     Component c;
     c.where = loc(n, path);
     // Copy-constructed (never assigned): yaml-cpp's operator= writes through the handle.
@@ -262,11 +264,15 @@ struct Parser {
     } else if (n.IsMap()) {
       for (const auto& kv : n) {
         std::string key = kv.first.Scalar();
-        if (key != "type" && key != "args") {
-          std::string hint = closest_name(key, {"type", "args"});
+        if (key != "type" && key != "args" &&
+            std::find(extra_keys.begin(), extra_keys.end(), key) == extra_keys.end()) {
+          std::vector<std::string> known = {"type", "args"};
+          known.insert(known.end(), extra_keys.begin(), extra_keys.end());
+          std::string hint = closest_name(key, known);
+          std::string expected = "'type' and 'args'";
+          for (const auto& k : extra_keys) expected = "'type', 'args' and '" + k + "'";
           error(kv.first, path + "." + key,
-                "unknown key '" + key + "' in component '" + path +
-                    "': expected 'type' and 'args'" +
+                "unknown key '" + key + "' in component '" + path + "': expected " + expected +
                     (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
         }
       }
@@ -305,7 +311,8 @@ struct Parser {
   }
 
   std::vector<Component> component_list(const YAML::Node& n, const std::string& path, Kind kind,
-                                        YAML::Node resolved_parent, const std::string& key) {
+                                        YAML::Node resolved_parent, const std::string& key,
+                                        const std::vector<std::string>& extra_keys = {}) {
     std::vector<Component> out;
     YAML::Node seq(YAML::NodeType::Sequence);
     if (n.IsDefined() && !n.IsNull()) {
@@ -314,7 +321,7 @@ struct Parser {
       } else {
         for (size_t i = 0; i < n.size(); ++i) {
           YAML::Node r;
-          auto c = component(n[i], path + "[" + std::to_string(i) + "]", kind, r);
+          auto c = component(n[i], path + "[" + std::to_string(i) + "]", kind, r, extra_keys);
           if (c) {
             out.push_back(*c);
             seq.push_back(r);
@@ -418,6 +425,80 @@ void apply_override(YAML::Node root, const std::string& expr, std::set<std::stri
   paths.insert(key);
 }
 
+// The aggregator component at `n` (`path`), or the loaded default aggregator when `n` is absent.
+std::optional<Component> aggregator_or_default(Parser& p, const YAML::Node& parent,
+                                               const YAML::Node& n, const std::string& path,
+                                               YAML::Node& resolved) {
+  if (n.IsDefined()) return p.component(n, path, Kind::Aggregator, resolved);
+  // The default is whichever aggregator plugin declares itself one (fedavg, built in).
+  auto defaults = p.registry.defaults(Kind::Aggregator, "aggregator");
+  if (defaults.size() == 1)
+    return p.component(YAML::Node(defaults.front()->name), path, Kind::Aggregator, resolved);
+  std::string names;
+  for (const auto* d : defaults) names += " '" + d->name + "'";
+  p.error(parent, path,
+          defaults.empty()
+              ? "no aggregator given and no loaded plugin declares itself the default "
+                "aggregator: name one (concord plugins --kind aggregator)"
+              : "no aggregator given and several plugins declare themselves the default (" +
+                    names.substr(1) + "): name one");
+  return std::nullopt;
+}
+
+// harmonizers[i].stage: rounds, local_epochs, lr (defaults: the plugin's default_stage()) and
+// aggregator (default: the default aggregator) for each learned harmonizer; refused for the
+// others. Plugins are built here to ask whether they are learned (their constructors only read
+// arguments).
+void learned_stages(Parser& p, const YAML::Node& list, PipelineConfig& c, YAML::Node resolved) {
+  if (!list.IsDefined() || !list.IsSequence() || list.size() != c.harmonizers.size()) return;
+  for (size_t i = 0; i < c.harmonizers.size(); ++i) {
+    const Component& h = c.harmonizers[i];
+    const std::string path = "harmonizers[" + std::to_string(i) + "]";
+    const YAML::Node node = list[i];
+    // A valid node either way (an absent key's node throws on IsMap()).
+    const YAML::Node stage = node.IsMap() && node["stage"] ? YAML::Node(node["stage"])
+                                                           : YAML::Node(YAML::NodeType::Undefined);
+    std::unique_ptr<Harmonizer> plugin;
+    try {
+      plugin = p.registry.create<Harmonizer>(Kind::Harmonizer, h.type, h.args, {c.seed, path});
+    } catch (const std::exception& e) {
+      p.error(node, path, "harmonizer '" + h.type + "': " + e.what());
+      continue;
+    }
+    if (!plugin->learned()) {
+      if (stage.IsDefined())
+        p.error(stage, path + ".stage",
+                "'" + path + ".stage': harmonizer '" + h.type +
+                    "' is not learned (it fits statistics in one exchange): remove 'stage'");
+      continue;
+    }
+    const StageSettings d = plugin->default_stage();
+    const std::vector<ArgSpec> specs = {
+        ArgSpec::integer("rounds", d.rounds, "Federated rounds of each training phase")
+            .range(1, 100000),
+        ArgSpec::integer("local_epochs", d.local_epochs, "Local epochs per round").range(1, 10000),
+        ArgSpec::real("lr", d.lr, "Learning rate of the harmonizer's networks").range(1e-9, 10)};
+    YAML::Node r(YAML::NodeType::Map);
+    const size_t before = p.diags.size();
+    auto v = p.section(stage, path + ".stage", specs, r, {"aggregator"});
+    YAML::Node ra;
+    auto agg = aggregator_or_default(
+        p, stage.IsDefined() ? stage : node,
+        stage.IsMap() ? YAML::Node(stage["aggregator"]) : YAML::Node(YAML::NodeType::Undefined),
+        path + ".stage.aggregator", ra);
+    r["aggregator"] = ra;
+    if (p.diags.size() != before || !agg || v.size() != specs.size()) continue;
+    PipelineConfig::LearnedStage ls;
+    ls.rounds = int(v["rounds"].i);
+    ls.local_epochs = int(v["local_epochs"].i);
+    ls.lr = v["lr"].f;
+    ls.aggregator = *agg;
+    ls.where = p.loc(stage.IsDefined() ? stage : node, path + ".stage");
+    c.learned_stages[i] = ls;
+    resolved[i]["stage"] = r;
+  }
+}
+
 }  // namespace
 
 PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
@@ -519,8 +600,9 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
     out["model"] = r;
   }
 
-  c.harmonizers =
-      p.component_list(root["harmonizers"], "harmonizers", Kind::Harmonizer, out, "harmonizers");
+  c.harmonizers = p.component_list(root["harmonizers"], "harmonizers", Kind::Harmonizer, out,
+                                   "harmonizers", {"stage"});
+  learned_stages(p, root["harmonizers"], c, out["harmonizers"]);
   c.filters = p.component_list(root["filters"], "filters", Kind::Filter, out, "filters");
 
   if (root["adapter"] && !root["adapter"].IsNull()) {
@@ -531,26 +613,8 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
 
   {
     YAML::Node r;
-    YAML::Node agg = root["aggregator"];
-    if (!agg) {
-      // The default is whichever aggregator plugin declares itself one (fedavg, built in).
-      auto defaults = registry.defaults(Kind::Aggregator, "aggregator");
-      if (defaults.size() == 1) {
-        agg.reset(YAML::Node(defaults.front()->name));
-      } else {
-        std::string names;
-        for (const auto* d : defaults) names += " '" + d->name + "'";
-        p.error(root, "aggregator",
-                defaults.empty()
-                    ? "no aggregator given and no loaded plugin declares itself the default "
-                      "aggregator: name one (concord plugins --kind aggregator)"
-                    : "no aggregator given and several plugins declare themselves the default "
-                      "(" +
-                          names.substr(1) + "): name one");
-      }
-    }
-    if (agg)
-      if (auto comp = p.component(agg, "aggregator", Kind::Aggregator, r)) c.aggregator = *comp;
+    if (auto comp = aggregator_or_default(p, root, root["aggregator"], "aggregator", r))
+      c.aggregator = *comp;
     out["aggregator"] = r;
   }
 

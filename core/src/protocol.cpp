@@ -88,7 +88,12 @@ Request request_kind(const Message& m) {
                                                        {kSecAggSetup, Request::SecAggSetup},
                                                        {kSecAggShareKeys, Request::SecAggShareKeys},
                                                        {kSecAggTrain, Request::SecAggTrain},
-                                                       {kSecAggUnmask, Request::SecAggUnmask}};
+                                                       {kSecAggUnmask, Request::SecAggUnmask},
+                                                       {kLearnBegin, Request::LearnBegin},
+                                                       {kLearn, Request::Learn},
+                                                       {kLearnResult, Request::LearnResult},
+                                                       {kLearnExport, Request::LearnExport},
+                                                       {kLearnRestore, Request::LearnRestore}};
   auto it = kinds.find(m.type);
   if (it == kinds.end()) throw Error("unknown request " + shown(m.type));
   return it->second;
@@ -724,6 +729,20 @@ const std::string kGlobalPrefix = "global/", kAggregatorPrefix = "aggregator/",
                   kStore = "/store/", kTrainedSuffix = "/trained";
 }  // namespace
 
+namespace {
+// The checkpoint's text field `failures` (a JSON list); checkpoints from before failures were
+// stored have none.
+std::vector<std::string> failure_list(Message& m) {
+  const std::string& stored = m.text[kFailures];
+  nlohmann::json past =
+      stored.empty() ? nlohmann::json::array() : nlohmann::json::parse(stored, nullptr, false);
+  if (!past.is_array()) throw Error("no readable failure list");
+  std::vector<std::string> out;
+  for (const auto& f : past) out.push_back(f.is_string() ? f.get<std::string>() : json_text(f));
+  return out;
+}
+}  // namespace
+
 Message checkpoint(const Checkpoint& c) {
   Message m = stamped(kCheckpoint, c.round);
   for (const auto& [k, v] : c.global) m.arrays[kGlobalPrefix + k] = v;
@@ -775,13 +794,7 @@ Checkpoint read_checkpoint(Message&& m, const std::vector<std::string>& sites) {
     auto it = m.scalars.find(kSitePrefix + name + kTrainedSuffix);
     s.trained = it != m.scalars.end() && it->second > 0;
   }
-  // Checkpoints from before failures were stored have none.
-  const std::string& stored = m.text[kFailures];
-  nlohmann::json past =
-      stored.empty() ? nlohmann::json::array() : nlohmann::json::parse(stored, nullptr, false);
-  if (!past.is_array()) throw Error("no readable failure list");
-  for (const auto& f : past)
-    c.failures.push_back(f.is_string() ? f.get<std::string>() : json_text(f));
+  c.failures = failure_list(m);
   return c;
 }
 
@@ -789,6 +802,173 @@ Message global_state(int64_t round, NamedArrays global) {
   Message m = stamped(kGlobalState, round);
   m.arrays = std::move(global);
   return m;
+}
+
+// ---- the learned-harmonizer stage -------------------------------------------------------------
+
+namespace {
+const std::string kFinalPrefix = "final/";
+
+// A whole number in [lo, hi] under `key`, else Error naming the request.
+int64_t whole(const Message& m, const char* key, double lo, double hi) {
+  auto it = m.scalars.find(key);
+  if (it == m.scalars.end()) throw Error(shown(m.type) + " request lacks '" + key + "'");
+  const double v = it->second;
+  if (!(v >= lo && v <= hi) || v != std::floor(v))
+    throw Error(shown(m.type) + " request: '" + key + "' " + std::to_string(v) +
+                " is not a whole number in [" + std::to_string(int64_t(lo)) + ", " +
+                std::to_string(int64_t(hi)) + "]");
+  return int64_t(v);
+}
+// The phase k of an entry "final/<k>/<name>" (at most 4 digits), with `slash` at the '/' after
+// k; `phase` (not an earlier phase) when the entry is not of that form.
+size_t final_phase(const std::string& k, size_t phase, size_t& slash) {
+  slash = k.find('/', kFinalPrefix.size());
+  if (!starts_with(k, kFinalPrefix) || slash == std::string::npos || slash == kFinalPrefix.size() ||
+      slash - kFinalPrefix.size() > 4 ||
+      k.find_first_not_of("0123456789", kFinalPrefix.size()) != slash)
+    return phase;
+  return size_t(std::stoul(k.substr(kFinalPrefix.size(), slash - kFinalPrefix.size())));
+}
+}  // namespace
+
+Message learn_begin(size_t harmonizer, Stats plan) {
+  Message m = stats_message(std::move(plan), kLearnBegin);
+  m.text[kVersionKey] = version_text();
+  m.scalars[kHarmonizer] = double(harmonizer);
+  return m;
+}
+
+Message learn_request(const LearnRequest& r) {
+  Message m = stamped(kLearn, r.round);
+  m.scalars[kHarmonizer] = double(r.harmonizer);
+  m.scalars[kPhaseIndex] = double(r.phase);
+  m.scalars[kRounds] = double(r.rounds);
+  m.scalars[kLocalEpochs] = double(r.local_epochs);
+  for (const auto& [k, v] : r.global) m.arrays[kGlobalPrefix + k] = v;
+  for (size_t p = 0; p < r.finals.size(); ++p)
+    for (const auto& [k, v] : r.finals[p]) m.arrays[kFinalPrefix + std::to_string(p) + "/" + k] = v;
+  return m;
+}
+
+LearnRequest read_learn_request(Message&& m, size_t count) {
+  check(m);
+  if (m.type != kLearn) throw Error("expected a learn request, got " + shown(m.type));
+  LearnRequest r;
+  r.harmonizer = read_harmonizer(m, count);
+  r.phase = size_t(whole(m, kPhaseIndex, 0, 1000));
+  r.rounds = int(whole(m, kRounds, 1, 100000));
+  r.local_epochs = int(whole(m, kLocalEpochs, 1, 100000));
+  if (!(m.round >= 1 && m.round <= r.rounds))
+    throw Error("learn request for round " + std::to_string(m.round) + " of " +
+                std::to_string(r.rounds));
+  r.round = int(m.round);
+  r.finals.resize(r.phase);
+  for (auto& [k, v] : m.arrays) {
+    if (starts_with(k, kGlobalPrefix)) {
+      r.global[k.substr(kGlobalPrefix.size())] = std::move(v);
+      continue;
+    }
+    size_t slash = 0;
+    const size_t p = final_phase(k, r.phase, slash);
+    if (p >= r.phase)
+      throw Error("learn request: unexpected entry " + shown(k) +
+                  " (neither global/ nor final/<earlier phase>/)");
+    r.finals[p][k.substr(slash + 1)] = std::move(v);
+  }
+  return r;
+}
+
+Message learn_result_request(size_t harmonizer, NamedArrays final_global) {
+  Message m = stamped(kLearnResult);
+  m.scalars[kHarmonizer] = double(harmonizer);
+  m.arrays = std::move(final_global);
+  return m;
+}
+
+Message learn_export_request(size_t harmonizer, int64_t round) {
+  Message m = stamped(kLearnExport, round);
+  m.scalars[kHarmonizer] = double(harmonizer);
+  return m;
+}
+
+Message learn_state(const std::string& site, int64_t round, NamedArrays state) {
+  Message m = stamped(kLearnState, round);
+  m.site = site;
+  m.arrays = std::move(state);
+  return m;
+}
+
+Checked<NamedArrays> read_learn_state(Message&& reply) {
+  using R = Checked<NamedArrays>;
+  if (std::string p = reply_problem(reply, kLearnState, kLearnExport); !p.empty())
+    return R::fail(p);
+  if (std::string bad = non_finite_entry(reply.arrays); !bad.empty())
+    return R::fail("its learned state has non-finite values in '" + bad + "'");
+  NamedArrays out;
+  for (auto& [k, v] : reply.arrays) out[k] = v.clone();
+  return R::of(std::move(out));
+}
+
+Message learn_restore_request(size_t harmonizer, int64_t round, NamedArrays state) {
+  Message m = stamped(kLearnRestore, round);
+  m.scalars[kHarmonizer] = double(harmonizer);
+  m.arrays = std::move(state);
+  return m;
+}
+
+Message learned_checkpoint(const LearnedCheckpoint& c) {
+  Message m = stamped(kLearnedCheckpoint, c.round);
+  m.scalars[kHarmonizer] = double(c.harmonizer);
+  m.scalars[kPhaseIndex] = double(c.phase);
+  for (const auto& [k, v] : c.global) m.arrays[kGlobalPrefix + k] = v;
+  for (const auto& [k, v] : c.aggregator) m.arrays[kAggregatorPrefix + k] = v;
+  for (size_t p = 0; p < c.finals.size(); ++p)
+    for (const auto& [k, v] : c.finals[p]) m.arrays[kFinalPrefix + std::to_string(p) + "/" + k] = v;
+  for (const auto& [name, st] : c.sites)
+    for (const auto& [k, v] : st) m.arrays[kSitePrefix + name + "/" + k] = v;
+  m.text[kPipeline] = c.pipeline;
+  m.text[kFailures] = json_text(nlohmann::json(c.failures));
+  return m;
+}
+
+LearnedCheckpoint read_learned_checkpoint(Message&& m, const std::vector<std::string>& sites) {
+  if (m.type != kLearnedCheckpoint)
+    throw Error("not a learned-stage checkpoint (message type " + shown(m.type) + ")");
+  check(m);
+  LearnedCheckpoint c;
+  c.harmonizer = size_t(whole(m, kHarmonizer, 0, 1000));
+  c.phase = size_t(whole(m, kPhaseIndex, 0, 1000));
+  c.round = m.round;
+  c.pipeline = m.text[kPipeline];
+  c.finals.resize(c.phase);
+  for (auto& [k, v] : m.arrays) {
+    Array copy = v.clone();
+    if (starts_with(k, kGlobalPrefix)) {
+      c.global[k.substr(kGlobalPrefix.size())] = copy;
+    } else if (starts_with(k, kAggregatorPrefix)) {
+      c.aggregator[k.substr(kAggregatorPrefix.size())] = copy;
+    } else if (starts_with(k, kFinalPrefix)) {
+      size_t slash = 0;
+      const size_t p = final_phase(k, c.phase, slash);
+      if (p >= c.phase) throw Error("entry '" + k + "' names no earlier phase");
+      c.finals[p][k.substr(slash + 1)] = copy;
+    } else if (starts_with(k, kSitePrefix)) {
+      const std::string rest = k.substr(kSitePrefix.size());
+      bool known = false;
+      for (const auto& name : sites)
+        if (starts_with(rest, name + "/")) {
+          c.sites[name][rest.substr(name.size() + 1)] = copy;
+          known = true;
+          break;
+        }
+      if (!known) throw Error("entry '" + k + "' names no site of this run");
+    } else {
+      throw Error("unexpected entry '" + k + "'");
+    }
+  }
+  c.failures = failure_list(m);
+  return c;
 }
 
 // ---- checks on named arrays ----------------------------------------------------------------

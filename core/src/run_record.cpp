@@ -89,8 +89,17 @@ void RunRecord::open(bool resume, const std::string& resolved_yaml, int done) {
     }
     write_file_atomic(file.string(), kept);
   }
+  if (metrics_.is_open()) metrics_.close();
   metrics_.open(file, std::ios::app);
   if (!metrics_) throw Error("cannot append to " + file.string());
+}
+
+void RunRecord::append_line(const std::string& line) const {
+  const fs::path file = dir_ / "metrics.jsonl";
+  std::ofstream out(file, std::ios::app);
+  out << line << "\n";
+  out.flush();
+  if (!out) throw Error("cannot append to " + file.string());
 }
 
 void RunRecord::add_round(const Round& r) {

@@ -43,6 +43,9 @@ class RunRecord {
   };
   void add_round(const Round& r);
   void add_personalized(int round, const SiteMetrics& personalized);
+  // One line (JSON text) appended to metrics.jsonl, also before open() (a learned harmonizer's
+  // stage runs before the task stage; its lines carry round 0).
+  void append_line(const std::string& line) const;
 
   // summary.json: the run's results, its failures, `ok`, and the data's notes.
   void write_summary(const PipelineConfig& config, const RunSummary& summary,

@@ -2,6 +2,7 @@
 #include "site.h"
 
 #include "federation_load.h"
+#include "learned_stage.h"
 #include "local_training.h"
 #include "privacy_round.h"
 #include "secure_round.h"
@@ -34,9 +35,13 @@ class SiteHarmonizers {
           registry.create<Harmonizer>(Kind::Harmonizer, h.type, h.args, context(config, site)));
   }
 
-  Message fit(const Message& in, const SiteData& data) {
+  Message fit(const Message& in, const SiteData& data, int num_classes) {
     Harmonizer& h = *harmonizers_[protocol::read_harmonizer(in, harmonizers_.size())];
-    Stats s = h.fit_site([&](const ImageVisitor& visit) {
+    LearnedSiteData survey;
+    survey.site = site_;
+    survey.train = &data.train;
+    survey.num_classes = num_classes;
+    Stats s = h.learned() ? h.survey(survey) : h.fit_site([&](const ImageVisitor& visit) {
       for (const auto& sample : data.train) visit(sample.image);
     });
     return protocol::statistics(site_, std::move(s));
@@ -46,9 +51,10 @@ class SiteHarmonizers {
     protocol::SetStatistics set = protocol::read_set_statistics(std::move(in), harmonizers_.size());
     Harmonizer& h = *harmonizers_[set.harmonizer];
     h.set_statistics(set.stats, site_);
+    if (h.replays()) replayers_.push_back(&h);  // adds samples to training batches instead
     if (h.augments()) {
       augmenters_.push_back(&h);
-    } else {
+    } else if (!h.replays()) {
       for (auto* split : {&data.train, &data.test})
         for (auto& sample : *split) h.apply(sample.image);
     }
@@ -56,11 +62,13 @@ class SiteHarmonizers {
   }
 
   const std::vector<Harmonizer*>& augmenters() const { return augmenters_; }
+  const std::vector<Harmonizer*>& replayers() const { return replayers_; }
+  const std::vector<std::unique_ptr<Harmonizer>>& all() const { return harmonizers_; }
 
  private:
   std::string site_;
   std::vector<std::unique_ptr<Harmonizer>> harmonizers_;
-  std::vector<Harmonizer*> augmenters_;
+  std::vector<Harmonizer*> augmenters_, replayers_;
 };
 
 }  // namespace
@@ -153,6 +161,7 @@ struct Site::Impl {
   std::map<std::string, at::Tensor> received;
   int round = 0;
   int64_t calls = 0;
+  std::string output_dir;  // where the site may write figures (learned harmonizers)
 
   Impl(const PipelineConfig& c, const Registry& registry, SiteData d, ModelPool* p)
       : config(c),
@@ -188,6 +197,7 @@ struct Site::Impl {
     c.data = &data;
     c.model = &model();
     c.augmenters = &harmonization.augmenters();
+    c.replayers = &harmonization.replayers();
     c.store = &store;
     c.received = &received;
     c.trained = trained;
@@ -201,7 +211,7 @@ struct Site::Impl {
     Message out;
     switch (protocol::request_kind(in)) {
       case protocol::Request::Fit:
-        out = harmonization.fit(in, data);
+        out = harmonization.fit(in, data, pool ? pool->num_classes : 0);
         break;
       case protocol::Request::SetStatistics:
         out = harmonization.set_statistics(std::move(in), data);
@@ -246,6 +256,14 @@ struct Site::Impl {
         break;
       case protocol::Request::SecAggUnmask:
         out = secure.unmask(in);
+        break;
+      case protocol::Request::LearnBegin:
+      case protocol::Request::Learn:
+      case protocol::Request::LearnResult:
+      case protocol::Request::LearnExport:
+      case protocol::Request::LearnRestore:
+        out = answer_learned(harmonization.all(), std::move(in),
+                             {&config, &name, &data, output_dir, pool ? pool->num_classes : 0});
         break;
     }
     out.round = round;
@@ -372,6 +390,10 @@ Bytes Site::handle(const Bytes& request) {
   return impl_->handle(request);
 }
 
+void Site::set_output_dir(const std::string& dir) {
+  impl_->output_dir = dir;
+}
+
 SiteData Site::take_data() {
   return std::move(impl_->data);
 }
@@ -389,6 +411,10 @@ SimulatedSites::SimulatedSites(const PipelineConfig& config, const Registry& reg
 }
 
 SimulatedSites::~SimulatedSites() = default;
+
+void SimulatedSites::set_output_dir(const std::string& dir) {
+  for (auto& s : sites_) s->set_output_dir(dir);
+}
 
 std::vector<SiteData> SimulatedSites::take_data() {
   std::vector<SiteData> out;

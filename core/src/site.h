@@ -59,6 +59,8 @@ class Site {
   Bytes handle(const Bytes& request);
   // Gives up the site's images (for the offline harmonize tool, which writes them).
   SiteData take_data();
+  // Where the site may write figures (a learned harmonizer's montages); default: nowhere.
+  void set_output_dir(const std::string& dir);
 
  private:
   struct Impl;
@@ -73,6 +75,7 @@ class SimulatedSites {
   ~SimulatedSites();
   // Every site's images, in the dataset's order (their harmonized form after the fit phase).
   std::vector<SiteData> take_data();
+  void set_output_dir(const std::string& dir);  // every site's (Site::set_output_dir)
 
  private:
   std::vector<std::unique_ptr<Site>> sites_;

@@ -23,7 +23,7 @@ struct StandaloneSite::Impl {
 };
 
 StandaloneSite::StandaloneSite(const PipelineConfig& config, const Registry& registry,
-                               const std::string& site)
+                               const std::string& site, const std::string& output_dir)
     : impl_(std::make_unique<Impl>()) {
   Impl& x = *impl_;
   x.config = config;
@@ -40,6 +40,7 @@ StandaloneSite::StandaloneSite(const PipelineConfig& config, const Registry& reg
       x.config, registry,
       ModelSpec{x.shape.task, x.shape.channels, x.shape.num_classes, x.shape.image_size});
   x.site = std::make_unique<Site>(x.config, registry, std::move(data), &x.pool);
+  x.site->set_output_dir(output_dir);
 }
 
 StandaloneSite::~StandaloneSite() = default;

@@ -7,6 +7,7 @@ mean +- sample standard deviation over seeds, per site, site mean and worst site
 
   scripts/experiments/evidence.py adapters       [--seeds 1 2 3] [--runs DIR] [--out FILE]
   scripts/experiments/evidence.py harmonization  [--seeds 1 2 3 4 5] [--runs DIR] [--out FILE]
+  scripts/experiments/evidence.py generative     [--seeds 1 2 3] (docs/results-generative.md)
   ... --aggregate-only    rebuild the tables from existing runs without running anything
 
 A run whose summary.json already exists is not repeated (delete its folder to redo it), so an
@@ -59,6 +60,26 @@ EXPERIMENTS = {
         ],
         "out": "runs/evidence/harmonization.md",
         "seeds": [1, 2, 3, 4, 5],
+    },
+    "generative": {
+        "title": "Learned harmonizers (cyclegan, replay) with FedAvg",
+        "datasets": [
+            # One federation (pipelines/brainsim-cyclegan.yaml: 4 sites, shift 1.5, 32 px), the
+            # harmonizers line replaced per method.
+            ("brainsim (shift 1.5, 32 px)", "pipelines/brainsim-cyclegan.yaml", [
+                ("FedAvg", ["harmonizers=[]"]),
+                ("FedAvg + amplitude (beta 0.01)",
+                 ["harmonizers=[{type: amplitude, args: {mode: normalize, beta: 0.01}}]"]),
+                ("FedAvg + cyclegan (local generators)", []),
+                ("FedAvg + cyclegan (federated generator)",
+                 ["harmonizers.0.args.generator_sharing=federated"]),
+                ("FedAvg + replay",
+                 ["harmonizers=[{type: replay, args: {latent: 16, width: 16, batch_size: 16, "
+                  "ratio: 0.5}, stage: {rounds: 5, local_epochs: 2, lr: 0.001}}]"]),
+            ]),
+        ],
+        "out": "runs/evidence/generative.md",
+        "seeds": [1, 2, 3],
     },
 }
 METRICS = ["balanced-accuracy", "roc-auc", "accuracy"]

@@ -57,6 +57,12 @@ class Coordinator {
                                   const std::map<std::string, double>& settings, int min_sites,
                                   const PipelineConfig::SecureAggregation& secure,
                                   bool equal_weights);
+  // The same steps with the request given (the learned-harmonizer stage's learn requests): the
+  // sites reply with updates checked against global().
+  RoundOutcome train_round_with(
+      Aggregator& aggregator, int round, int rounds, const std::vector<std::string>& selected,
+      const Message& request, int min_sites,
+      const std::function<void(const std::string&, size_t, size_t)>& on_site = nullptr);
   // Step 5: send the global state to `sites` (encoded once; one call per site). Returns a
   // failure line per site that did not acknowledge it.
   std::vector<std::string> broadcast(int round, const std::vector<std::string>& sites);
@@ -87,6 +93,11 @@ class Coordinator {
                                                            const std::vector<std::string>& sites,
                                                            Failures& failures);
   Failures restore_states(int round, const std::map<std::string, protocol::SiteState>& states);
+
+  // Any other exchange (the learned-harmonizer stage): `request` to each of `sites`; `take`
+  // reads each reply and returns "" or why it is unusable.
+  Failures ask(const Message& request, const std::vector<std::string>& sites,
+               const std::function<std::string(const std::string& site, Message&& reply)>& take);
 
   const NamedArrays& global() const { return global_; }
   void set_global(NamedArrays g) { global_ = std::move(g); }
@@ -132,6 +143,8 @@ struct RunOptions {
   std::function<void(int)> on_round;
   // Asked after each round is checkpointed: true ends the run there, as an interruption would,
   // and resume continues it (the CLI's answer to SIGINT/SIGTERM; tests interrupt with it).
+  // During a learned harmonizer's stage it is asked with round 0 after each of its checkpointed
+  // rounds.
   std::function<bool(int round)> stop_after;
   // Called as work advances: phase ("fit", "round 3/5", "evaluate"), step, steps in phase.
   std::function<void(const std::string& phase, int done, int total)> on_progress;
@@ -185,10 +198,12 @@ struct RemoteSites {
 // One site of such a federation (`concord site`): its data loaded as a run loads it (the
 // pipeline's data section; a simulated federation is built whole and this site's part kept, so
 // it holds exactly what the simulation gives it), its Site built with the pipeline's plugins as
-// in simulation, answering the coordinator's requests.
+// in simulation, answering the coordinator's requests. `output_dir` is the site's own folder
+// (a learned harmonizer's site-local state, replay montages); created when used.
 class StandaloneSite {
  public:
-  StandaloneSite(const PipelineConfig& config, const Registry& registry, const std::string& site);
+  StandaloneSite(const PipelineConfig& config, const Registry& registry, const std::string& site,
+                 const std::string& output_dir);
   ~StandaloneSite();
   Bytes handle(const Bytes& request);
   const DataShape& shape() const;

@@ -15,6 +15,8 @@
 
 #include <functional>
 #include <random>
+#include <string>
+#include <vector>
 
 namespace concord {
 
@@ -34,6 +36,81 @@ struct Stats {
 using ImageVisitor = std::function<void(const Image&)>;
 using ImageSource = std::function<void(const ImageVisitor&)>;
 
+// ---- learned harmonizers (a federated training stage instead of one round of statistics) ----
+//
+// A learned harmonizer (learned() true) is fitted by the engine's learned stage
+// (core/src/learned_stage.h, ARCHITECTURE.md), through the same Coordinator and protocol as the
+// task model, before the task stage:
+//   1. survey    each training site: survey(its training data) -> declared statistics only
+//                (default: fit_site over its training images)
+//   2. plan      coordinator: plan(survey, settings) -> phases (who trains, the shared state to
+//                start from, rounds) and the plan every site receives (learn_begin)
+//   3. phases    per phase, per round: coordinator sends the phase's global shared state; each
+//                site of the phase: learn_round() trains locally and returns its shareable
+//                state; the stage's aggregator combines them; checkpoint (learned_state() of
+//                every site through the Channel, restored with load_learned_state on resume)
+//   4. result    each training site: learn_result(final global) -> Stats (weights it needs);
+//                coordinator: combine() -> what set_statistics receives at every site, and what
+//                `concord harmonize fit --sites` saves (so `harmonize apply --stats` works)
+// Nothing but named arrays and scalars crosses the Channel; images stay at their site.
+
+// The stage's settings (pipeline: harmonizers[i].stage; defaults from default_stage()).
+struct StageSettings {
+  int rounds = 5;        // rounds of each training phase
+  int local_epochs = 1;  // local epochs per round
+  double lr = 1e-3;      // the harmonizer's learning rate
+};
+
+// One federated training phase of a learned stage.
+struct LearnedPhase {
+  std::string name;                // "style", "cyclegan", "vae": progress bar and metrics.jsonl
+  std::vector<std::string> sites;  // the sites that train in it (a subset of the survey's)
+  NamedArrays initial;             // the shared state it starts from: every upload must have its
+                                   // entries, dtypes and shapes (empty: nothing is shared)
+  int rounds = 1;
+  int local_epochs = 1;
+};
+
+struct LearnedPlan {
+  std::vector<LearnedPhase> phases;
+  Stats shared;  // sent to every site before the first phase (learn_begin), e.g. the reference
+};
+
+// A site's training data as a learned harmonizer sees it (masks are there, never to be changed).
+struct LearnedSiteData {
+  std::string site;
+  const std::vector<Sample>* train = nullptr;
+  int num_classes = 0;  // the task's (0: unknown, e.g. `concord harmonize --sites`)
+  uint64_t seed = 0;    // the pipeline's
+  StageSettings settings;
+  std::string output_dir;  // where the site may write figures (montages); empty: nowhere
+};
+
+// One round of one phase at a site.
+struct LearnedRound {
+  size_t phase = 0;
+  int round = 1;  // 1-based within the phase
+  int rounds = 1;
+  int local_epochs = 1;
+  const NamedArrays* global = nullptr;               // the phase's current global shared state
+  const std::vector<NamedArrays>* finals = nullptr;  // final global state of earlier phases
+};
+
+struct LearnedUpdate {
+  NamedArrays shared;      // the entries of the phase's global state (empty when none)
+  double num_samples = 0;  // the aggregation weight (0: nothing trained)
+  double loss = 0;         // reported as train_loss in metrics.jsonl
+  std::map<std::string, double> scalars;  // other per-round figures (logged)
+};
+
+// Task-stage replay (learned harmonizers that add synthetic samples to training batches).
+struct ReplayRequest {
+  int64_t real = 0;  // real samples in the batch
+  int round = 1, rounds = 1;
+  const std::vector<Sample>* train = nullptr;  // the site's real training samples
+  std::mt19937_64* rng = nullptr;
+};
+
 class Harmonizer : public Plugin {
  public:
   // False: the harmonizer is site-local (e.g. N4) and fit/combine are skipped.
@@ -47,6 +124,27 @@ class Harmonizer : public Plugin {
   // Augmentation instead of a fixed transform: applied to each training sample per draw.
   virtual bool augments() const { return false; }
   virtual void augment(Image& /*image*/, std::mt19937_64& /*rng*/) const {}
+
+  // ---- learned harmonizers (see above); the defaults describe a statistics harmonizer ----
+  virtual bool learned() const { return false; }
+  virtual StageSettings default_stage() const { return {}; }
+  // Site: what it declares for planning (the fit exchange). Default: fit_site over its images.
+  virtual Stats survey(const LearnedSiteData& data);
+  // Coordinator: the phases, from the survey (fit_site results, Stats::site set).
+  virtual LearnedPlan plan(const std::vector<Stats>& survey, const StageSettings& settings);
+  // Site: before the first phase (and again on resume, before load_learned_state).
+  virtual void learn_begin(const Stats& /*plan*/, const LearnedSiteData& /*data*/) {}
+  virtual LearnedUpdate learn_round(const LearnedRound& round);
+  // Site: everything needed to continue bit-identically after a resume (never leaves the run:
+  // it goes into the coordinator's checkpoint file only).
+  virtual NamedArrays learned_state() const { return {}; }
+  virtual void load_learned_state(const NamedArrays& /*state*/) {}
+  // Site: the statistics it contributes after the last phase (`final_global`: the last phase's).
+  virtual Stats learn_result(const NamedArrays& final_global);
+  // Task stage: synthetic samples appended to each training batch (replay). Classification.
+  virtual bool replays() const { return false; }
+  virtual void replay(const ReplayRequest& /*request*/, std::vector<Image>& /*images*/,
+                      std::vector<int64_t>& /*labels*/) const {}
 };
 
 // Stats as a Message (the Channel and the statistics file use the same form): arrays and

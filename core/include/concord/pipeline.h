@@ -46,6 +46,16 @@ struct PipelineConfig {
   } data;
   Component model;
   std::vector<Component> harmonizers;
+  // harmonizers[i].stage of each learned harmonizer (harmonizer.h), keyed by i, every default
+  // filled in (the plugin's default_stage(), the default aggregator).
+  struct LearnedStage {
+    int rounds = 1;
+    int local_epochs = 1;
+    double lr = 1e-3;
+    Component aggregator;
+    SourceLoc where;
+  };
+  std::map<size_t, LearnedStage> learned_stages;
   std::optional<Component> adapter;
   struct Training {
     int local_epochs = 1;

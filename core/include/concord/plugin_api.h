@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define CONCORD_API_VERSION 2u  // when it changes: the end of this file
+#define CONCORD_API_VERSION 3u  // when it changes: the end of this file
 #define CONCORD_PLUGIN_SYMBOL "concord_plugin"
 
 #ifdef __cplusplus
@@ -90,7 +90,9 @@ class Registry;
 // fixes inside libconcord that keep signatures and meaning, new plugins. (A new plugin kind is a
 // new Kind value: bump.) The loader refuses a mismatch naming the file and both versions.
 //
-// History: 2 - Aggregator::client_settings() replaced by local_loss_term(); PluginDesc gained
-// default_for; LocalTrainer moved to local_trainer.h (issue 9). 1 - the first.
+// History: 3 - Harmonizer gained the learned-harmonizer stage (learned, default_stage, survey,
+// plan, learn_begin, learn_round, learned_state, load_learned_state, learn_result, replays, replay)
+// and its structs (issue 10). 2 - Aggregator::client_settings() replaced by local_loss_term();
+// PluginDesc gained default_for; LocalTrainer moved to local_trainer.h (issue 9). 1 - the first.
 
 #endif  // CONCORD_PLUGIN_API_H

@@ -112,7 +112,13 @@ enum class Request {
   SecAggSetup,
   SecAggShareKeys,
   SecAggTrain,
-  SecAggUnmask
+  SecAggUnmask,
+  // The learned-harmonizer stage (below).
+  LearnBegin,
+  Learn,
+  LearnResult,
+  LearnExport,
+  LearnRestore
 };
 Request request_kind(const Message& m);
 
@@ -275,6 +281,60 @@ Message checkpoint(const Checkpoint& c);
 Checkpoint read_checkpoint(Message&& m, const std::vector<std::string>& sites);
 
 Message global_state(int64_t round, NamedArrays global);
+
+// ---- the learned-harmonizer stage (core/src/learned_stage.h) ------------------------------
+// Coordinator to site: learn-begin (the plan), learn (one round of a phase), learn-result (the
+// site's statistics after the last phase), learn-export / learn-restore (checkpoints). Replies:
+// ack, update (the same reply and reader as the task stage's train), stats, learn-state.
+inline constexpr const char* kLearnBegin = "learn-begin";
+inline constexpr const char* kLearn = "learn";
+inline constexpr const char* kLearnResult = "learn-result";
+inline constexpr const char* kLearnExport = "learn-export";
+inline constexpr const char* kLearnRestore = "learn-restore";
+inline constexpr const char* kLearnState = "learn-state";                // reply to learn-export
+inline constexpr const char* kLearnedCheckpoint = "learned-checkpoint";  // file
+inline constexpr const char* kPhaseIndex = "__phase";                    // learn: phase index
+inline constexpr const char* kRounds = "__rounds";                       // learn: rounds of phase
+
+// learn-begin: harmonizer index, the plan's shared Stats.
+Message learn_begin(size_t harmonizer, Stats plan);
+// learn: arrays "global/<entry>" (the phase's global state) and "final/<k>/<entry>" (the final
+// state of earlier phase k).
+struct LearnRequest {
+  size_t harmonizer = 0;
+  size_t phase = 0;
+  int round = 1, rounds = 1, local_epochs = 1;
+  NamedArrays global;
+  std::vector<NamedArrays> finals;
+};
+Message learn_request(const LearnRequest& r);
+// Checks the harmonizer index against `count`, phase, rounds and local_epochs ranges, that every
+// array is under global/ or final/<k>/ with k < phase. Throws Error.
+LearnRequest read_learn_request(Message&& m, size_t count);
+// learn-result: the last phase's final global state.
+Message learn_result_request(size_t harmonizer, NamedArrays final_global);
+// learn-export / learn-state / learn-restore: a learned harmonizer's site state.
+Message learn_export_request(size_t harmonizer, int64_t round);
+Message learn_state(const std::string& site, int64_t round, NamedArrays state);
+// Checks: type learn-state; finite floating-point values.
+Checked<NamedArrays> read_learn_state(Message&& reply);
+Message learn_restore_request(size_t harmonizer, int64_t round, NamedArrays state);
+
+// learned-checkpoint (checkpoints/learned.ckpt): the stage of harmonizer `harmonizer` after
+// round `round` of phase `phase`.
+struct LearnedCheckpoint {
+  size_t harmonizer = 0;
+  size_t phase = 0;
+  int64_t round = 0;
+  NamedArrays global, aggregator;
+  std::vector<NamedArrays> finals;
+  std::map<std::string, NamedArrays> sites;
+  std::string pipeline;
+  std::vector<std::string> failures;
+};
+Message learned_checkpoint(const LearnedCheckpoint& c);
+// Throws Error (unknown site, malformed entry, another version).
+LearnedCheckpoint read_learned_checkpoint(Message&& m, const std::vector<std::string>& sites);
 
 // ---- checks on named arrays ----------------------------------------------------------------
 
