@@ -294,17 +294,17 @@ int available_cpus() {
 }  // namespace
 
 int configure_torch_process(int threads) {
-  // LibTorch's own default is the physical-core count of its cpuinfo library, which reads the
-  // CPUID topology: some VMs announce SMT siblings there, and a 2-core VM got 1 thread (half
-  // the speed of the same model trained in PyTorch with 2). OMP_NUM_THREADS / MKL_NUM_THREADS
-  // still choose when set, as they do for LibTorch.
+  // LibTorch's own default is the physical-core count of its cpuinfo library, read from CPUID:
+  // on a 2-core VM whose kernel sees 2 cores it was 1 thread (half the speed of the same model
+  // trained in PyTorch with 2). OMP_NUM_THREADS / MKL_NUM_THREADS still choose when set, as
+  // they do for LibTorch.
   if (threads <= 0 && !std::getenv("OMP_NUM_THREADS") && !std::getenv("MKL_NUM_THREADS"))
     threads = available_cpus();
   if (threads > 0) torch::set_num_threads(threads);
-  // glibc serves blocks of 128 KB-32 MB from fresh mmap()s and unmaps them on free: every
-  // training step faulted its activations in again, page by page (40% of a 128x128 U-Net
-  // step in the kernel). Keep freed memory in the heap for the next step instead, unless the
-  // user tunes malloc through GLIBC_TUNABLES.
+  // glibc serves blocks above its mmap threshold (128 KB, rising to at most 32 MB) from fresh
+  // mmap()s and unmaps them on free: every training step faulted its activations in again,
+  // page by page (40% of a 128x128 U-Net step in the kernel). Keep freed memory in the heap for the
+  // next step instead, unless the user tunes malloc through GLIBC_TUNABLES.
   const char* tunables = std::getenv("GLIBC_TUNABLES");
   if (!tunables || !std::strstr(tunables, "glibc.malloc.")) {
     mallopt(M_MMAP_MAX, 0);
