@@ -87,7 +87,7 @@ struct Experiment::Impl {
 
   // Data, model, the coordinator's plugins, the sites.
   void setup(const RunOptions& options) {
-    set_torch_threads(config.training.threads);
+    spdlog::debug("LibTorch threads: {}", configure_torch_process(config.training.threads));
     progress(options, "loading data", 0, 1);
     Federation fed = remote ? remote_federation() : load_federation(config, registry, roster);
     ModelSpec spec;

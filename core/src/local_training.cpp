@@ -2,6 +2,7 @@
 #include "local_training.h"
 
 #include <concord/batchnorm.h>
+#include <concord/checked.h>
 #include <concord/error.h>
 #include <concord/seed.h>
 #include <concord/tensor_bridge.h>
@@ -10,10 +11,19 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
+#include <thread>
+
+#include <malloc.h>
+#include <sched.h>
 
 namespace concord {
 
@@ -41,35 +51,58 @@ void restore_grad(std::vector<std::pair<at::Tensor, bool>>& saved) {
   for (auto& [t, g] : saved) t.set_requires_grad(g);
 }
 
+// Row `b` of a batch of `n` items of `shape`: allocated on the first row, later rows must have
+// the first one's shape.
+void check_row(at::Tensor& batch, int64_t n, int64_t b, const std::vector<int64_t>& shape,
+               at::ScalarType type, const std::string& site, const std::string& what) {
+  if (b == 0) {
+    std::vector<int64_t> full{n};
+    full.insert(full.end(), shape.begin(), shape.end());
+    batch = torch::empty(full, type);
+  } else if (!batch[0].sizes().equals(shape)) {
+    throw SiteError(site, what + " has shape " + shape_str(shape) + ", the batch's first " +
+                              shape_str(batch[0].sizes().vec()));
+  }
+}
+
 // An NCHW batch of `samples[idx]` and its targets; with `rng`, the augmenting harmonizers draw.
+// Each image is copied once, straight into the batch tensor (no per-sample tensor and stack).
 std::pair<at::Tensor, at::Tensor> make_batch(const std::string& site, Task task,
                                              const std::vector<Sample>& samples,
                                              const std::vector<size_t>& idx,
                                              const std::vector<Harmonizer*>& augmenters,
                                              std::mt19937_64* rng) {
-  std::vector<at::Tensor> xs, ys;
-  for (size_t i : idx) {
-    const Sample& s = samples[i];
+  const int64_t n = int64_t(idx.size());
+  at::Tensor x, y;
+  for (int64_t b = 0; b < n; ++b) {
+    const Sample& s = samples[idx[size_t(b)]];
+    std::optional<Image> augmented;
     if (rng && !augmenters.empty()) {
-      Image im = s.image;
-      for (Harmonizer* h : augmenters) h->augment(im, *rng);
-      xs.push_back(image_to_tensor(im));
-    } else {
-      xs.push_back(image_to_tensor(s.image));
+      augmented = s.image;
+      for (Harmonizer* h : augmenters) h->augment(*augmented, *rng);
     }
+    const Image& im = augmented ? *augmented : s.image;
+    check_row(x, n, b, image_tensor_shape(im), torch::kFloat, site, "sample '" + s.id + "'");
+    std::copy(im.data.begin(), im.data.end(), x[b].data_ptr<float>());
     if (task == Task::Classification) {
-      ys.push_back(torch::tensor({s.label}, torch::kLong));
-    } else {
-      if (!s.mask) throw SiteError(site, "sample '" + s.id + "' has no mask");
-      ys.push_back(image_to_tensor(*s.mask)[0].round().to(torch::kLong));
+      check_row(y, n, b, {}, torch::kLong, site, "label");
+      y.data_ptr<int64_t>()[b] = s.label;
+      continue;
     }
+    if (!s.mask) throw SiteError(site, "sample '" + s.id + "' has no mask");
+    const std::vector<int64_t> mshape = image_tensor_shape(*s.mask);
+    check_row(y, n, b, {mshape.begin() + 1, mshape.end()}, torch::kLong, site,
+              "the mask of sample '" + s.id + "' (first channel)");
+    // Class indices: the mask's first channel rounded half to even (as torch::round).
+    int64_t* out = y[b].data_ptr<int64_t>();
+    const size_t count = size_t(y[0].numel());
+    for (size_t k = 0; k < count; ++k) out[k] = int64_t(std::nearbyint(s.mask->data[k]));
   }
-  at::Tensor x = torch::stack(xs);
-  at::Tensor y = task == Task::Classification ? torch::cat(ys) : torch::stack(ys);
   return {x, y};
 }
 
-// Classification: cross-entropy. Segmentation: cross-entropy + soft Dice over foreground classes.
+}  // namespace
+
 at::Tensor task_loss(Task task, const at::Tensor& logits, const at::Tensor& y) {
   at::Tensor ce = torch::nn::functional::cross_entropy(logits, y);
   if (task == Task::Classification) return ce;
@@ -80,8 +113,6 @@ at::Tensor task_loss(Task task, const at::Tensor& logits, const at::Tensor& y) {
   at::Tensor dice = (2 * inter + 1) / (denom + 1);
   return ce + (1 - dice.slice(0, 1).mean());
 }
-
-}  // namespace
 
 std::vector<std::string> optimizer_names() {
   std::vector<std::string> out;
@@ -272,8 +303,36 @@ void seed_torch(uint64_t seed) {
   torch::manual_seed(seed);
 }
 
-void set_torch_threads(int threads) {
+namespace {
+
+// The CPUs this process may run on (its affinity mask: taskset, cgroups, Slurm's allocation).
+int available_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return int(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+}  // namespace
+
+int configure_torch_process(int threads) {
+  // LibTorch's own default is the physical-core count of its cpuinfo library, read from CPUID:
+  // on a 2-core VM whose kernel sees 2 cores it was 1 thread (half the speed of the same model
+  // trained in PyTorch with 2). OMP_NUM_THREADS / MKL_NUM_THREADS still choose when set, as
+  // they do for LibTorch.
+  if (threads <= 0 && !std::getenv("OMP_NUM_THREADS") && !std::getenv("MKL_NUM_THREADS"))
+    threads = available_cpus();
   if (threads > 0) torch::set_num_threads(threads);
+  // glibc serves blocks above its mmap threshold (128 KB, rising to at most 32 MB) from fresh
+  // mmap()s and unmaps them on free: every training step faulted its activations in again,
+  // page by page (40% of a 128x128 U-Net step in the kernel). Keep freed memory in the heap for the
+  // next step instead, unless the user tunes malloc through GLIBC_TUNABLES.
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (!tunables || !std::strstr(tunables, "glibc.malloc.")) {
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+  }
+  return torch::get_num_threads();
 }
 
 }  // namespace concord

@@ -14,6 +14,10 @@
 
 namespace concord {
 
+// The training loss of `task`: classification, cross-entropy; segmentation, cross-entropy + soft
+// Dice over the foreground classes.
+at::Tensor task_loss(Task task, const at::Tensor& logits, const at::Tensor& y);
+
 // The local optimizers a pipeline may name in training.optimizer (one table: the pipeline's
 // validation lists these names, local training builds from the same table).
 std::vector<std::string> optimizer_names();
@@ -21,8 +25,11 @@ std::vector<std::string> optimizer_names();
 // Seeds LibTorch's global generator (model initialisation; dropout and other draws of the model
 // during local training).
 void seed_torch(uint64_t seed);
-// LibTorch's intra-op threads (training.threads; 0 keeps LibTorch's default).
-void set_torch_threads(int threads);
+// Prepares the process for training (the engine's set-up): LibTorch's intra-op threads
+// (training.threads; 0: every CPU the process may run on, or OMP_NUM_THREADS when set) and
+// glibc's allocator keeping freed memory for the next step instead of unmapping it (not when
+// GLIBC_TUNABLES tunes malloc). Returns the thread count. See docs/performance.md.
+int configure_torch_process(int threads);
 
 // A site's local trainer for one request: the LocalTrainer that adapters and aggregators see.
 // Holds references only; the Site owns everything it points to.

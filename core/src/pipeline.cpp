@@ -33,7 +33,7 @@ std::vector<ArgSpec> training_specs() {
           ArgSpec::real("lr", 1e-3, "Learning rate").range(0, 10),
           ArgSpec::real("momentum", 0.9, "SGD momentum").range(0, 1),
           ArgSpec::real("weight_decay", 0, "L2 weight decay").range(0, 1),
-          ArgSpec::integer("threads", 0, "LibTorch intra-op threads (0: library default)")
+          ArgSpec::integer("threads", 0, "LibTorch intra-op threads (0: every CPU available)")
               .range(0, 256),
           ArgSpec::boolean("precise_bn", true,
                            "Re-estimate BatchNorm statistics with the final local weights "

@@ -7,6 +7,8 @@
 #include "local_training.h"
 #include "site.h"
 
+#include <spdlog/spdlog.h>
+
 namespace concord {
 
 std::string DataShape::str() const {
@@ -27,7 +29,7 @@ StandaloneSite::StandaloneSite(const PipelineConfig& config, const Registry& reg
     : impl_(std::make_unique<Impl>()) {
   Impl& x = *impl_;
   x.config = config;
-  set_torch_threads(x.config.training.threads);
+  spdlog::debug("LibTorch threads: {}", configure_torch_process(x.config.training.threads));
   Federation description;
   SiteData data = load_site_data(x.config, registry, site, description);
   const Sample& first = data.train.empty() ? data.test.front() : data.train.front();

@@ -56,16 +56,22 @@ at::Tensor to_tensor(const Array& a) {
       torch::TensorOptions().dtype(scalar_from(a.dtype())));
 }
 
-at::Tensor image_to_tensor(const Image& image) {
+std::vector<int64_t> image_tensor_shape(const Image& image) {
   std::vector<int64_t> shape = {image.channels};
   if (image.dim == 3) shape.push_back(image.size[2]);
   shape.push_back(image.size[1]);
   shape.push_back(image.size[0]);
-  // from_blob reads numel(shape) floats: the declared size must match what the image holds.
+  // Readers of the image take numel(shape) floats: the declared size must match what it holds.
   if (size_t(checked_numel(shape, "image")) != image.data.size())
     throw Error("image of shape " + shape_str(shape) + " holds " +
                 std::to_string(image.data.size()) + " values");
-  return torch::from_blob(const_cast<float*>(image.data.data()), shape, torch::kFloat).clone();
+  return shape;
+}
+
+at::Tensor image_to_tensor(const Image& image) {
+  return torch::from_blob(const_cast<float*>(image.data.data()), image_tensor_shape(image),
+                          torch::kFloat)
+      .clone();
 }
 
 }  // namespace concord

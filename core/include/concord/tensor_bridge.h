@@ -14,5 +14,8 @@ at::Tensor to_tensor(const Array& a);
 // Image (planar) to a [C, H, W] float tensor; 3D images give [C, D, H, W].
 struct Image;
 at::Tensor image_to_tensor(const Image& image);
+// The shape image_to_tensor gives `image`; throws Error when the image does not hold that many
+// values.
+std::vector<int64_t> image_tensor_shape(const Image& image);
 
 }  // namespace concord
