@@ -18,8 +18,8 @@
 
 #include <chrono>
 #include <csignal>
-#include <filesystem>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <mutex>
 
@@ -96,10 +96,6 @@ void add_server_command(CLI::App& app, Globals& g) {
     so.insecure = o->insecure;
     if (!o->listen.empty()) so.listen = o->listen;
 
-    const std::string out_dir =
-        !o->out.empty()
-            ? o->out
-            : (std::filesystem::path(config.output) / (config.name + "-site-" + so.site)).string();
     const std::string fingerprint = net::pipeline_fingerprint(config);
     const std::string session =
         std::to_string(std::chrono::system_clock::now().time_since_epoch().count()) + "-" +
