@@ -16,28 +16,9 @@ build=$(cd "$2" && pwd)
 concord="$build/bin/concord"
 [ -x "$concord" ] || { echo "FAIL: $concord is missing: build concord-cli first" >&2; exit 1; }
 
-tmp=$(mktemp -d /tmp/concord-slurm-fed.XXXXXX)
-cleanup() {
-  "$src/scripts/slurm-local" stop "$tmp/slurm" || true
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*" >&2
-  for f in "$tmp"/work/logs-server.out "$tmp"/work/logs/*.out; do
-    [ -f "$f" ] && { echo "---- $f" >&2; tail -n 40 "$f" >&2; }
-  done
-  exit 1
-}
-
-rc=0
-SLURM_LOCAL_OVERSUBSCRIBE=FORCE:4 "$src/scripts/slurm-local" start "$tmp/slurm" || rc=$?
-if [ "$rc" = 77 ]; then
-  echo "SKIP: Slurm programs missing (see above)"
-  exit 77
-fi
-[ "$rc" = 0 ] || fail "the local Slurm cluster did not start"
-export SLURM_CONF="$tmp/slurm/slurm.conf"
+export SLURM_LOCAL_OVERSUBSCRIBE=FORCE:4  # a server job and three site jobs on 2 cores
+# shellcheck source=tests/slurm/local_cluster.sh
+. "$src/tests/slurm/local_cluster.sh"
 
 mkdir -p "$tmp/work"
 cat >"$tmp/work/pipeline.yaml" <<'PIPELINE'

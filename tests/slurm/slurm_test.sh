@@ -36,31 +36,8 @@ if ! have_slurm; then
   fi
 fi
 
-tmp=$(mktemp -d /tmp/concord-slurm.XXXXXX)
-cleanup() {
-  "$src/scripts/slurm-local" stop "$tmp/slurm" || true
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*" >&2
-  for f in "$tmp"/work/logs/*.out; do
-    [ -f "$f" ] && { echo "---- $f" >&2; tail -n 40 "$f" >&2; }
-  done
-  for f in "$tmp"/slurm/slurmctld.log "$tmp"/slurm/slurmd.log; do
-    [ -f "$f" ] && { echo "---- $f" >&2; tail -n 20 "$f" >&2; }
-  done
-  exit 1
-}
-
-rc=0
-"$src/scripts/slurm-local" start "$tmp/slurm" || rc=$?
-if [ "$rc" = 77 ]; then
-  echo "SKIP: Slurm programs missing (see above)"
-  exit 77
-fi
-[ "$rc" = 0 ] || fail "the local Slurm cluster did not start"
-export SLURM_CONF="$tmp/slurm/slurm.conf"
+# shellcheck source=tests/slurm/local_cluster.sh
+. "$src/tests/slurm/local_cluster.sh"
 
 python3 "$src/tests/slurm/make_inputs.py" "$tmp/in" 4
 export WORK="$tmp/work" INPUTS="$tmp/in" OUT="$tmp/out" METHOD=histogram-match SHARDS=3
