@@ -9,8 +9,10 @@
 // kMaxDraws times, each from the same seeded stream); if every draw fails, the last draw is kept
 // and rebalanced by moving random samples from the largest site to each site below the minimum.
 // The test split is partitioned with the accepted proportions (same per-class p_c, same q), so a
-// site's test distribution follows its training distribution; every site then gets at least one
-// test sample when there are enough. notes["partition"] records sizes and label histograms.
+// site's test distribution follows its training distribution (test: follow), or dealt like iid
+// (test: iid: every site tested on the pooled label mix, the usual evaluation under label skew);
+// every site then gets at least one test sample when there are enough. notes["partition"] records
+// sizes and label histograms.
 //
 // Scanner shift, applied in this order on intensities assumed normalised to [0,1]:
 //   1. smooth multiplicative bias field   v *= exp(a * f(x)), f a sum of 4 random cosines of
@@ -122,6 +124,8 @@ Federation partition(Federation pooled, const PartitionSpec& spec, uint64_t seed
   if (spec.scheme != "iid" && !(spec.alpha > 0))
     throw Error("partition: alpha must be > 0, got " + std::to_string(spec.alpha));
   if (spec.min_samples < 0) throw Error("partition: min_samples must be >= 0");
+  if (spec.test != "follow" && spec.test != "iid")
+    throw Error("partition: unknown test '" + spec.test + "' (expected follow or iid)");
 
   std::vector<Sample> train, test;
   for (auto& site : pooled.sites) {
@@ -150,11 +154,13 @@ Federation partition(Federation pooled, const PartitionSpec& spec, uint64_t seed
   int draws = 1;
   int64_t moved = 0;
 
+  auto deal_iid = [&](size_t n, std::vector<int>& site_of) {
+    const auto idx = shuffled_range(n, rng);
+    for (size_t k = 0; k < idx.size(); ++k) site_of[idx[k]] = int(k % N);
+  };
   if (spec.scheme == "iid") {
-    auto idx = shuffled_range(train.size(), rng);
-    for (size_t k = 0; k < idx.size(); ++k) train_site[idx[k]] = int(k % N);
-    idx = shuffled_range(test.size(), rng);
-    for (size_t k = 0; k < idx.size(); ++k) test_site[idx[k]] = int(k % N);
+    deal_iid(train.size(), train_site);
+    deal_iid(test.size(), test_site);
   } else if (spec.scheme == "quantity") {
     std::vector<double> q;
     std::vector<int64_t> counts;
@@ -190,6 +196,11 @@ Federation partition(Federation pooled, const PartitionSpec& spec, uint64_t seed
       deal(idx, allocate(int64_t(idx.size()), p[c]), test_site);
     }
   }
+  if (spec.test == "iid") {
+    // Drawn after the training split, from the same stream: the training split is the same as
+    // with test: follow.
+    deal_iid(test.size(), test_site);
+  }
   if (int64_t(test.size()) >= N) rebalance(test_site, N, 1, rng);
 
   Federation out;
@@ -208,6 +219,7 @@ Federation partition(Federation pooled, const PartitionSpec& spec, uint64_t seed
   note["scheme"] = spec.scheme;
   note["alpha"] = spec.alpha;
   note["min_samples"] = spec.min_samples;
+  note["test"] = spec.test;
   note["seed"] = seed;
   note["draws"] = draws;
   note["rebalanced_samples"] = moved;

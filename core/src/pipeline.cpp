@@ -95,7 +95,10 @@ std::vector<ArgSpec> partition_specs() {
                       "How to split a single-source dataset into sites"),
       ArgSpec::integer("sites", 4, "Number of sites to make").range(1, 100000),
       ArgSpec::real("alpha", 0.5, "Dirichlet concentration (smaller: more skew)").range(1e-3, 1e6),
-      ArgSpec::integer("min_samples", 8, "Minimum training samples per site").range(0, 1e9)};
+      ArgSpec::integer("min_samples", 8, "Minimum training samples per site").range(0, 1e9),
+      ArgSpec::choice("test", {"follow", "iid"}, "follow",
+                      "Test split: follow each site's training proportions, or iid (every site "
+                      "tested on the pooled label mix)")};
 }
 
 struct Parser {
@@ -578,6 +581,7 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
         c.data.partition.sites = int(pv["sites"].i);
         c.data.partition.alpha = pv["alpha"].f;
         c.data.partition.min_samples = int(pv["min_samples"].i);
+        c.data.partition.test = pv["test"].s;
       }
       ArgSpec shift =
           ArgSpec::real("scanner_shift", 0, "Per-site scanner shift strength").range(0, 3);

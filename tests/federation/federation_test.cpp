@@ -166,6 +166,39 @@ TEST(Partition, TestSplitFollowsTrainLabelMix) {
   }
 }
 
+// test: iid keeps the skewed training split (the same as with follow) and gives every site a
+// test split with the pooled label mix.
+TEST(Partition, IidTestSplitKeepsTrainingSkewAndPoolsLabels) {
+  PartitionSpec follow{"dirichlet", 3, 0.2, 10}, iid = follow;
+  iid.test = "iid";
+  auto a = partition(pooled(400, 400), follow, 21), b = partition(pooled(400, 400), iid, 21);
+  auto share = [](const std::vector<Sample>& v) {
+    double ones = 0;
+    for (const auto& s : v) ones += s.label == 1;
+    return v.empty() ? 0.0 : ones / v.size();
+  };
+  double pooled_share = 0, n = 0;
+  for (const auto& site : b.sites)
+    for (const auto& s : site.test) pooled_share += s.label == 1, n += 1;
+  pooled_share /= n;
+  EXPECT_EQ(n, 400);
+  double max_train_gap = 0;
+  for (size_t k = 0; k < b.sites.size(); ++k) {
+    std::vector<std::string> ta, tb;
+    for (const auto& s : a.sites[k].train) ta.push_back(s.id);
+    for (const auto& s : b.sites[k].train) tb.push_back(s.id);
+    EXPECT_EQ(ta, tb) << b.sites[k].name;
+    EXPECT_NEAR(share(b.sites[k].test), pooled_share, 0.1) << b.sites[k].name;
+    EXPECT_NEAR(double(b.sites[k].test.size()), 400.0 / 3, 1.0) << b.sites[k].name;
+    max_train_gap = std::max(max_train_gap, std::abs(share(b.sites[k].train) - pooled_share));
+  }
+  EXPECT_GT(max_train_gap, 0.2);  // the training split is still skewed
+  EXPECT_EQ(nlohmann::json::parse(b.notes.at("partition"))["test"], "iid");
+  PartitionSpec bad = follow;
+  bad.test = "balanced";
+  EXPECT_THROW(partition(pooled(400, 400), bad, 21), Error);
+}
+
 TEST(Partition, MinSamplesHonouredEvenWhenDrawsFail) {
   // alpha 0.01 puts nearly everything on one site: redraws cannot fix it, rebalancing must.
   auto f = partition(pooled(100, 10), {"quantity", 10, 0.01, 9}, 2);

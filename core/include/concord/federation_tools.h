@@ -16,12 +16,17 @@ struct PartitionSpec {
   int sites = 4;
   double alpha = 0.5;   // dirichlet: label concentration; quantity: size concentration
   int min_samples = 8;  // each site gets at least this many training samples
+  // follow: a site's test split follows its training split's proportions (label or size skew);
+  // iid: the test split is dealt uniformly, so every site is tested on the pooled label mix
+  // (the usual evaluation under label skew: a site's skew is its training data, not its task).
+  std::string test = "follow";
 };
 
 // Splits every site's train and test samples of `pooled` (usually one source) into
 // spec.sites sites named site-1 .. site-N. Deterministic in `seed`. "none" returns the input.
 // A draw leaving a site below min_samples is redrawn (100 tries), then rebalanced by moving
-// random samples from the largest site; the test split reuses the accepted proportions.
+// random samples from the largest site; the test split reuses the accepted proportions
+// (test: follow) or is dealt uniformly (test: iid).
 // notes["partition"] gets the sizes and label histograms (JSON).
 Federation partition(Federation pooled, const PartitionSpec& spec, uint64_t seed);
 
