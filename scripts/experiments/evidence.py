@@ -100,11 +100,16 @@ EXPERIMENTS = {
              ])),
             # PneumoniaMNIST with strong label skew (Dirichlet 0.1 over 5 sites) plus scanner
             # shift 1.0; every site is tested on the pooled label mix (partition test: iid).
+            # This copy's training split is 10% normal (the test split 37.5%): read ROC AUC.
             ("PneumoniaMNIST (5 sites, Dirichlet 0.1, scanner shift 1.0, 32 px)",
              "pipelines/personalization-pneumoniamnist.yaml", with_base(PNEUMONIA_BASE, [
                  ("FedAvg", []),
                  ("FedAvg + amplitude (beta 0.01)", ["harmonizers=" + AMPLITUDE]),
                  ("FedAvg + replay", ["harmonizers=" + REPLAY]),
+                 # The training split is 90% pneumonia: replay with a uniform label mix also
+                 # rebalances the classes every site sees.
+                 ("FedAvg + replay (uniform label mix)",
+                  ["harmonizers=" + REPLAY.replace("ratio: 0.5", "ratio: 0.5, label_mix: uniform")]),
                  ("FedAvg + cyclegan (local generators)", ["harmonizers=" + CYCLEGAN]),
              ])),
         ],
@@ -151,6 +156,23 @@ def mean_sd(values, signed=False):
     return s
 
 
+# Two-sided 97.5% quantiles of Student's t with n - 1 degrees of freedom, n = 2..10.
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
+        10: 2.262}
+
+
+def ci95(values):
+    """95% confidence interval of the mean of paired differences (t distribution); a difference
+    is claimed only when its interval excludes 0 (marked *)."""
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if len(v) < 2 or len(v) not in T975:
+        return "n/a"
+    m = sum(v) / len(v)
+    half = T975[len(v)] * math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
+    lo, hi = m - half, m + half
+    return "[%+.3f, %+.3f]%s" % (lo, hi, " *" if lo > 0 or hi < 0 else "")
+
+
 def site_values(summary, metric, key):
     """{site: value or None} for metrics (key 'metrics') or personalized metrics."""
     out = {}
@@ -189,8 +211,9 @@ def paired(rows, base_label):
     if base is None:
         return ""
     bred = [reduce_sites(d) for d in base]
-    lines = ["| method | Δ site mean vs %s | Δ worst site vs %s | seeds with Δ site mean > 0 |" %
-             (base_label, base_label), "|---|---|---|---|"]
+    lines = ["| method | Δ site mean vs %s | Δ worst site vs %s | seeds with Δ site mean > 0 | "
+             "95%% CI of Δ site mean | 95%% CI of Δ worst site |" % (base_label, base_label),
+             "|---|---|---|---|---|---|"]
     for label, per_seed in rows:
         if label == base_label or len(per_seed) != len(base):
             continue
@@ -198,8 +221,9 @@ def paired(rows, base_label):
         dm = [None if a[0] is None or b[0] is None else a[0] - b[0] for a, b in zip(red, bred)]
         dw = [None if a[1] is None or b[1] is None else a[1] - b[1] for a, b in zip(red, bred)]
         pos = sum(1 for x in dm if x is not None and x > 0)
-        lines.append("| %s | %s | %s | %d of %d |" %
-                     (label, mean_sd(dm, True), mean_sd(dw, True), pos, len(dm)))
+        lines.append("| %s | %s | %s | %d of %d | %s | %s |" %
+                     (label, mean_sd(dm, True), mean_sd(dw, True), pos, len(dm), ci95(dm),
+                      ci95(dw)))
     return "\n".join(lines)
 
 
