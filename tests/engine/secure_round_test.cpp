@@ -250,3 +250,39 @@ TEST(SecureRound, ComposesWithLocalDifferentialPrivacy) {
     }
   }
 }
+
+// The coordinator sees the survivors' weights only as their sum: under weighted FedAvg that is
+// the round's total of training samples, logged as round_num_samples; no site's own count is
+// logged (the aggregator's per-site weight 1 is not a count). Under equal weights nothing is.
+TEST(SecureRound, TheRoundsTotalSampleCountIsLoggedNotEachSites) {
+  for (const std::string weights : {"samples", "equal"}) {
+    const Ran r = run(config(pipeline(1, kSecure), {"secure_aggregation.weights=" + weights}));
+    EXPECT_TRUE(r.summary.failures.empty()) << join(r.summary.failures);
+    int trained = 0;
+    for (const auto& l : r.lines) {
+      if (!l.contains("train_loss")) continue;
+      ++trained;
+      EXPECT_FALSE(l.contains("num_samples")) << l.dump();
+      if (weights == "samples") {
+        EXPECT_EQ(l["round_num_samples"], 40) << l.dump();  // 4 sites x 10 training samples
+      } else {
+        EXPECT_FALSE(l.contains("round_num_samples")) << l.dump();
+      }
+    }
+    EXPECT_EQ(trained, 4) << weights;
+  }
+}
+
+// Sample-level DP (each site's upload is already private) under secure aggregation: the
+// coordinator accounts each site from the sizes it knew at set-up (simulation).
+TEST(SecureRound, ComposesWithSampleLevelDifferentialPrivacy) {
+  const Ran r = run(config(pipeline(2, kSecure + "privacy: {level: sample, epsilon: 8}\n"),
+                           {"model.args.norm=group"}));
+  EXPECT_TRUE(r.summary.failures.empty()) << join(r.summary.failures);
+  EXPECT_TRUE(aggregated(r, 2));
+  EXPECT_NE(r.summary.privacy.find("sample level"), std::string::npos) << r.summary.privacy;
+  for (const auto& l : r.lines) {
+    EXPECT_EQ(l["privacy"]["site_epsilon"].size(), 4u);
+    EXPECT_GT(l["privacy"]["epsilon"].get<double>(), 0.0);
+  }
+}

@@ -84,14 +84,14 @@ struct PipelineConfig {
     int every = 1;
     std::vector<std::string> held_out;  // sites that only evaluate
   } evaluation;
-  // Client-level differential privacy with an accountant (docs/privacy.md): absent = off.
+  // Differential privacy with an accountant (docs/privacy.md): absent = off.
   struct Privacy {
     double epsilon = 8;  // the budget for the whole run, at delta
     double delta = 1e-5;
-    std::string level = "client";   // client (one site's data is the protected unit)
+    std::string level = "client";   // client (one site's data) | sample (one sample: DP-SGD)
     std::string mode = "central";   // central (coordinator adds the noise) | local (each site)
     std::string sampling = "none";  // the accountant's assumption: none (q = 1) | poisson
-    double clip = 1.0;              // C: L2 bound on one site's delta
+    double clip = 1.0;              // C: L2 bound on one site's delta / one sample's gradient
     double noise_multiplier = 0;    // z; 0 = the smallest z the budget allows for the rounds
     SourceLoc where;                // the `privacy` key (errors at set-up name it)
   };
