@@ -221,3 +221,28 @@ TEST(DpSgd, AModelWithBatchNormIsRefusedNamingThePlugin) {
     }
   }
 }
+
+// The plan's q and steps with the accountant reproduce TF-Privacy's compute_dp_sgd_privacy for
+// DP-SGD on MNIST (compute_dp_sgd_privacy_test: n 60000, batch 150, sigma 1.3, 15 epochs,
+// delta 1e-5 -> epsilon 0.7242234026109595 at order 19), and asking for that epsilon gives back
+// sigma 1.3 within the bisection's tolerance.
+TEST(DpSgd, ThePlanReproducesTfPrivacysMnistReference) {
+  PipelineConfig c;
+  c.privacy = PipelineConfig::Privacy{};
+  c.privacy->level = "sample";
+  c.privacy->noise_multiplier = 1.3;
+  c.training.batch_size = 150;
+  c.training.local_epochs = 1;
+  c.federation.rounds = 15;  // one epoch per round
+  const SampleLevelPlan p = sample_level_plan(c, 60000, "mnist");
+  EXPECT_DOUBLE_EQ(p.q, 0.0025);
+  EXPECT_EQ(p.planned_steps, 6000);
+  dp::RdpAccountant acc;
+  acc.step(p.noise_multiplier, p.q, p.planned_steps);
+  const dp::Epsilon e = acc.epsilon(1e-5);
+  EXPECT_NEAR(e.epsilon, 0.7242234026109595, 1e-3 * 0.7242234026109595);
+  EXPECT_EQ(e.order, 19.0);
+  c.privacy->noise_multiplier = 0;
+  c.privacy->epsilon = 0.7242234026109595;
+  EXPECT_NEAR(sample_level_plan(c, 60000, "mnist").noise_multiplier, 1.3, 0.02);
+}
