@@ -80,11 +80,14 @@ std::vector<ArgSpec> secure_aggregation_specs() {
           ArgSpec::integer("neighbours", 0,
                            "k: neighbours per site (0: all up to 11 sites, else ~2 log2 n + 2)")
               .range(0, 100000),
-          ArgSpec::real("range", 1.0,
+          ArgSpec::real("range", 64,
                         "Each value of a site's delta is clipped to [-range, range] before "
-                        "quantization")
+                        "quantization (wide enough for BatchNorm running variances)")
               .range(1e-9, 1e9),
-          ArgSpec::integer("bits", 16, "Quantization: 2^bits levels over the range").range(2, 24),
+          ArgSpec::integer("bits", 24,
+                           "Quantization: 2^bits levels over the range (24 and range 64: steps "
+                           "of 7.6e-6)")
+              .range(2, 24),
           ArgSpec::choice("weights", {"samples", "equal"}, "samples",
                           "Weight of a site's delta inside the masked vector: its training "
                           "samples (weighted FedAvg) or 1 (equal; always so with privacy)"),
