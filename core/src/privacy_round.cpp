@@ -409,7 +409,9 @@ void PrivacyBudget::load(const NamedArrays& saved) {
                   "' is missing or not one int64 value >= 0");
     return it->second.data<int64_t>()[0];
   };
-  std::map<std::string, Impl::SiteAccount> sites;
+  // Sites known from set_site_sizes that had not trained by the checkpoint start afresh.
+  std::map<std::string, Impl::SiteAccount> sites = x.sites;
+  for (auto& [site, a] : sites) a.accountant = dp::RdpAccountant();
   const std::string orders = "/orders";
   for (const auto& [key, value] : saved) {
     if (key.compare(0, kSitePrefix.size(), kSitePrefix) != 0 || key.size() <= orders.size() ||
