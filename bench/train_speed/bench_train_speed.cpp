@@ -6,9 +6,12 @@
 //   local_training: LocalTraining::train(1 epoch) over Samples, as a site trains in a round:
 //                  Concord's batching, Image -> tensor conversion and per-step work included.
 // Plus precise-BN re-estimation (LocalTraining::recalibrate_batchnorm) and evaluation
-// (LocalTraining::predict) over the same images, timed separately.
+// (LocalTraining::predict) over the same images, timed separately, and sample-level DP-SGD
+// (per-sample gradients: one backward pass per image, Poisson batches of the same expected size)
+// with its ratio to local_training.
 // Usage: bench_train_speed MODEL SIZE THREADS [BATCH (32)] [IMAGES (160)] [EPOCHS (5)]
 #include "local_training.h"
+#include "privacy_round.h"
 
 #include <concord/registry.h>
 #include <concord/seed.h>
@@ -161,6 +164,17 @@ int main(int argc, char** argv) {
     print("precise_bn_img_per_s",
           rates([&] { trainer.recalibrate_batchnorm(); }, double(n), 3).first);
     print("eval_img_per_s", rates([&] { trainer.predict(2); }, double(n), 3).first);
+    SampleLevelPlan plan;
+    plan.q = std::min(1.0, double(batch) / double(n));
+    plan.steps_per_epoch = (n + batch - 1) / batch;
+    plan.noise_multiplier = 1;
+    plan.clip = 1;
+    plan.expected_batch = plan.q * double(n);
+    trainer.set_sample_level(&plan);
+    const double dp_best =
+        rates([&] { trainer.train(1, nullptr, nullptr); }, double(n), epochs).first;
+    print("dp_sgd_img_per_s", dp_best);
+    print("dp_sgd_over_local_training", dp_best / lt_best);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_train_speed: %s\n", e.what());
     return 1;

@@ -124,7 +124,16 @@ struct Experiment::Impl {
     if (config.privacy) {
       const size_t per_round = std::clamp<size_t>(
           size_t(std::ceil(config.federation.fraction * double(trainers) - 1e-9)), 1, trainers);
+      if (sample_level(config)) {
+        std::vector<std::string> types;
+        for (const auto& m : pool->model->modules()) types.push_back(m.type);
+        check_sample_level_model(config, types);
+      }
       privacy = std::make_unique<PrivacyBudget>(config, *aggregator, trainers, per_round);
+      std::map<std::string, int64_t> sizes;  // simulation: known now (remote: from uploads)
+      for (const auto& sd : fed.sites)
+        if (!roster.held.count(sd.name)) sizes[sd.name] = int64_t(sd.train.size());
+      privacy->set_site_sizes(sizes);
     }
 
     connect(take_sites(fed), pool.get());
@@ -174,7 +183,7 @@ struct Experiment::Impl {
     spdlog::debug("{}: selected {} of {} sites", phase, selected.size(), train_sites.size());
     std::map<std::string, double> settings{{protocol::kLocalEpochs, config.training.local_epochs}};
     if (privacy)
-      if (std::string why = privacy->plan(round, selected.size(), settings); !why.empty()) {
+      if (std::string why = privacy->plan(round, selected, settings); !why.empty()) {
         spdlog::error("{}{}", at, why);
         failures.lines.push_back(at + why);
         return false;

@@ -1,6 +1,8 @@
 // Local training at one site (see local_training.h).
 #include "local_training.h"
 
+#include "privacy_round.h"
+
 #include <concord/batchnorm.h>
 #include <concord/checked.h>
 #include <concord/error.h>
@@ -162,7 +164,13 @@ TrainResult LocalTraining::train(int epochs, const ParamFilter& trainable, const
     throw SiteError(*c_.site, "unknown optimizer '" + t.optimizer + "'");
   std::unique_ptr<torch::optim::Optimizer> opt = make->second(params, t);
   model.set_training(true);
-  std::mt19937_64 rng(derive_seed(c_.seed, "shuffle/" + *c_.site, round_ * 1000 + (*c_.calls)++));
+  const int64_t call = (*c_.calls)++;
+  std::mt19937_64 rng(derive_seed(c_.seed, "shuffle/" + *c_.site, round_ * 1000 + call));
+  if (sample_plan_) {
+    result = train_dp_sgd(*opt, params, epochs, extra, rng, call);
+    restore_grad(saved_grad);
+    return result;
+  }
   for (int ep = 0; ep < epochs; ++ep) {
     std::vector<size_t> order(samples.size());
     std::iota(order.begin(), order.end(), 0);
@@ -189,6 +197,81 @@ TrainResult LocalTraining::train(int epochs, const ParamFilter& trainable, const
     result.loss = seen ? loss_sum / double(seen) : 0;
   }
   restore_grad(saved_grad);
+  return result;
+}
+
+// DP-SGD (Abadi et al., CCS 2016) as the accountant assumes it (privacy_round.h): per step, a
+// Poisson sample of the training split (each sample with probability q, drawn from the
+// pipeline's seed), one backward pass per sample (per-sample gradients: correct for any model
+// without BatchNorm, at the cost of batch-1 passes), each sample's gradient clipped to L2 norm C
+// over all trainable parameters, N(0, (sigma C)^2) added to the clipped sum, divided by the
+// expected batch size q n. The adapter's and aggregator's loss terms do not read data: their
+// gradient is added unclipped.
+TrainResult LocalTraining::train_dp_sgd(torch::optim::Optimizer& opt,
+                                        const std::vector<at::Tensor>& params, int epochs,
+                                        const LossTerm& extra, std::mt19937_64& rng, int64_t call) {
+  const SampleLevelPlan& plan = *sample_plan_;
+  if (c_.replayers && !c_.replayers->empty())
+    throw SiteError(*c_.site,
+                    "sample-level DP: a replaying harmonizer adds samples made from this site's "
+                    "data to every batch, outside the per-sample clipping; remove it or use "
+                    "privacy level: client");
+  Model& model = *c_.model;
+  const std::vector<Sample>& samples = c_.data->train;
+  SeededRandom draws(derive_seed(c_.seed, "dp-sgd/" + *c_.site, int64_t(round_) * 1000 + call));
+  StandardNormal<SeededRandom> normal(draws);
+  const double noise_std = plan.noise_multiplier * plan.clip;
+  std::vector<at::Tensor> sum;
+  for (const auto& p : params) sum.push_back(torch::zeros_like(p).contiguous());
+  TrainResult result;
+  for (int ep = 0; ep < epochs; ++ep) {
+    double loss_sum = 0;
+    int64_t seen = 0;
+    for (int64_t step = 0; step < plan.steps_per_epoch; ++step) {
+      for (auto& g : sum) g.zero_();
+      for (size_t i = 0; i < samples.size(); ++i) {
+        if (!(draws.uniform() < plan.q)) continue;
+        auto [x, y] = make_batch(*c_.site, c_.task, samples, {i}, *c_.augmenters, &rng);
+        opt.zero_grad();
+        at::Tensor loss = task_loss(c_.task, model.forward(x), y);
+        loss.backward();
+        std::vector<at::Tensor> squares;
+        for (const auto& p : params)
+          if (p.grad().defined()) squares.push_back(p.grad().pow(2).sum());
+        const double norm =
+            squares.empty() ? 0 : std::sqrt(at::stack(squares).sum().item<double>());
+        const double scale = norm > plan.clip ? plan.clip / norm : 1.0;
+        for (size_t k = 0; k < params.size(); ++k)
+          if (params[k].grad().defined()) sum[k].add_(params[k].grad(), scale);
+        loss_sum += loss.item<double>();
+        ++seen;
+      }
+      for (auto& g : sum) {
+        if (noise_std > 0) {
+          float* v = g.data_ptr<float>();
+          for (int64_t k = 0; k < g.numel(); ++k) v[k] = float(double(v[k]) + noise_std * normal());
+        }
+        g.div_(plan.expected_batch);
+      }
+      opt.zero_grad();
+      if (extra || c_.aggregator_term) {
+        at::Tensor term = extra ? extra() : torch::zeros({}, torch::kFloat);
+        if (c_.aggregator_term) term = term + c_.aggregator_term();
+        if (term.requires_grad()) term.backward();
+      }
+      for (size_t k = 0; k < params.size(); ++k) {
+        at::Tensor& grad = params[k].mutable_grad();
+        if (grad.defined())
+          grad.add_(sum[k]);
+        else
+          grad = sum[k].clone();
+      }
+      opt.step();
+      result.steps++;
+    }
+    result.samples += seen;
+    result.loss = seen ? loss_sum / double(seen) : 0;
+  }
   return result;
 }
 

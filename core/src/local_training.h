@@ -12,7 +12,13 @@
 #include <string>
 #include <vector>
 
+namespace torch::optim {
+class Optimizer;
+}
+
 namespace concord {
+
+struct SampleLevelPlan;  // privacy_round.h
 
 // The training loss of `task`: classification, cross-entropy; segmentation, cross-entropy + soft
 // Dice over the foreground classes.
@@ -56,6 +62,9 @@ class LocalTraining : public LocalTrainer {
   LocalTraining(Context c, int round) : c_(std::move(c)), round_(round) {}
   // The aggregator's term needs this trainer to exist first (it reads model() and received()).
   void set_aggregator_term(LossTerm t) { c_.aggregator_term = std::move(t); }
+  // Sample-level DP: every train() call does DP-SGD with `plan` (privacy_round.h) instead of
+  // shuffled mini-batches. The plan must outlive this trainer.
+  void set_sample_level(const SampleLevelPlan* plan) { sample_plan_ = plan; }
 
   const std::string& site() const override { return *c_.site; }
   int round() const override { return round_; }
@@ -74,8 +83,11 @@ class LocalTraining : public LocalTrainer {
  private:
   void add_replay(at::Tensor& x, at::Tensor& y, size_t real, int epoch, int epochs,
                   std::mt19937_64& rng);
+  TrainResult train_dp_sgd(torch::optim::Optimizer& opt, const std::vector<at::Tensor>& params,
+                           int epochs, const LossTerm& extra, std::mt19937_64& rng, int64_t call);
   Context c_;
   int round_;
+  const SampleLevelPlan* sample_plan_ = nullptr;
 };
 
 }  // namespace concord

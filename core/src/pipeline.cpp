@@ -55,19 +55,22 @@ std::vector<ArgSpec> privacy_specs() {
           .required(),
       ArgSpec::real("delta", 1e-5, "delta of (epsilon, delta)-DP; well below 1 / sites")
           .range(1e-300, 0.1),
-      ArgSpec::choice("level", {"client"}, "client",
-                      "Protected unit: one site's whole data (client-level DP-FedAvg)"),
+      ArgSpec::choice("level", {"client", "sample"}, "client",
+                      "Protected unit: one site's whole data (client: DP-FedAvg) or one training "
+                      "sample (sample: DP-SGD in local training, per site; no BatchNorm)"),
       ArgSpec::choice("mode", {"central", "local"}, "central",
-                      "Who adds the noise: the coordinator (central) or each site its share "
-                      "(local; composes with secure aggregation)"),
+                      "Client level: who adds the noise, the coordinator (central) or each site "
+                      "its share (local; composes with secure aggregation)"),
       ArgSpec::choice("sampling", {"none", "poisson"}, "none",
-                      "Accountant's assumption on site selection: none (q = 1, the safe choice) "
-                      "or poisson (q = selected / sites, only if selection is secret)"),
-      ArgSpec::real("clip", 1.0, "C: L2 bound on one site's delta (update - global)")
+                      "Client level: the accountant's assumption on site selection, none (q = 1, "
+                      "the safe choice) or poisson (q = selected / sites, only if selection is "
+                      "secret). Sample level always samples batches by Poisson"),
+      ArgSpec::real("clip", 1.0,
+                    "C: L2 bound on one site's delta (client) or one sample's gradient (sample)")
           .range(1e-12, 1e12),
       ArgSpec::real("noise_multiplier", 0,
                     "z (noise std on the sum is z C); 0: the smallest z that keeps the planned "
-                    "rounds within the budget")
+                    "rounds (client) or local steps (sample) within the budget")
           .range(0, 1e6)};
 }
 std::vector<ArgSpec> secure_aggregation_specs() {
@@ -77,11 +80,14 @@ std::vector<ArgSpec> secure_aggregation_specs() {
           ArgSpec::integer("neighbours", 0,
                            "k: neighbours per site (0: all up to 11 sites, else ~2 log2 n + 2)")
               .range(0, 100000),
-          ArgSpec::real("range", 1.0,
+          ArgSpec::real("range", 64,
                         "Each value of a site's delta is clipped to [-range, range] before "
-                        "quantization")
+                        "quantization (wide enough for BatchNorm running variances)")
               .range(1e-9, 1e9),
-          ArgSpec::integer("bits", 16, "Quantization: 2^bits levels over the range").range(2, 24),
+          ArgSpec::integer("bits", 24,
+                           "Quantization: 2^bits levels over the range (24 and range 64: steps "
+                           "of 7.6e-6)")
+              .range(2, 24),
           ArgSpec::choice("weights", {"samples", "equal"}, "samples",
                           "Weight of a site's delta inside the masked vector: its training "
                           "samples (weighted FedAvg) or 1 (equal; always so with privacy)"),
@@ -713,6 +719,17 @@ PipelineConfig parse_pipeline(const std::string& text, const std::string& file,
       pr.clip = v["clip"].f;
       pr.noise_multiplier = v["noise_multiplier"].f;
       pr.where = p.loc(root["privacy"], "privacy");
+      // At sample level the noise is always the site's (in local training) and every step's
+      // batch a Poisson sample: a `mode` or another `sampling` would be silently ignored.
+      const YAML::Node node = root["privacy"];
+      if (pr.level == "sample" && node.IsMap()) {
+        const std::string why =
+            "' applies to level: client only; level: sample adds the noise in each site's local "
+            "training, to batches drawn by Poisson sampling";
+        if (node["mode"]) p.error(node["mode"], "privacy.mode", "'privacy.mode" + why);
+        if (node["sampling"] && pr.sampling != "poisson")
+          p.error(node["sampling"], "privacy.sampling", "'privacy.sampling: " + pr.sampling + why);
+      }
       c.privacy = pr;
     }
   }

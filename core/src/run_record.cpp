@@ -1,6 +1,8 @@
 // The run folder's record (see run_record.h).
 #include "run_record.h"
 
+#include "secure_round.h"
+
 #include <concord/error.h>
 #include <concord/json_text.h>
 #include <concord/protocol.h>
@@ -41,17 +43,23 @@ json metrics_json(const std::map<std::string, double>& m) {
 
 // The privacy fields of a metrics line and of summary.json (report.cpp reads `privacy.epsilon`).
 json privacy_json(const PrivacyStatus& p) {
-  return {{"epsilon", p.epsilon},
-          {"delta", p.delta},
-          {"budget", p.budget},
-          {"level", p.level},
-          {"mode", p.mode},
-          {"sampling", p.sampling},
-          {"q", p.q},
-          {"noise_multiplier", p.noise_multiplier},
-          {"clip", p.clip},
-          {"rdp_order", p.order},
-          {"rounds_accounted", p.rounds_accounted}};
+  json j = {{"epsilon", p.epsilon},
+            {"delta", p.delta},
+            {"budget", p.budget},
+            {"level", p.level},
+            {"mode", p.mode},
+            {"sampling", p.sampling},
+            {"q", p.q},
+            {"noise_multiplier", p.noise_multiplier},
+            {"clip", p.clip},
+            {"rdp_order", p.order},
+            {"rounds_accounted", p.rounds_accounted}};
+  if (p.level == "sample") {  // epsilon is the largest site's (one accountant per site)
+    j["site"] = p.site;
+    j["steps_accounted"] = p.steps_accounted;
+    j["site_epsilon"] = p.site_epsilon;
+  }
+  return j;
 }
 
 bool contains(const std::vector<std::string>& v, const std::string& s) {
@@ -113,8 +121,12 @@ void RunRecord::add_round(const Round& r) {
            {"selected", contains(*r.selected, name)},
            {"aggregated", r.outcome->aggregated}};
     if (auto it = by_site.find(name); it != by_site.end()) {
+      const auto& scalars = it->second->scalars;
       j[protocol::kTrainLoss] = it->second->train_loss;
-      j[protocol::kNumSamples] = it->second->num_samples;
+      // A secure round knows only the survivors' total (secure_round.h), when it knows any.
+      if (!scalars.count(kSecureRound)) j[protocol::kNumSamples] = it->second->num_samples;
+      if (auto total = scalars.find(kRoundNumSamples); total != scalars.end())
+        j[kRoundNumSamples] = total->second;
     }
     if (contains(r.outcome->skipped, name)) j["skipped"] = "no training samples";
     if (r.metrics)

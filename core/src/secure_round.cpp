@@ -178,6 +178,8 @@ Coordinator::RoundOutcome Coordinator::secure_train_round(
     update.state = mean;
     update.num_samples = 1;
     update.train_loss = losses[u];
+    update.scalars[kSecureRound] = 1;
+    if (!equal_weights) update.scalars[kRoundNumSamples] = double(sum.total_weight);
     out.updates.push_back(std::move(update));
   }
   aggregate_updates(aggregator, round, rounds, selected, min_sites, out);

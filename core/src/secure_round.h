@@ -14,6 +14,14 @@
 
 namespace concord {
 
+// What the coordinator knows of a secure round's sample counts, as SiteUpdate scalars (and
+// metrics.jsonl fields): kSecureRound on every survivor's update (its num_samples is the
+// aggregator's equal weight 1, not a count: metrics.jsonl leaves it out) and, under weighted
+// FedAvg, kRoundNumSamples: the sum of the survivors' weights (their training samples, each at
+// most 2^20), decoded with the masked sum. The individual counts stay inside the masks.
+inline constexpr const char* kSecureRound = "secure_aggregation";
+inline constexpr const char* kRoundNumSamples = "round_num_samples";
+
 // What local training gives the masked-input stage.
 struct TrainedUpload {
   NamedArrays upload;  // the shared state after filters and privacy (privatize_upload)

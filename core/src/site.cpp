@@ -13,6 +13,7 @@
 
 #include <c10/core/GradMode.h>
 
+#include <optional>
 #include <random>
 
 namespace concord {
@@ -161,6 +162,7 @@ struct Site::Impl {
   std::map<std::string, at::Tensor> received;
   int round = 0;
   int64_t calls = 0;
+  std::optional<SampleLevelPlan> sample_plan;  // sample-level DP: this site's DP-SGD plan
   std::string output_dir;  // where the site may write figures (learned harmonizers)
 
   Impl(const PipelineConfig& c, const Registry& registry, SiteData d, ModelPool* p)
@@ -294,6 +296,15 @@ struct Site::Impl {
     load_model_state();
     seed_torch(derive_seed(config.seed, "torch/" + name, round));
     LocalTraining t = trainer();
+    if (sample_level(config)) {
+      if (!sample_plan) {
+        std::vector<std::string> types;
+        for (const auto& m : model().modules()) types.push_back(m.type);
+        check_sample_level_model(config, types);
+        sample_plan = sample_level_plan(config, int64_t(data.train.size()), name);
+      }
+      t.set_sample_level(&*sample_plan);  // every step DP-SGD: the site's own pipeline says so
+    }
     t.set_aggregator_term(aggregator->local_loss_term(t));
     TrainResult r = adapter->train_local(t, settings.local_epochs);
     if (config.training.precise_bn) t.recalibrate_batchnorm();

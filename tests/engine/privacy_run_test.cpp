@@ -221,3 +221,118 @@ TEST(PrivacyRun, SitesClipTheirDeltaAndAddTheirNoiseShareInLocalMode) {
     }
   }
 }
+
+// ---- sample level (DP-SGD in every site's local training) ---------------------------------------
+
+namespace {
+
+// 3 sites x 12 training samples, batch 6: q = 0.5, 2 steps per local epoch. GroupNorm: the cnn
+// without BatchNorm.
+const std::string kSample = "privacy: {level: sample, epsilon: 8, delta: 1.0e-5, clip: 1.0}\n";
+const std::vector<std::string> kGroupNorm = {"model.args.norm=group"};
+
+}  // namespace
+
+TEST(PrivacyRun, SampleLevelIsValidatedWithLineAndColumn) {
+  const std::string err = testkit::error_of(
+      [&] { config(pipeline(2, "privacy: {level: sample, epsilon: 8, mode: local}\n")); });
+  EXPECT_NE(err.find("privacy-test.yaml:8:"), std::string::npos) << err;
+  EXPECT_NE(err.find("'privacy.mode' applies to level: client only"), std::string::npos) << err;
+  const std::string sampling = testkit::error_of(
+      [&] { config(pipeline(2, "privacy: {level: sample, epsilon: 8, sampling: none}\n")); });
+  EXPECT_NE(sampling.find("'privacy.sampling: none' applies to level: client only"),
+            std::string::npos)
+      << sampling;
+  const std::string level =
+      testkit::error_of([&] { config(pipeline(2, "privacy: {level: samples, epsilon: 8}\n")); });
+  EXPECT_NE(level.find("samples"), std::string::npos) << level;
+  PipelineConfig c = config(pipeline(2, kSample));
+  ASSERT_TRUE(c.privacy);
+  EXPECT_EQ(c.privacy->level, "sample");
+}
+
+// Each site's epsilon after each round is an independent accountant's for its own steps at
+// q = batch / n and the sigma planned for all rounds' steps; the logged epsilon is the largest.
+TEST(PrivacyRun, SampleLevelLogsEachSitesEpsilonEveryRound) {
+  testkit::TempDir dir;
+  Experiment e(config(pipeline(3, kSample), kGroupNorm), testkit::builtin_registry());
+  std::vector<Message> requests, replies;
+  e.interpose_channel(
+      [&](Channel& inner) { return std::make_unique<Recorder>(inner, requests, replies); });
+  RunSummary s = run(e, dir.str());
+  EXPECT_TRUE(s.failures.empty());
+  EXPECT_NE(s.privacy.find("sample level"), std::string::npos) << s.privacy;
+  const double sigma = dp::noise_multiplier_for(8, 1e-5, 0.5, 3 * 2);
+  std::map<int, double> eps;
+  for (const auto& line : read_jsonl(dir.path() / "metrics.jsonl")) {
+    const json& p = line["privacy"];
+    EXPECT_EQ(p["level"], "sample");
+    EXPECT_EQ(p["sampling"], "poisson");
+    EXPECT_DOUBLE_EQ(p["q"].get<double>(), 0.5);
+    EXPECT_DOUBLE_EQ(p["noise_multiplier"].get<double>(), sigma);
+    EXPECT_EQ(p["site_epsilon"].size(), 3u);
+    EXPECT_EQ(p["steps_accounted"], 2 * line["round"].get<int>());
+    eps[line["round"].get<int>()] = p["epsilon"].get<double>();
+  }
+  ASSERT_EQ(eps.size(), 3u);
+  dp::RdpAccountant reference;
+  for (int r = 1; r <= 3; ++r) {
+    reference.step(sigma, 0.5, 2);
+    EXPECT_NEAR(eps[r], reference.epsilon(1e-5).epsilon, 1e-12) << r;
+  }
+  EXPECT_LE(eps[3], 8.0);
+  EXPECT_GT(eps[3], 7.5);
+  // No client-level clipping is asked for: the sites' own pipelines make them do DP-SGD.
+  for (const auto& r : requests) EXPECT_EQ(r.scalars.count(protocol::kDpClip), 0u);
+  for (const auto& r : replies) EXPECT_EQ(r.scalars.at(protocol::kSteps), 2);
+  const json summary = read_json(dir.path() / "summary.json");
+  EXPECT_DOUBLE_EQ(summary["privacy"]["epsilon"].get<double>(), eps[3]);
+  EXPECT_EQ(summary["privacy"]["level"], "sample");
+}
+
+TEST(PrivacyRun, SampleLevelRefusesARoundOverTheBudgetAndResumeKeepsIt) {
+  dp::RdpAccountant acc;
+  int allowed = 0;
+  while (acc.epsilon_after(2.0, 0.5, 2, 1e-5).epsilon <= 3) acc.step(2.0, 0.5, 2), ++allowed;
+  ASSERT_GE(allowed, 2);
+  ASSERT_LT(allowed, 6);
+  const std::string text =
+      pipeline(6, "privacy: {level: sample, epsilon: 3, noise_multiplier: 2}\n");
+  testkit::TempDir full_dir, cut_dir;
+  Experiment full(config(text, kGroupNorm), testkit::builtin_registry());
+  RunSummary s = run(full, full_dir.str());
+  EXPECT_EQ(s.rounds_completed, allowed);
+  ASSERT_FALSE(s.failures.empty());
+  EXPECT_NE(s.failures.back().find("round " + std::to_string(allowed + 1) + ": privacy budget"),
+            std::string::npos)
+      << s.failures.back();
+  const json summary = read_json(full_dir.path() / "summary.json");
+  EXPECT_NEAR(summary["privacy"]["epsilon"].get<double>(), acc.epsilon(1e-5).epsilon, 1e-12);
+  {
+    Experiment first(config(text, kGroupNorm), testkit::builtin_registry());
+    RunOptions cut;
+    cut.run_dir = cut_dir.str();
+    cut.stop_after = [](int r) { return r == 1; };
+    first.run(cut);
+  }
+  Experiment resumed(config(text, kGroupNorm), testkit::builtin_registry());
+  RunOptions r;
+  r.run_dir = cut_dir.str();
+  r.resume = true;
+  RunSummary t = resumed.run(r);
+  EXPECT_EQ(t.rounds_completed, allowed);
+  const json resumed_summary = read_json(cut_dir.path() / "summary.json");
+  EXPECT_EQ(resumed_summary["privacy"]["site_epsilon"], summary["privacy"]["site_epsilon"]);
+  EXPECT_EQ(resumed_summary["privacy"]["steps_accounted"], 2 * allowed);
+  // Poisson draws and noise come from the pipeline's seed: the resumed model is the same, bit
+  // for bit.
+  EXPECT_EQ(dp::delta_norm(full.global_state(), resumed.global_state()), 0.0);
+}
+
+TEST(PrivacyRun, SampleLevelRefusesAModelWithBatchNorm) {
+  Experiment e(config(pipeline(2, kSample)), testkit::builtin_registry());
+  testkit::TempDir dir;
+  const std::string err = testkit::error_of([&] { run(e, dir.str()); });
+  EXPECT_NE(err.find("privacy-test.yaml:5:"), std::string::npos) << err;
+  EXPECT_NE(err.find("model 'cnn' has BatchNorm2d layers"), std::string::npos) << err;
+}

@@ -6,10 +6,13 @@
 #include <concord/error.h>
 #include <concord/protocol.h>
 
+#include <spdlog/sinks/sink.h>
+#include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <fstream>
+#include <mutex>
 #include <set>
 
 #include "testing.h"
@@ -249,4 +252,87 @@ TEST(SecureRound, ComposesWithLocalDifferentialPrivacy) {
       EXPECT_GT(e.request.scalars.at(protocol::kDpNoiseStd), 0.0);
     }
   }
+}
+
+// The coordinator sees the survivors' weights only as their sum: under weighted FedAvg that is
+// the round's total of training samples, logged as round_num_samples; no site's own count is
+// logged (the aggregator's per-site weight 1 is not a count). Under equal weights nothing is.
+TEST(SecureRound, TheRoundsTotalSampleCountIsLoggedNotEachSites) {
+  for (const std::string weights : {"samples", "equal"}) {
+    const Ran r = run(config(pipeline(1, kSecure), {"secure_aggregation.weights=" + weights}));
+    EXPECT_TRUE(r.summary.failures.empty()) << join(r.summary.failures);
+    int trained = 0;
+    for (const auto& l : r.lines) {
+      if (!l.contains("train_loss")) continue;
+      ++trained;
+      EXPECT_FALSE(l.contains("num_samples")) << l.dump();
+      if (weights == "samples") {
+        EXPECT_EQ(l["round_num_samples"], 40) << l.dump();  // 4 sites x 10 training samples
+      } else {
+        EXPECT_FALSE(l.contains("round_num_samples")) << l.dump();
+      }
+    }
+    EXPECT_EQ(trained, 4) << weights;
+  }
+}
+
+// Sample-level DP (each site's upload is already private) under secure aggregation: the
+// coordinator accounts each site from the sizes it knew at set-up (simulation).
+TEST(SecureRound, ComposesWithSampleLevelDifferentialPrivacy) {
+  const Ran r = run(config(pipeline(2, kSecure + "privacy: {level: sample, epsilon: 8}\n"),
+                           {"model.args.norm=group"}));
+  EXPECT_TRUE(r.summary.failures.empty()) << join(r.summary.failures);
+  EXPECT_TRUE(aggregated(r, 2));
+  EXPECT_NE(r.summary.privacy.find("sample level"), std::string::npos) << r.summary.privacy;
+  for (const auto& l : r.lines) {
+    EXPECT_EQ(l["privacy"]["site_epsilon"].size(), 4u);
+    EXPECT_GT(l["privacy"]["epsilon"].get<double>(), 0.0);
+  }
+}
+
+namespace {
+
+// Keeps the text of every message logged (no formatting: the payload only).
+class KeepingSink : public spdlog::sinks::sink {
+ public:
+  void log(const spdlog::details::log_msg& m) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    lines_.emplace_back(m.payload.data(), m.payload.size());
+  }
+  void flush() override {}
+  void set_pattern(const std::string&) override {}
+  void set_formatter(std::unique_ptr<spdlog::formatter>) override {}
+  int count(const std::string& needle) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int n = 0;
+    for (const auto& l : lines_) n += l.find(needle) != std::string::npos;
+    return n;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::string> lines_;
+};
+
+}  // namespace
+
+// The default range (64, at 24 bits) holds every delta value of a model with BatchNorm on the
+// built-in data, running variances included: no site warns that it clipped, and the model is
+// plain FedAvg's within one quantization step. The control: range 1 (the former default) clips.
+TEST(SecureRound, TheDefaultRangeHoldsBatchNormStatisticsOnBuiltInData) {
+  auto sink = std::make_shared<KeepingSink>();
+  auto& sinks = spdlog::default_logger()->sinks();
+  sinks.push_back(sink);
+  const auto clipped = [&] { return sink->count("are clipped"); };
+  const Ran plain = run(config(pipeline(1)));
+  const Ran secure = run(config(pipeline(1, "secure_aggregation: {secrets: seeded}\n")));
+  EXPECT_EQ(clipped(), 0);
+  EXPECT_LE(max_diff(plain.global, secure.global), 128.0 / ((1 << 24) - 1) + 1e-6);
+  bool has_running_var = false;
+  for (const auto& [name, a] : secure.global)
+    has_running_var |= name.find("running_var") != std::string::npos;
+  EXPECT_TRUE(has_running_var);  // BatchNorm statistics are in the masked sum
+  run(config(pipeline(1, "secure_aggregation: {secrets: seeded, range: 1, bits: 16}\n")));
+  EXPECT_GT(clipped(), 0);
+  sinks.pop_back();
 }

@@ -299,3 +299,37 @@ TEST(FederationNet, ASiteNotInThePipelinesSiteListStopsBeforeConnecting) {
             std::string::npos)
       << site.output();
 }
+
+// Sample-level DP with the sites in their own processes: each site does DP-SGD because its own
+// pipeline says so, the server learns each site's training-set size from its first upload and
+// keeps one accountant per site, and the run ends with the simulation's weights and epsilons.
+TEST(FederationNet, SampleLevelPrivacyOverTheNetworkMatchesTheSimulation) {
+  Federation f;
+  const fs::path file = f.variant("dp.yaml", "args: {width: 6, depth: 2}}",
+                                  "args: {width: 6, depth: 2, norm: group}}\n"
+                                  "privacy: {level: sample, epsilon: 8, clip: 1.0}");
+  const fs::path sim = f.dir.path() / "sim-run";
+  std::string out;
+  ASSERT_EQ(testkit::run_command(testkit::concord_exe() + " run --no-progress " + file.string() +
+                                     " --run-dir " + sim.string() + " 2>&1",
+                                 &out),
+            0)
+      << out;
+  auto server = f.server({file.string(), "--run-dir", f.run.string()}, "server.log");
+  std::vector<std::unique_ptr<Proc>> sites;
+  for (const auto& s : f.sites)
+    sites.push_back(std::make_unique<Proc>(
+        std::vector<std::string>{"site", "--kit", (f.kits / s).string(), file.string()},
+        f.dir.path() / (s + ".log")));
+  const int rc = server->wait(120);
+  std::vector<const Proc*> all = {server.get()};
+  for (auto& s : sites) all.push_back(s.get());
+  ASSERT_EQ(rc, 0) << f.logs(all);
+  for (auto& s : sites) EXPECT_EQ(s->wait(20), 0) << f.logs(all);
+  expect_same_weights(f.run, sim);
+  const auto net = summary(f.run)["privacy"], local = summary(sim)["privacy"];
+  EXPECT_EQ(net["level"], "sample");
+  EXPECT_EQ(net["site_epsilon"].size(), 3u);
+  EXPECT_EQ(net["site_epsilon"], local["site_epsilon"]);
+  EXPECT_GT(net["epsilon"].get<double>(), 0.0);
+}

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include "testing.h"
+#include "trainer_fixture.h"
 
 #include <cstdlib>
 #include <optional>
@@ -18,17 +19,9 @@ using namespace concord;
 namespace {
 
 // One site with `n` 16x16 segmentation samples whose masks hold class indices as floats.
-struct Fixture {
-  std::string site = "site-A";
-  PipelineConfig::Training training;
-  SiteData data;
-  std::vector<Harmonizer*> augmenters;
-  NamedArrays store;
-  std::map<std::string, at::Tensor> received;
-  int64_t calls = 0;
-  std::unique_ptr<Model> model;
-
+struct Fixture : testkit::TrainerFixture {
   explicit Fixture(int n) {
+    task = Task::Segmentation;
     const Registry& reg = testkit::builtin_registry();
     ModelSpec spec;
     spec.task = Task::Segmentation;
@@ -54,19 +47,6 @@ struct Fixture {
       data.test.push_back(s);
     }
     data.train = data.test;
-  }
-  LocalTraining trainer() {
-    LocalTraining::Context c;
-    c.site = &site;
-    c.training = &training;
-    c.task = Task::Segmentation;
-    c.data = &data;
-    c.model = model.get();
-    c.augmenters = &augmenters;
-    c.store = &store;
-    c.received = &received;
-    c.calls = &calls;
-    return LocalTraining(c, 1);
   }
 };
 

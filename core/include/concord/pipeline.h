@@ -84,14 +84,14 @@ struct PipelineConfig {
     int every = 1;
     std::vector<std::string> held_out;  // sites that only evaluate
   } evaluation;
-  // Client-level differential privacy with an accountant (docs/privacy.md): absent = off.
+  // Differential privacy with an accountant (docs/privacy.md): absent = off.
   struct Privacy {
     double epsilon = 8;  // the budget for the whole run, at delta
     double delta = 1e-5;
-    std::string level = "client";   // client (one site's data is the protected unit)
-    std::string mode = "central";   // central (coordinator adds the noise) | local (each site)
-    std::string sampling = "none";  // the accountant's assumption: none (q = 1) | poisson
-    double clip = 1.0;              // C: L2 bound on one site's delta
+    std::string level = "client";   // client (one site's data) | sample (one sample: DP-SGD)
+    std::string mode = "central";   // client level: central (the coordinator) | local (each site)
+    std::string sampling = "none";  // client level: none (q = 1) | poisson (sample: always)
+    double clip = 1.0;              // C: L2 bound on one site's delta / one sample's gradient
     double noise_multiplier = 0;    // z; 0 = the smallest z the budget allows for the rounds
     SourceLoc where;                // the `privacy` key (errors at set-up name it)
   };
@@ -100,8 +100,8 @@ struct PipelineConfig {
   struct SecureAggregation {
     int threshold = 0;   // t: shares that rebuild a secret; 0 = k / 2 + 1
     int neighbours = 0;  // k: each site's neighbours; 0 = n - 1 up to 11 sites, else ~2 log2 n
-    double range = 1.0;  // each value of a delta is clipped to [-range, range] and quantized
-    int bits = 16;       // quantization levels 2^bits
+    double range = 64;   // each value of a delta is clipped to [-range, range] and quantized
+    int bits = 24;       // quantization levels 2^bits
     std::string weights = "samples";  // samples (weighted FedAvg) | equal
     // random (the operating system's, for deployments) | seeded (from the pipeline seed:
     // reproducible, and known to whoever holds the pipeline file: simulation studies only)

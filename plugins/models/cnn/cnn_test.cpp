@@ -207,3 +207,36 @@ TEST(Cnn, LoadNamesTheFileAndTheMismatch) {
     EXPECT_NE(std::string(e.what()).find(garbage), std::string::npos) << e.what();
   }
 }
+
+// norm: group puts GroupNorm (gcd(channels, 8) groups, no running statistics) where BatchNorm
+// was, norm: none nothing (the conv gets a bias); both train per sample (sample-level DP).
+TEST(Cnn, NormGroupAndNoneHaveNoBatchNorm) {
+  for (const std::string norm : {"group", "none"}) {
+    Value choice;
+    choice.type = ArgType::Enum;
+    choice.s = norm;
+    auto model = make_model(
+        "cnn",
+        {{"width", make_value(int64_t(4))}, {"depth", make_value(int64_t(2))}, {"norm", choice}},
+        classification(1, 2, 16));
+    const auto state = model->state();
+    EXPECT_TRUE(entries_of_type(state, "BatchNorm2d").empty()) << norm;
+    for (const StateEntry& e : state) EXPECT_TRUE(e.is_parameter) << e.name;  // no buffers
+    std::map<std::string, std::string> types;
+    for (const ModuleEntry& m : model->modules()) types[m.path] = m.type;
+    if (norm == "group") {
+      EXPECT_EQ(types.at("features.block2.gn"), "GroupNorm");
+      EXPECT_EQ(find_entry(state, "features.block2.gn.weight")->tensor.size(0), 8);
+      EXPECT_EQ(find_entry(state, "features.block1.conv.bias"), nullptr);
+    } else {
+      EXPECT_EQ(types.count("features.block2.gn"), 0u);
+      EXPECT_NE(find_entry(state, "features.block1.conv.bias"), nullptr);
+    }
+    model->set_training(true);
+    // One image alone gives the same output as in a batch: nothing mixes the samples.
+    const at::Tensor x = torch::rand({3, 1, 16, 16});
+    const at::Tensor batch = model->forward(x);
+    EXPECT_TRUE(torch::allclose(model->forward(x.slice(0, 1, 2)), batch.slice(0, 1, 2), 1e-5, 1e-6))
+        << norm;
+  }
+}
