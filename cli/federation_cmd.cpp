@@ -33,15 +33,21 @@ std::string joined(const std::vector<std::string>& names) {
   return out;
 }
 
-// Test seam (fault injection, never set in production): CONCORD_FAULT_KILL_AT="round:N" kills
+// Test seams (fault injection, never set in production): CONCORD_FAULT_KILL_AT="round:N" kills
 // the server right after round N's checkpoint; "train:N" kills a site when round N's training
 // request arrives. The process dies by SIGKILL, as a crash or `kill -9` would end it.
-int kill_at(const char* what) {
-  const char* v = std::getenv("CONCORD_FAULT_KILL_AT");
+// CONCORD_FAULT_WAIT_AT="round:N" makes the server wait after round N's checkpoint (up to 60 s)
+// until every site is registered, so that a test can restart a site process between two rounds.
+int fault_at(const char* variable, const char* what) {
+  const char* v = std::getenv(variable);
   if (!v) return 0;
   const std::string s(v), prefix = std::string(what) + ":";
   if (s.rfind(prefix, 0) != 0) return 0;
   return std::atoi(s.c_str() + prefix.size());
+}
+
+int kill_at(const char* what) {
+  return fault_at("CONCORD_FAULT_KILL_AT", what);
 }
 
 void die_now(const std::string& why) {
@@ -104,7 +110,9 @@ void add_server_command(CLI::App& app, Globals& g) {
     // The data shape every site must share: the first admitted site's.
     auto shape_mu = std::make_shared<std::mutex>();
     auto shape = std::make_shared<std::optional<std::pair<std::string, DataShape>>>();
-    so.admit = [fingerprint, shape_mu, shape](const std::string& site, const std::string& info) {
+    auto starts = std::make_shared<net::SiteStarts>();  // site processes, for RemoteSites::starts
+    so.admit = [fingerprint, shape_mu, shape, starts](const std::string& site,
+                                                      const std::string& info) {
       const net::SiteHello h = net::decode_site_hello(info);
       if (h.pipeline != fingerprint)
         return "its pipeline differs from the server's (fingerprint " +
@@ -116,6 +124,7 @@ void add_server_command(CLI::App& app, Globals& g) {
       if (!((*shape)->second == h.shape))
         return "its data is " + h.shape.str() + " but site '" + (*shape)->first + "''s is " +
                (*shape)->second.str() + ": the model needs one shape";
+      starts->registered(site, h.instance);
       return std::string();
     };
     net::GrpcServerChannel channel(so);
@@ -137,15 +146,22 @@ void add_server_command(CLI::App& app, Globals& g) {
     }
     spdlog::info("the sites' data: {}", data_shape.str());
 
-    Experiment exp(config, global_registry(), RemoteSites{&channel, data_shape});
+    Experiment exp(config, global_registry(),
+                   RemoteSites{&channel, data_shape,
+                               [starts](const std::string& site) { return starts->count(site); }});
     RunRequest r;
     r.run_dir = o->resume.empty() ? o->run_dir : o->resume;
     r.resume = !o->resume.empty();
     r.no_progress = o->no_progress;
     r.resume_command = "concord server --kit KIT PIPELINE --resume";
     const int kill_round = kill_at("round");
-    r.after_round = [kill_round](int round) {
+    const int wait_round = fault_at("CONCORD_FAULT_WAIT_AT", "round");
+    r.after_round = [kill_round, wait_round, &channel, &config](int round) {
       if (round == kill_round) die_now("after round " + std::to_string(round));
+      if (round == wait_round) {
+        spdlog::warn("CONCORD_FAULT_WAIT_AT: after round {}: waiting for every site", round);
+        channel.wait_for_sites(config.data.sites, 60);
+      }
     };
     // A finished run tells the sites to stop; a stopped one leaves them reconnecting, so that
     // `concord server --resume` finds them.
@@ -225,7 +241,7 @@ void add_site_command(CLI::App& app, Globals& g) {
         std::make_unique<StandaloneSite>(config, global_registry(), so.site, out_dir));
     spdlog::info("site '{}': data {}; pipeline fingerprint {}", so.site, (*site)->shape().str(),
                  fingerprint_short(fingerprint));
-    so.info = net::encode_site_hello({fingerprint, (*site)->shape()});
+    so.info = net::encode_site_hello({fingerprint, (*site)->shape(), net::new_site_instance()});
     so.seed = config.seed;
     so.stop = net::stop_flag_on_signals();
     auto session = std::make_shared<std::string>();

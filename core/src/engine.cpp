@@ -50,6 +50,10 @@ struct Experiment::Impl {
   SiteMetrics last_eval;
   std::map<std::string, protocol::SiteState> kept_states;  // each site's last exported state
   NamedArrays final_global;
+  // Remote sites: the statistics each harmonizer broadcast, and each site's process count
+  // (RemoteSites::starts) when it was last brought up to date.
+  std::vector<Stats> harmonizer_stats;
+  std::map<std::string, uint64_t> starts_seen;
 
   Impl(PipelineConfig c, const Registry& r) : config(std::move(c)), registry(r) {}
 
@@ -157,7 +161,47 @@ struct Experiment::Impl {
     if (options.stop_after) learned.stop = [&] { return options.stop_after(0); };
     learned.on_progress = [&](const std::string& p, int i, int n) { progress(options, p, i, n); };
     phase.learned = &learned;
-    phase.run();
+    // Site processes registered by now take part in the phase (or fail it and are dropped).
+    if (remote && remote->starts)
+      for (const auto& site : roster.order) starts_seen[site] = remote->starts(site);
+    harmonizer_stats = phase.run();
+  }
+
+  // Remote sites: a site process that registered since the site was last brought up to date (a
+  // restarted process, or a site that was late for the harmonizer phase) has none of the run's
+  // state. Before round `round` it gets, in order, what the run gave its predecessor: each
+  // harmonizer's statistics, its state from the last checkpoint, the global model of round
+  // round - 1. A restart between two rounds then changes nothing in the results. If that
+  // fails, the site stays out of the run (named in the failures) until it starts again.
+  void catch_up(int round) {
+    if (!remote || !remote->starts) return;
+    const std::string at = "round " + std::to_string(round) + ": site '";
+    for (const auto& site : roster.order) {
+      if (!restarted(site)) continue;
+      starts_seen[site] = remote->starts(site);
+      std::string why;
+      for (size_t i = 0; i < harmonizer_stats.size() && why.empty(); ++i)
+        for (const auto& f : coordinator->set_statistics(i, harmonizer_stats[i], {site}))
+          why = f.what;
+      if (auto st = kept_states.find(site); why.empty() && st != kept_states.end())
+        for (const auto& f : coordinator->restore_states(round - 1, {{site, st->second}}))
+          why = f.what;
+      if (why.empty())
+        for (const auto& f : coordinator->broadcast(round - 1, {site})) why = f;
+      if (!why.empty()) {
+        roster.dropped.insert(site);
+        failures.add(at + site + "': a new process of the site could not be brought up to date (" +
+                     why + "): left out until it starts again");
+        continue;
+      }
+      const bool was_out = roster.dropped.erase(site) > 0;
+      spdlog::info(
+          "{}{}': a new process of the site registered: brought up to date ({} "
+          "harmonizer statistics, {}the global model of round {}){}",
+          at, site, harmonizer_stats.size(),
+          kept_states.count(site) ? "its checkpointed state, " : "", round - 1,
+          was_out ? "; it rejoins the run" : "");
+    }
   }
 
   SiteMetrics evaluate(int round, const std::string& phase) {
@@ -165,7 +209,18 @@ struct Experiment::Impl {
     SiteMetrics out = coordinator->evaluate(round, phase, roster.names(true), refused);
     for (const auto& f : refused)
       failures.add("round " + std::to_string(round) + ": evaluate (" + phase + "): " + f.what);
+    for (auto it = out.begin(); it != out.end();)  // answered by a process not yet up to date
+      it = restarted(it->first) ? out.erase(it) : std::next(it);
     return out;
+  }
+
+  // True when a new process of remote `site` registered since the site was last brought up to
+  // date (catch_up): what it answers does not describe the run's state. The count grows at
+  // registration, before the new process can get any request, so asking after a call is safe.
+  bool restarted(const std::string& site) const {
+    if (!remote || !remote->starts) return false;
+    auto seen = starts_seen.find(site);
+    return remote->starts(site) > (seen == starts_seen.end() ? 0 : seen->second);
   }
 
   // Steps 1-5 of one round, then evaluation (every evaluation.every rounds and at the end) and
@@ -242,7 +297,7 @@ struct Experiment::Impl {
   void checkpoint(const fs::path& dir, int round) {
     Coordinator::Failures refused;
     for (auto& [site, st] : coordinator->export_states(round, roster.names(true), refused))
-      kept_states[site] = std::move(st);
+      if (!restarted(site)) kept_states[site] = std::move(st);
     for (const auto& f : refused)
       failures.add("round " + std::to_string(round) + ": checkpoint: " + f.what +
                    " (its last saved state is kept)");
@@ -426,6 +481,7 @@ RunSummary Experiment::run(const RunOptions& options) {
 
   int last = cfg.federation.rounds;
   for (int round = done + 1; round <= cfg.federation.rounds; ++round) {
+    x.catch_up(round);
     if (!x.run_round(round, options, record)) {
       last = round - 1;  // refused by the privacy budget: the run ends with what it has
       break;

@@ -50,8 +50,15 @@ class SiteHarmonizers {
 
   Message set_statistics(Message&& in, SiteData& data) {
     protocol::SetStatistics set = protocol::read_set_statistics(std::move(in), harmonizers_.size());
+    // Applying a harmonizer twice would harmonize the images twice; out of order, the next
+    // harmonizer would see images its statistics were not fitted on.
+    if (set.harmonizer != applied_)
+      throw SiteError(site_, "statistics for harmonizer " + std::to_string(set.harmonizer) + " (" +
+                                 std::to_string(applied_) + " applied so far): " +
+                                 (set.harmonizer < applied_ ? "already applied" : "out of order"));
     Harmonizer& h = *harmonizers_[set.harmonizer];
     h.set_statistics(set.stats, site_);
+    ++applied_;
     if (h.replays()) replayers_.push_back(&h);  // adds samples to training batches instead
     if (h.augments()) {
       augmenters_.push_back(&h);
@@ -62,6 +69,17 @@ class SiteHarmonizers {
     return protocol::ack(site_, 0);
   }
 
+  // Throws SiteError unless every harmonizer's statistics were applied: a site process that
+  // started after the harmonizer phase must not train or evaluate on unharmonized images.
+  void check_harmonized(const char* request) const {
+    if (applied_ < harmonizers_.size())
+      throw SiteError(site_, std::string("refusing '") + request +
+                                 "': " + std::to_string(applied_) + " of " +
+                                 std::to_string(harmonizers_.size()) +
+                                 " harmonizers' statistics applied at this site (did this site "
+                                 "process start after the harmonizer phase?)");
+  }
+
   const std::vector<Harmonizer*>& augmenters() const { return augmenters_; }
   const std::vector<Harmonizer*>& replayers() const { return replayers_; }
   const std::vector<std::unique_ptr<Harmonizer>>& all() const { return harmonizers_; }
@@ -70,6 +88,7 @@ class SiteHarmonizers {
   std::string site_;
   std::vector<std::unique_ptr<Harmonizer>> harmonizers_;
   std::vector<Harmonizer*> augmenters_, replayers_;
+  size_t applied_ = 0;  // harmonizers[0 .. applied_) have their statistics applied
 };
 
 }  // namespace
@@ -158,6 +177,7 @@ struct Site::Impl {
   NamedArrays local;   // entries kept at the site, after its last training
   NamedArrays store;   // the adapter's store
   bool trained = false;
+  bool has_global = false;  // a broadcast arrived
   // Per request.
   std::map<std::string, at::Tensor> received;
   int round = 0;
@@ -187,6 +207,18 @@ struct Site::Impl {
   Model& model() {
     if (!pool) throw SiteError(name, "this site runs the harmonizer phase only (no model)");
     return *pool->model;
+  }
+
+  // A site process that started in the middle of a run (a restart, a late registration) holds
+  // none of the run's state until the coordinator brought it up to date (harmonizer statistics,
+  // its checkpointed state, the global model): until then it refuses work that would use or
+  // report that state, rather than answer with unharmonized images or an untrained model.
+  void check_ready(const char* request) const {
+    harmonization.check_harmonized(request);
+    if (!has_global)
+      throw SiteError(name, std::string("refusing '") + request +
+                                "': no global model received yet (did this site process "
+                                "start in the middle of the run?)");
   }
 
   LocalTraining trainer() {
@@ -221,15 +253,19 @@ struct Site::Impl {
       case protocol::Request::Broadcast:
         model();
         global = std::move(in.arrays);
+        has_global = true;
         out = protocol::ack(name, round);
         break;
       case protocol::Request::Train:
+        check_ready("train");
         out = train(in);
         break;
       case protocol::Request::Evaluate:
+        check_ready("evaluate");
         out = evaluate(protocol::read_evaluate_request(in));
         break;
       case protocol::Request::Personalize: {
+        check_ready("personalize");
         load_model_state();
         LocalTraining t = trainer();
         adapter->personalize(t);
@@ -238,6 +274,7 @@ struct Site::Impl {
         break;
       }
       case protocol::Request::ExportState:
+        check_ready("export-state");
         model();
         out = protocol::site_state(name, round, {local, store, trained});
         break;
@@ -246,6 +283,7 @@ struct Site::Impl {
         out = protocol::ack(name, round);
         break;
       case protocol::Request::SecAggSetup:
+        check_ready("secagg-setup");
         model();
         out = secure.setup(in);
         break;

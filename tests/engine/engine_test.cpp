@@ -39,17 +39,6 @@ std::vector<std::string> site_names() {
   return out;
 }
 
-bool bit_identical(const NamedArrays& a, const NamedArrays& b) {
-  if (a.size() != b.size()) return false;
-  for (const auto& [k, v] : a) {
-    auto it = b.find(k);
-    if (it == b.end() || it->second.nbytes() != v.nbytes() ||
-        std::memcmp(it->second.raw(), v.raw(), v.nbytes()) != 0)
-      return false;
-  }
-  return true;
-}
-
 std::vector<nlohmann::json> read_jsonl(const fs::path& f) {
   std::vector<nlohmann::json> out;
   std::ifstream in(f);
@@ -126,7 +115,7 @@ TEST(Engine, TooFewRepliesLeaveTheGlobalModelUnchanged) {
   RunOptions o2;
   o2.run_dir = dir2.str();
   zero.run(o2);
-  EXPECT_TRUE(bit_identical(exp.global_state(), zero.global_state()));
+  EXPECT_TRUE(testkit::bit_identical(exp.global_state(), zero.global_state()));
 }
 
 TEST(Engine, ResumedRunIsBitIdenticalToUninterruptedRun) {
@@ -152,7 +141,7 @@ TEST(Engine, ResumedRunIsBitIdenticalToUninterruptedRun) {
   r.resume = true;
   RunSummary s = resumed.run(r);
   EXPECT_EQ(s.rounds_completed, 3);
-  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+  EXPECT_TRUE(testkit::bit_identical(full.global_state(), resumed.global_state()));
   EXPECT_EQ(read_jsonl(full_dir.path() / "metrics.jsonl").size(),
             read_jsonl(cut_dir.path() / "metrics.jsonl").size());
   // And a different seed gives a different model (the check above can fail).
@@ -162,7 +151,7 @@ TEST(Engine, ResumedRunIsBitIdenticalToUninterruptedRun) {
   RunOptions oo;
   oo.run_dir = other_dir.str();
   other.run(oo);
-  EXPECT_FALSE(bit_identical(full.global_state(), other.global_state()));
+  EXPECT_FALSE(testkit::bit_identical(full.global_state(), other.global_state()));
 }
 
 TEST(Engine, ResumeRefusesAChangedPipeline) {
@@ -407,7 +396,7 @@ TEST(Coordinator, AFailingAggregatorCostsTheRoundNotTheRun) {
     EXPECT_FALSE(out.aggregated);
     EXPECT_NE(out.not_aggregated.find("aggregation failed"), std::string::npos);
     EXPECT_NE(out.not_aggregated.find(expect), std::string::npos) << out.not_aggregated;
-    EXPECT_TRUE(bit_identical(c.global(), sample_global()));  // unchanged
+    EXPECT_TRUE(testkit::bit_identical(c.global(), sample_global()));  // unchanged
   }
   EXPECT_EQ(t.steps, 0) << "the aggregator's server state is put back after a failed round";
 }
@@ -555,7 +544,7 @@ TEST(Engine, ResumeBeforeTheFirstCheckpointStartsFromRoundOne) {
   r.resume = true;
   RunSummary s = resumed.run(r);
   EXPECT_EQ(s.rounds_completed, 2);
-  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+  EXPECT_TRUE(testkit::bit_identical(full.global_state(), resumed.global_state()));
   EXPECT_EQ(read_jsonl(full_dir.path() / "metrics.jsonl").size(),
             read_jsonl(cut_dir.path() / "metrics.jsonl").size());
 }
@@ -587,7 +576,7 @@ TEST(Engine, TruncatedLatestCheckpointFallsBackToThePreviousOne) {
   r.resume = true;
   RunSummary s = resumed.run(r);
   EXPECT_EQ(s.rounds_completed, 3);
-  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+  EXPECT_TRUE(testkit::bit_identical(full.global_state(), resumed.global_state()));
 
   fs::resize_file(copy / "checkpoints" / "round-0001.ckpt", 10);
   Experiment none(c, testkit::builtin_registry());
@@ -742,7 +731,7 @@ TEST(Engine, CheckpointsAskEachSiteForItsStateThroughTheChannel) {
                            std::make_pair(s, std::string(protocol::kTrain)));
     EXPECT_LT(restore - resume_log.begin(), train - resume_log.begin()) << s;
   }
-  EXPECT_TRUE(bit_identical(full.global_state(), resumed.global_state()));
+  EXPECT_TRUE(testkit::bit_identical(full.global_state(), resumed.global_state()));
 }
 
 // A state that does not fit the site's model is refused by the site, by name, before anything

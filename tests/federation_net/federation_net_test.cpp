@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -266,6 +267,53 @@ TEST(FederationNet, AKilledServerResumesAndTheSitesReconnectByThemselves) {
   for (auto& s : sites) EXPECT_EQ(s->wait(20), 0) << f.logs(all);
   EXPECT_NE(resumed->output().find("resuming"), std::string::npos);
   expect_same_weights(f.run, sim);
+}
+
+// A site process killed in the middle of a run and started again: the new process registers,
+// the server brings it up to date (the harmonizer statistics, its checkpointed state, the global
+// model) and it takes part in the rounds that follow. The server waits after round 2 until every
+// site is registered (a test seam), so the new process is back before round 3.
+TEST(FederationNet, ARestartedSiteProcessIsBroughtUpToDateAndTrainsAgain) {
+  Federation f;
+  const fs::path file = f.variant("long.yaml", "rounds: 2,", "rounds: 4,");
+  setenv("CONCORD_FAULT_WAIT_AT", "round:2", 1);  // inherited by the server process only
+  auto server = f.server({file.string(), "--run-dir", f.run.string()}, "server.log");
+  unsetenv("CONCORD_FAULT_WAIT_AT");
+  std::vector<std::unique_ptr<Proc>> sites;
+  for (const auto& s : f.sites)
+    sites.push_back(std::make_unique<Proc>(
+        std::vector<std::string>{"site", "--kit", (f.kits / s).string(), file.string()},
+        f.dir.path() / (s + ".log"), s == "site-C" ? "train:2" : ""));
+  std::vector<const Proc*> all = {server.get()};
+  for (auto& s : sites) all.push_back(s.get());
+  ASSERT_EQ(sites[2]->wait(90), 128 + SIGKILL) << f.logs(all);
+  Proc again({"site", "--kit", (f.kits / "site-C").string(), file.string()},
+             f.dir.path() / "site-C-again.log");
+  all.push_back(&again);
+  ASSERT_EQ(server->wait(120), 1) << f.logs(all);  // completed, with site-C's missed rounds named
+  EXPECT_EQ(again.wait(20), 0) << f.logs(all);
+  const std::string log = server->output();
+  const auto caught = log.find(
+      "site 'site-C': a new process of the site registered: brought up "
+      "to date (1 harmonizer statistics, its checkpointed state");
+  ASSERT_NE(caught, std::string::npos) << f.logs(all);
+  // From then on site-C uploads again, and its final evaluation is there.
+  std::ifstream metrics(f.run / "metrics.jsonl");
+  std::set<int> uploaded;  // the rounds in which site-C's upload was aggregated
+  for (std::string line; std::getline(metrics, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.value("site", "") == "site-C" && j.contains("num_samples"))
+      uploaded.insert(j["round"].get<int>());
+  }
+  EXPECT_EQ(uploaded, (std::set<int>{1, 3, 4})) << f.logs(all);
+  EXPECT_NE(log.find("round 3: site 'site-C': a new process"), std::string::npos) << log;
+  const auto s = summary(f.run);
+  for (const auto& line : s["failures"])
+    EXPECT_NE(line.get<std::string>().find("site 'site-C'"), std::string::npos) << s.dump(1);
+  bool evaluated = false;
+  for (const auto& site : s["sites"])
+    if (site["site"] == "site-C") evaluated = !site["metrics"].empty();
+  EXPECT_TRUE(evaluated) << s.dump(1);
 }
 
 TEST(FederationNet, ASiteWithAnotherPipelineIsRefusedWithTheReasonOnBothEnds) {

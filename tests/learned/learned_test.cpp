@@ -67,18 +67,6 @@ std::string read_bytes(const fs::path& f) {
   return ss.str();
 }
 
-bool same_arrays(const NamedArrays& a, const NamedArrays& b) {
-  if (a.size() != b.size()) return false;
-  for (const auto& [k, v] : a) {
-    auto it = b.find(k);
-    if (it == b.end() || it->second.dtype() != v.dtype() || it->second.shape() != v.shape() ||
-        it->second.nbytes() != v.nbytes() ||
-        std::memcmp(it->second.raw(), v.raw(), v.nbytes()) != 0)
-      return false;
-  }
-  return true;
-}
-
 // Records the shape of every array in every request and reply.
 class RecordingChannel : public Channel {
  public:
@@ -150,7 +138,7 @@ TEST(LearnedStage, ResumeInsideTheCycleGanStageIsBitIdentical) {
     RunSummary s = exp.run(o);
     EXPECT_EQ(s.rounds_completed, 1);
     EXPECT_EQ(learned_rounds, 4) << "the resumed run trains only the stage's last round";
-    EXPECT_TRUE(same_arrays(expected, exp.global_state()))
+    EXPECT_TRUE(testkit::bit_identical(expected, exp.global_state()))
         << "the final global state differs after a resume inside the learned stage";
   }
   const std::string stats = "learned/harmonizer-0-cyclegan.stats";

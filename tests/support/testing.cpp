@@ -4,6 +4,7 @@
 #include <array>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 
 namespace fs = std::filesystem;
@@ -72,6 +73,18 @@ int run_command(const std::string& command, std::string* output) {
   int status = pclose(p);
   if (output) *output = out;
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+bool bit_identical(const NamedArrays& a, const NamedArrays& b) {
+  if (a.size() != b.size()) return false;
+  for (const auto& [k, v] : a) {
+    auto it = b.find(k);
+    if (it == b.end() || it->second.dtype() != v.dtype() || it->second.shape() != v.shape() ||
+        it->second.nbytes() != v.nbytes() ||
+        std::memcmp(it->second.raw(), v.raw(), v.nbytes()) != 0)
+      return false;
+  }
+  return true;
 }
 
 }  // namespace concord::testkit

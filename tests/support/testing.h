@@ -1,6 +1,7 @@
 // Shared helpers for Concord's tests.
 #pragma once
 
+#include <concord/array.h>
 #include <concord/registry.h>
 
 #include <gtest/gtest.h>
@@ -54,6 +55,9 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// Same names, and every array byte for byte (dtype, shape and values).
+bool bit_identical(const NamedArrays& a, const NamedArrays& b);
 
 // Runs a shell command, returns exit status; output captured into `output`.
 int run_command(const std::string& command, std::string* output = nullptr);

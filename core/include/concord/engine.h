@@ -193,6 +193,12 @@ struct DataShape {
 struct RemoteSites {
   Channel* channel = nullptr;
   DataShape shape;
+  // How many site processes of `site` have registered so far (each process once, however often
+  // it reconnects). When the count grows during a run (a site process restarted, or a site
+  // registered after the run began), the coordinator brings the new process up to date before
+  // the next round: the harmonizers' statistics in order, the site's state from the last
+  // checkpoint, the current global model. Null: site processes never change.
+  std::function<uint64_t(const std::string& site)> starts;
 };
 
 // One site of such a federation (`concord site`): its data loaded as a run loads it (the

@@ -3,8 +3,11 @@
 #include <concord/net/federation.h>
 #include <concord/net/pki.h>
 
+#include <spdlog/fmt/fmt.h>
 #include <yaml-cpp/yaml.h>
 #include <nlohmann/json.hpp>
+
+#include <random>
 
 namespace concord::net {
 
@@ -63,6 +66,7 @@ std::string encode_site_hello(const SiteHello& h) {
   j["classes"] = h.shape.num_classes;
   j["width"] = h.shape.image_size[0];
   j["height"] = h.shape.image_size[1];
+  j["instance"] = h.instance;
   return j.dump();
 }
 
@@ -79,10 +83,34 @@ SiteHello decode_site_hello(const std::string& info) {
     h.shape.channels = int(whole(j, "channels", 1, 1024));
     h.shape.num_classes = int(whole(j, "classes", 1, 1 << 20));
     h.shape.image_size = {whole(j, "width", 1, 1 << 20), whole(j, "height", 1, 1 << 20)};
+    h.instance = text(j, "instance");
+    if (h.instance.empty() || h.instance.size() > 64 ||
+        h.instance.find_first_not_of("0123456789abcdef") != std::string::npos)
+      throw Error("'instance' is not 1 to 64 lower-case hex digits");
   } catch (const Error& e) {
     throw Error(std::string("the site's registration: ") + e.what());
   }
   return h;
+}
+
+std::string new_site_instance() {
+  std::random_device os;  // /dev/urandom on Linux
+  std::string out;
+  for (int i = 0; i < 4; ++i) out += fmt::format("{:08x}", uint32_t(os()));
+  return out;
+}
+
+void SiteStarts::registered(const std::string& site, const std::string& instance) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& [last, count] = seen_[site];
+  if (count == 0 || last != instance) ++count;
+  last = instance;
+}
+
+uint64_t SiteStarts::count(const std::string& site) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = seen_.find(site);
+  return it == seen_.end() ? 0 : it->second.second;
 }
 
 std::string encode_server_welcome(const ServerWelcome& w) {

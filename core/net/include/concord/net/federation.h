@@ -7,7 +7,11 @@
 #include <concord/engine.h>
 #include <concord/pipeline.h>
 
+#include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 namespace concord::net {
 
@@ -22,10 +26,30 @@ std::string pipeline_fingerprint(const PipelineConfig& config);
 struct SiteHello {
   std::string pipeline;  // pipeline_fingerprint
   DataShape shape;
+  // This site process, the same at every reconnection (new_site_instance()): a new value tells
+  // the server that a new process, holding none of the run's state, took the site's place.
+  std::string instance;
 };
 std::string encode_site_hello(const SiteHello& hello);
 // Throws concord::Error saying what is wrong (not JSON, a field missing, out of range).
 SiteHello decode_site_hello(const std::string& info);
+
+// A fresh instance name for SiteHello: 32 hex digits from the operating system's random source
+// (an identity, not part of any computation: runs stay reproducible from their seed).
+std::string new_site_instance();
+
+// The server's count of site processes per site (RemoteSites::starts): registered() with each
+// admitted registration; a site's count grows when its instance differs from the last one seen.
+// Thread-safe.
+class SiteStarts {
+ public:
+  void registered(const std::string& site, const std::string& instance);
+  uint64_t count(const std::string& site) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::string, std::pair<std::string, uint64_t>> seen_;  // site -> (instance, count)
+};
 
 // WELCOME's info from the server.
 struct ServerWelcome {

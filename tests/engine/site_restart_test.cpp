@@ -1,0 +1,142 @@
+// A site process that restarts in the middle of a run (RemoteSites::starts): the coordinator
+// brings the new process up to date before the next round (harmonizer statistics, the site's
+// checkpointed state, the global model), so a restart between two rounds leaves the results
+// bit-identical to an uninterrupted run. Without that, the new process refuses to train or
+// evaluate on unharmonized images, and says why. The sites here are StandaloneSites (what
+// `concord site` runs) behind an in-process Channel, so a "restart" is deterministic.
+#include <concord/engine.h>
+#include <concord/error.h>
+
+#include <cstring>
+#include <memory>
+
+#include "testing.h"
+
+using namespace concord;
+
+namespace {
+
+// FedBN (each site keeps its BatchNorm layers: state that only a restore gives back) and a fitted
+// harmonizer with per-site statistics.
+std::string pipeline() {
+  return R"(name: restart-test
+seed: 5
+data:
+  dataset: {type: brainsim, args: {sites: 3, train_per_site: 8, test_per_site: 4, size: 24}}
+  sites: [site-A, site-B, site-C]
+model: {type: cnn, args: {width: 6, depth: 2}}
+harmonizers:
+  - type: histogram-match
+adapter: {type: batchnorm, args: {policy: local}}
+training: {local_epochs: 1, batch_size: 4, lr: 0.01, threads: 1}
+federation: {rounds: 3, min_sites: 2}
+)";
+}
+
+PipelineConfig config() {
+  return parse_pipeline(pipeline(), "restart-test.yaml", {}, testkit::builtin_registry());
+}
+
+// Every site a StandaloneSite, as `concord site` builds it; restart() replaces one with a new
+// one (a new process: none of the run's state) and counts it.
+class RestartingSites : public Channel {
+ public:
+  RestartingSites(const PipelineConfig& c, std::string dir) : config_(c), dir_(std::move(dir)) {
+    for (const auto& s : config_.data.sites) restart(s);
+  }
+  Bytes call(const std::string& site, const Bytes& request) override {
+    return sites_.at(site)->handle(request);
+  }
+  void restart(const std::string& site) {
+    sites_[site].reset();
+    sites_[site] = std::make_unique<StandaloneSite>(config_, testkit::builtin_registry(), site,
+                                                    dir_ + "/" + site);
+    ++starts_[site];
+  }
+  uint64_t starts(const std::string& site) const { return starts_.at(site); }
+  DataShape shape() const { return sites_.begin()->second->shape(); }
+
+ private:
+  const PipelineConfig& config_;
+  std::string dir_;
+  std::map<std::string, std::unique_ptr<StandaloneSite>> sites_;
+  std::map<std::string, uint64_t> starts_;
+};
+
+struct Outcome {
+  NamedArrays global;
+  RunSummary summary;
+};
+
+Outcome simulate() {
+  testkit::TempDir dir;
+  Experiment exp(config(), testkit::builtin_registry());
+  RunOptions o;
+  o.run_dir = (dir.path() / "run").string();
+  Outcome out;
+  out.summary = exp.run(o);
+  out.global = exp.global_state();
+  return out;
+}
+
+// The pipeline with remote sites; site-B restarts after round `restart_after` (checkpointed).
+Outcome remote(int restart_after, bool count_starts) {
+  testkit::TempDir dir;
+  const PipelineConfig c = config();
+  RestartingSites sites(c, dir.str());
+  RemoteSites remote{&sites, sites.shape(), nullptr};
+  if (count_starts) remote.starts = [&](const std::string& s) { return sites.starts(s); };
+  Experiment exp(c, testkit::builtin_registry(), remote);
+  RunOptions o;
+  o.run_dir = (dir.path() / "run").string();
+  o.on_round = [&](int round) {
+    if (round == restart_after) sites.restart("site-B");
+  };
+  Outcome out;
+  out.summary = exp.run(o);
+  out.global = exp.global_state();
+  return out;
+}
+
+std::string joined(const std::vector<std::string>& lines) {
+  std::string all;
+  for (const auto& l : lines) all += l + "\n";
+  return all;
+}
+
+}  // namespace
+
+TEST(SiteRestart, RemoteSitesWithoutARestartMatchTheSimulation) {
+  const Outcome sim = simulate();
+  const Outcome net = remote(0, true);
+  EXPECT_TRUE(sim.summary.failures.empty()) << joined(sim.summary.failures);
+  EXPECT_TRUE(net.summary.failures.empty()) << joined(net.summary.failures);
+  EXPECT_TRUE(testkit::bit_identical(net.global, sim.global));
+}
+
+TEST(SiteRestart, ARestartedSiteIsBroughtUpToDateAndTheRunEndsBitIdentical) {
+  const Outcome sim = simulate();
+  for (int after : {1, 2}) {
+    const Outcome net = remote(after, true);
+    EXPECT_TRUE(net.summary.failures.empty()) << after << "\n" << joined(net.summary.failures);
+    EXPECT_EQ(net.summary.rounds_completed, 3);
+    EXPECT_TRUE(testkit::bit_identical(net.global, sim.global)) << "restart after round " << after;
+    // Every site still reports its metrics (site-B evaluated with its restored BatchNorm).
+    ASSERT_EQ(net.summary.sites.size(), sim.summary.sites.size());
+    for (size_t i = 0; i < sim.summary.sites.size(); ++i)
+      EXPECT_EQ(net.summary.sites[i].metrics, sim.summary.sites[i].metrics)
+          << sim.summary.sites[i].site << ", restart after round " << after;
+  }
+}
+
+TEST(SiteRestart, WithoutCatchUpTheNewProcessRefusesUnharmonizedWorkAndSaysWhy) {
+  const Outcome sim = simulate();
+  const Outcome net = remote(1, false);
+  // Rounds 2 and 3 go on with site-A and site-C (min_sites 2); site-B refuses each request.
+  const std::string all = joined(net.summary.failures);
+  EXPECT_NE(all.find("round 2: site 'site-B'"), std::string::npos) << all;
+  EXPECT_NE(all.find("refusing 'train': 0 of 1 harmonizers' statistics applied"), std::string::npos)
+      << all;
+  EXPECT_EQ(all.find("not aggregated"), std::string::npos) << all;
+  EXPECT_FALSE(testkit::bit_identical(net.global, sim.global));
+}
