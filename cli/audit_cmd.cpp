@@ -1,8 +1,8 @@
 // `concord audit PIPELINE`: a leakage audit. A gradient-inversion attack (gradient_inversion.h)
 // against one site's real update on the pipeline's model and data, as a coordinator would see it
-// with plain FedAvg, with client-level DP noise at the pipeline's budget, and with secure
-// aggregation (only the sum of every site's update); SSIM and PSNR of the reconstructions to the
-// true images, against random images as the baseline; audit.json and montage.png.
+// with plain FedAvg, with DP noise at the pipeline's budget (client or sample level), and with
+// secure aggregation (only the sum of every site's update); SSIM and PSNR of the reconstructions to
+// the true images, against random images as the baseline; audit.json and montage.png.
 #include <concord/dataset.h>
 #include <concord/dp_accountant.h>
 #include <concord/durable_output.h>
@@ -15,6 +15,7 @@
 #include "commands.h"
 #include "gradient_inversion.h"
 #include "image_quality.h"
+#include "privacy_round.h"  // core/src: sample_level_plan, as a site computes it
 
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
@@ -121,8 +122,10 @@ void run_audit(const Globals& g, const AuditOptions& o) {
     throw Error("concord audit: the attack needs a classification task");
   // One batch per site: the first `images` training images.
   std::vector<Batch> batches;
+  std::vector<int64_t> train_sizes;  // each batch's site: its training images (DP-SGD's n)
   for (const auto& sd : fed.sites) {
     if (int(sd.train.size()) < o.images) continue;
+    train_sizes.push_back(int64_t(sd.train.size()));
     std::vector<at::Tensor> xs, ys;
     for (int i = 0; i < o.images; ++i) {
       xs.push_back(image_to_tensor(sd.train[size_t(i)].image));
@@ -172,29 +175,62 @@ void run_audit(const Globals& g, const AuditOptions& o) {
   }
   const double lr = cfg.training.lr;
   const int64_t m = int64_t(batches.size());
+  json report_dp;
 
-  // DP: the site's delta clipped to C with its local noise share z C / sqrt(m) (what the
-  // coordinator sees of one upload in local mode), z for the pipeline's budget.
+  // DP at the pipeline's budget, as the coordinator sees one upload.
+  //  - client level (default): the site's delta clipped to C with its local noise share
+  //    z C / sqrt(m) (local mode), z for the planned rounds;
+  //  - sample level (`privacy: {level: sample}`): one DP-SGD step on the batch, as the site's
+  //    local training takes it: each image's gradient clipped to C, N(0, (sigma C)^2) on the sum,
+  //    divided by the expected batch size, with the site's plan (its q, steps and sigma).
+  const bool sample = cfg.privacy && sample_level(cfg);
   const double eps = cfg.privacy ? cfg.privacy->epsilon : o.epsilon;
   const double delta = cfg.privacy ? cfg.privacy->delta : 1e-5;
-  const double clip = cfg.privacy ? cfg.privacy->clip : 1.0;
-  const double q = cfg.privacy && cfg.privacy->sampling == "poisson"
-                       ? std::min(1.0, std::ceil(cfg.federation.fraction * double(m)) / double(m))
-                       : 1.0;
-  const double z = cfg.privacy && cfg.privacy->noise_multiplier > 0
-                       ? cfg.privacy->noise_multiplier
-                       : dp::noise_multiplier_for(eps, delta, q, cfg.federation.rounds);
-  const double noise_std = z * clip / std::sqrt(double(m));
+  double clip = cfg.privacy ? cfg.privacy->clip : 1.0, z = 0, noise_std = 0;
   std::vector<at::Tensor> dp_target;
-  {
+  torch::manual_seed(derive_seed(cfg.seed, "audit-dp-noise"));
+  if (sample) {
+    const SampleLevelPlan plan = sample_level_plan(cfg, train_sizes[victim], truth.site);
+    z = plan.noise_multiplier;
+    clip = plan.clip;
+    noise_std = z * clip / plan.expected_batch;
+    std::vector<at::Tensor> sum;
+    for (int64_t i = 0; i < truth.x.size(0); ++i) {
+      auto g = audit::loss_gradient(forward, params, truth.x.slice(0, i, i + 1),
+                                    truth.y.slice(0, i, i + 1), false);
+      double norm2 = 0;
+      for (const auto& t : g) norm2 += t.pow(2).sum().item<double>();
+      const double scale = std::min(1.0, clip / std::max(std::sqrt(norm2), 1e-12));
+      for (size_t k = 0; k < g.size(); ++k) {
+        const at::Tensor c = g[k].detach() * scale;
+        if (sum.size() <= k)
+          sum.push_back(c);
+        else
+          sum[k] = sum[k] + c;
+      }
+    }
+    for (const auto& t : sum)  // the step's noised mean gradient: the update is -lr times it
+      dp_target.push_back((t + torch::randn_like(t) * (z * clip)) / plan.expected_batch);
+    report_dp = {{"level", "sample"},
+                 {"q", plan.q},
+                 {"planned_steps", plan.planned_steps},
+                 {"expected_batch", plan.expected_batch}};
+  } else {
+    const double q = cfg.privacy && cfg.privacy->sampling == "poisson"
+                         ? std::min(1.0, std::ceil(cfg.federation.fraction * double(m)) / double(m))
+                         : 1.0;
+    z = cfg.privacy && cfg.privacy->noise_multiplier > 0
+            ? cfg.privacy->noise_multiplier
+            : dp::noise_multiplier_for(eps, delta, q, cfg.federation.rounds);
+    noise_std = z * clip / std::sqrt(double(m));
     double norm2 = 0;
     for (const auto& t : grads[victim]) norm2 += (lr * t).pow(2).sum().item<double>();
     const double scale = std::min(1.0, clip / std::max(std::sqrt(norm2), 1e-12));
-    torch::manual_seed(derive_seed(cfg.seed, "audit-dp-noise"));
     for (const auto& t : grads[victim]) {
       const at::Tensor d = -lr * t * scale + torch::randn_like(t) * noise_std;
       dp_target.push_back(-d / lr);
     }
+    report_dp = {{"level", "client"}, {"q", q}, {"rounds", cfg.federation.rounds}};
   }
   // SecAgg: the coordinator sees only the sum of the m sites' updates.
   std::vector<at::Tensor> sum_target;
@@ -237,6 +273,7 @@ void run_audit(const Globals& g, const AuditOptions& o) {
   report["scenarios"]["dp"]["noise_multiplier"] = z;
   report["scenarios"]["dp"]["clip"] = clip;
   report["scenarios"]["dp"]["noise_std"] = noise_std;
+  for (const auto& [k, v] : report_dp.items()) report["scenarios"]["dp"][k] = v;
   attack("secagg", sum_target);
   {
     torch::manual_seed(derive_seed(cfg.seed, "audit-random"));
@@ -282,8 +319,10 @@ void run_audit(const Globals& g, const AuditOptions& o) {
               << s["psnr"].get<double>() << "\n";
   }
   std::cout.unsetf(std::ios::fixed);
-  std::cout << std::setprecision(6) << "dp: epsilon " << eps << " at delta " << delta
-            << ", z = " << z << ", per-upload noise std " << noise_std << "\n"
+  std::cout << std::setprecision(6) << "dp (" << report_dp["level"].get<std::string>()
+            << " level): epsilon " << eps << " at delta " << delta << ", z = " << z
+            << (sample ? ", noise std on the step's mean gradient " : ", per-upload noise std ")
+            << noise_std << "\n"
             << "results: " << (fs::path(o.out) / "audit.json").string() << ", "
             << (fs::path(o.out) / "montage.png").string() << "\n";
 }
