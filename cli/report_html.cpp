@@ -22,7 +22,7 @@ void write_run_harmonization(const PipelineConfig& config, const std::string& ru
     HarmonizeOptions ho;
     ho.keep_unharmonized = true;
     // A learned harmonizer is not trained again: its stage left its statistics in the run
-    // folder (only the last harmonizer's can be given; a learned one before it: no report).
+    // folder, wherever it stands in the list.
     for (size_t i = 0; i < config.harmonizers.size(); ++i) {
       const auto& h = config.harmonizers[i];
       if (!global_registry()
@@ -31,8 +31,11 @@ void write_run_harmonization(const PipelineConfig& config, const std::string& ru
         continue;
       const auto file = std::filesystem::path(run_dir) / "learned" /
                         ("harmonizer-" + std::to_string(i) + "-" + h.type + ".stats");
-      if (i + 1 != config.harmonizers.size() || !std::filesystem::exists(file)) return;
-      ho.last_stats = load_stats(file.string());
+      if (!std::filesystem::exists(file)) {
+        spdlog::warn("harmonization figures not written: {} is missing", file.string());
+        return;
+      }
+      ho.given_stats[int(i)] = load_stats(file.string());
     }
     const HarmonizeResult r = exp.harmonize(ho);
     // Every site's training images take part; up to 16 per site, chosen as harmonize apply does.

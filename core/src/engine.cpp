@@ -406,12 +406,16 @@ struct Experiment::Impl {
       if (!roster.held.count(sd.name)) result.fitted_images += int64_t(sd.train.size());
     connect(take_sites(fed), nullptr);
     HarmonizationPhase phase{config, registry, *coordinator, roster, failures, nullptr, nullptr};
-    const int total = phase.fits(last, o.last_stats.has_value());
+    std::map<int, Stats> given;
+    for (const auto& [i, st] : o.given_stats)
+      if (i >= 0 && i <= last) given[i] = st;
+    if (o.last_stats) given[last] = *o.last_stats;
+    const int total = phase.fits(last, given);
     int fitted = 0;
     phase.on_fit = [&](const std::string& p) {
       if (o.on_progress) o.on_progress(p, ++fitted, total);
     };
-    result.stats = phase.run(last, o.last_stats);
+    result.stats = phase.run(last, given);
     // Harmonizing files must not leave a site's images out quietly: any site problem is fatal.
     if (!failures.lines.empty()) {
       std::string all;

@@ -30,15 +30,15 @@ std::unique_ptr<Harmonizer> combiner(const PipelineConfig& config, const Registr
 }
 }  // namespace
 
-int HarmonizationPhase::fits(int last, bool given) const {
+int HarmonizationPhase::fits(int last, const std::map<int, Stats>& given) const {
   int n = 0;
   for (int i = 0; i <= last; ++i)
-    if (!(given && i == last) && combiner(config, registry, size_t(i))->needs_fit())
+    if (!given.count(i) && combiner(config, registry, size_t(i))->needs_fit())
       n += int(roster.names(false).size());
   return n;
 }
 
-std::vector<Stats> HarmonizationPhase::run(int last, const std::optional<Stats>& given) {
+std::vector<Stats> HarmonizationPhase::run(int last, const std::map<int, Stats>& given) {
   const size_t n = last < 0 ? config.harmonizers.size() : size_t(last) + 1;
   std::vector<Stats> broadcast;
   for (size_t i = 0; i < n; ++i) {
@@ -47,12 +47,13 @@ std::vector<Stats> HarmonizationPhase::run(int last, const std::optional<Stats>&
     if (on_harmonizer)
       on_harmonizer("harmonizer " + hc.type, int(i), int(config.harmonizers.size()));
     auto combine = combiner(config, registry, i);
-    const bool from_given = given && i + 1 == n;
+    const auto given_here = given.find(int(i));
+    const bool from_given = given_here != given.end();
     const bool fit = !from_given && combine->needs_fit();
     Stats global;
     size_t contributed = 0;
     if (from_given) {
-      global = *given;
+      global = given_here->second;
     } else if (fit && combine->learned()) {
       LearnedStage stage(config, registry, coordinator, roster, failures,
                          learned ? *learned : LearnedStageOptions{});

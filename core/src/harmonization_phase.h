@@ -10,6 +10,7 @@
 #include "learned_stage.h"
 
 #include <functional>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -47,15 +48,15 @@ struct HarmonizationPhase {
   // Null: no checkpoints or records (`concord harmonize --sites`).
   const LearnedStageOptions* learned = nullptr;
 
-  // harmonizers[0..last] (all when last < 0), in order; `given` replaces the fit of
-  // harmonizers[last]. Returns the global statistics each one broadcast (empty Stats for
+  // harmonizers[0..last] (all when last < 0), in order; `given` replaces the fit of the
+  // harmonizers it names (by index). Returns the global statistics each one broadcast (empty Stats for
   // site-local ones). A site whose fit fails or whose statistics are refused is left out of the
   // combination; a site that cannot take the combined statistics is dropped from the run. Both
   // are in `failures`.
-  std::vector<Stats> run(int last = -1, const std::optional<Stats>& given = std::nullopt);
+  std::vector<Stats> run(int last = -1, const std::map<int, Stats>& given = {});
 
   // The number of site fits run(last, given) makes (for progress).
-  int fits(int last, bool given) const;
+  int fits(int last, const std::map<int, Stats>& given) const;
 
  private:
   std::vector<Stats> site_statistics(size_t i, const std::string& label);

@@ -351,3 +351,26 @@ TEST(LearnedStage, HarmonizeApplyStatsOnFilesMatchesTheSitesWithTheRunsStatistic
             0);
   EXPECT_NE(out.find("is learned"), std::string::npos) << out;
 }
+
+// The run's HTML report shows harmonization figures also when a learned harmonizer is not the
+// last one: the stage's statistics file stands in for its fit (HarmonizeOptions::given_stats)
+// and the harmonizers after it are fitted as in the run.
+TEST(LearnedStage, ReportFiguresWithALearnedHarmonizerBeforeAnother) {
+  testkit::TempDir dir;
+  std::string text = cyclegan_pipeline("local", "site-B");
+  text.replace(text.find("training: {"), 0, "  - type: histogram-match\n");
+  const fs::path pipeline = dir.path() / "p.yaml";
+  { std::ofstream(pipeline) << text; }
+  std::string out;
+  ASSERT_EQ(testkit::run_command(testkit::concord_exe() + " run " + pipeline.string() +
+                                     " --run-dir " + dir.str() + "/run --no-progress",
+                                 &out),
+            0)
+      << out;
+  EXPECT_EQ(out.find("harmonization figures not written"), std::string::npos) << out;
+  const fs::path figures = dir.path() / "run" / "harmonization.json";
+  ASSERT_TRUE(fs::exists(figures)) << out;
+  const auto j = nlohmann::json::parse(read_bytes(figures));
+  EXPECT_EQ(j["harmonizers"], nlohmann::json::array({"cyclegan", "histogram-match"})) << j.dump();
+  EXPECT_TRUE(fs::exists(dir.path() / "run" / "harmonization.png"));
+}

@@ -158,6 +158,9 @@ struct HarmonizeOptions {
   int last = -1;
   // Statistics for harmonizers[last] instead of fitting it (e.g. from load_stats).
   std::optional<Stats> last_stats;
+  // Statistics for any of harmonizers[0..last] instead of fitting it, by index (e.g. a learned
+  // harmonizer's stage result from a run folder). last_stats, when set, wins for `last`.
+  std::map<int, Stats> given_stats;
   // Also return the federation as the dataset built it, before any harmonizer.
   bool keep_unharmonized = false;
   // Called after each site's fit_site: ("fit <type>", sites fitted so far, sites to fit in all).
