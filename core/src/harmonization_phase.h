@@ -49,8 +49,8 @@ struct HarmonizationPhase {
   const LearnedStageOptions* learned = nullptr;
 
   // harmonizers[0..last] (all when last < 0), in order; `given` replaces the fit of the
-  // harmonizers it names (by index). Returns the global statistics each one broadcast (empty Stats for
-  // site-local ones). A site whose fit fails or whose statistics are refused is left out of the
+  // harmonizers it names (by index). Returns the global statistics each one broadcast (empty Stats
+  // for site-local ones). A site whose fit fails or whose statistics are refused is left out of the
   // combination; a site that cannot take the combined statistics is dropped from the run. Both
   // are in `failures`.
   std::vector<Stats> run(int last = -1, const std::map<int, Stats>& given = {});
