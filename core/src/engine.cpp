@@ -161,10 +161,13 @@ struct Experiment::Impl {
     if (options.stop_after) learned.stop = [&] { return options.stop_after(0); };
     learned.on_progress = [&](const std::string& p, int i, int n) { progress(options, p, i, n); };
     phase.learned = &learned;
-    // Site processes registered by now take part in the phase (or fail it and are dropped).
+    harmonizer_stats = phase.run();
+    // Remote sites: the processes registered by now took part in the phase (a site still in the
+    // run took every harmonizer's statistics, whichever of its processes asked for them), or
+    // failed it and were dropped. Only a process that registers after this is brought up to
+    // date (catch_up); a site that had not registered at all (count 0) then rejoins the run.
     if (remote && remote->starts)
       for (const auto& site : roster.order) starts_seen[site] = remote->starts(site);
-    harmonizer_stats = phase.run();
   }
 
   // Remote sites: a site process that registered since the site was last brought up to date (a

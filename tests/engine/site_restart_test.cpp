@@ -6,8 +6,10 @@
 // `concord site` runs) behind an in-process Channel, so a "restart" is deterministic.
 #include <concord/engine.h>
 #include <concord/error.h>
+#include <concord/protocol.h>
 
 #include <cstring>
+#include <functional>
 #include <memory>
 
 #include "testing.h"
@@ -45,8 +47,11 @@ class RestartingSites : public Channel {
     for (const auto& s : config_.data.sites) restart(s);
   }
   Bytes call(const std::string& site, const Bytes& request) override {
+    if (restart_before && restart_before(site, decode(request))) restart(site);
     return sites_.at(site)->handle(request);
   }
+  // A new process takes the site's place just before this request reaches it.
+  std::function<bool(const std::string& site, const Message& request)> restart_before;
   void restart(const std::string& site) {
     sites_[site].reset();
     sites_[site] = std::make_unique<StandaloneSite>(config_, testkit::builtin_registry(), site,
@@ -79,11 +84,14 @@ Outcome simulate() {
   return out;
 }
 
-// The pipeline with remote sites; site-B restarts after round `restart_after` (checkpointed).
-Outcome remote(int restart_after, bool count_starts) {
+// The pipeline with remote sites; site-B restarts after round `restart_after` (checkpointed),
+// or before the requests `restart_before` picks.
+Outcome remote(int restart_after, bool count_starts,
+               std::function<bool(const std::string&, const Message&)> restart_before = nullptr) {
   testkit::TempDir dir;
   const PipelineConfig c = config();
   RestartingSites sites(c, dir.str());
+  sites.restart_before = std::move(restart_before);
   RemoteSites remote{&sites, sites.shape(), nullptr};
   if (count_starts) remote.starts = [&](const std::string& s) { return sites.starts(s); };
   Experiment exp(c, testkit::builtin_registry(), remote);
@@ -139,4 +147,18 @@ TEST(SiteRestart, WithoutCatchUpTheNewProcessRefusesUnharmonizedWorkAndSaysWhy) 
       << all;
   EXPECT_EQ(all.find("not aggregated"), std::string::npos) << all;
   EXPECT_FALSE(testkit::bit_identical(net.global, sim.global));
+}
+
+// A process that registers during the harmonizer phase, before its statistics are sent, takes
+// them there like any site: it is not brought up to date again (a harmonizer is applied once).
+TEST(SiteRestart, AProcessStartedDuringTheHarmonizerPhaseTakesItsStatisticsThere) {
+  const Outcome sim = simulate();
+  bool done = false;
+  const Outcome net = remote(0, true, [&](const std::string& site, const Message& m) {
+    if (done || site != "site-B" || m.type != protocol::kSetStatistics) return false;
+    return done = true;
+  });
+  EXPECT_TRUE(done);
+  EXPECT_TRUE(net.summary.failures.empty()) << joined(net.summary.failures);
+  EXPECT_TRUE(testkit::bit_identical(net.global, sim.global));
 }
