@@ -56,6 +56,15 @@ training: {local_epochs: 1, batch_size: 4, lr: 0.01, threads: 1}
 federation: {rounds: 2, min_sites: 1}
 )";
 
+// Writes the cyclegan pipeline (local generators, reference site-B) to `pipeline` and runs it
+// (`concord run`) into `run_dir`; false when the run fails (its output in `out`).
+bool run_local_cyclegan(const std::string& pipeline, const std::string& run_dir, std::string& out) {
+  { std::ofstream(pipeline) << cyclegan_pipeline("local", "site-B"); }
+  return testkit::run_command(testkit::concord_exe() + " run " + pipeline + " --run-dir " +
+                                  run_dir + " --no-progress",
+                              &out) == 0;
+}
+
 PipelineConfig parse(const std::string& text) {
   return parse_pipeline(text, "learned.yaml", {}, testkit::builtin_registry());
 }
@@ -304,13 +313,9 @@ harmonizers:
 // pipeline's own sites with those statistics, and leaves the reference site's files unchanged.
 TEST(LearnedStage, HarmonizeApplyStatsOnFilesMatchesTheSitesWithTheRunsStatistics) {
   testkit::TempDir dir;
-  const fs::path pipeline = dir.path() / "p.yaml";
-  { std::ofstream(pipeline) << cyclegan_pipeline("local", "site-B"); }
-  const std::string exe = testkit::concord_exe(), p = pipeline.string(), d = dir.str();
+  const std::string exe = testkit::concord_exe(), d = dir.str(), p = d + "/p.yaml";
   std::string out;
-  ASSERT_EQ(
-      testkit::run_command(exe + " run " + p + " --run-dir " + d + "/run --no-progress", &out), 0)
-      << out;
+  ASSERT_TRUE(run_local_cyclegan(p, d + "/run", out)) << out;
   const std::string stats = d + "/run/learned/harmonizer-0-cyclegan.stats";
   ASSERT_TRUE(fs::exists(stats)) << out;
   ASSERT_EQ(testkit::run_command(exe + " harmonize apply --pipeline " + p +
@@ -373,4 +378,22 @@ TEST(LearnedStage, ReportFiguresWithALearnedHarmonizerBeforeAnother) {
   const auto j = nlohmann::json::parse(read_bytes(figures));
   EXPECT_EQ(j["harmonizers"], nlohmann::json::array({"cyclegan", "histogram-match"})) << j.dump();
   EXPECT_TRUE(fs::exists(dir.path() / "run" / "harmonization.png"));
+}
+
+// `concord harmonize fit --pipeline P --sites` trains a learned harmonizer through the same stage
+// as `concord run`, without a run folder: the statistics file is byte for byte the run's.
+TEST(LearnedStage, HarmonizeFitSitesTrainsTheStageAndWritesTheRunsStatistics) {
+  testkit::TempDir dir;
+  const std::string exe = testkit::concord_exe(), d = dir.str(), p = d + "/p.yaml";
+  std::string out;
+  ASSERT_TRUE(run_local_cyclegan(p, d + "/run", out)) << out;
+  ASSERT_EQ(testkit::run_command(exe + " harmonize fit --pipeline " + p + " --sites --stats " + d +
+                                     "/fit.stats --no-progress",
+                                 &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("stage cyclegan"), std::string::npos) << out;
+  const std::string fitted = read_bytes(dir.path() / "fit.stats");
+  EXPECT_FALSE(fitted.empty());
+  EXPECT_TRUE(fitted == read_bytes(dir.path() / "run/learned/harmonizer-0-cyclegan.stats"));
 }
