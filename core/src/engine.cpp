@@ -401,6 +401,8 @@ struct Experiment::Impl {
       throw Error(config.file + ": harmonizers[" + std::to_string(last) +
                   "] does not exist: the pipeline has " + std::to_string(count) +
                   " harmonizer(s), numbered from 0");
+    // As run() does: a learned harmonizer trains here, and its statistics must be the run's.
+    spdlog::debug("LibTorch threads: {}", configure_torch_process(config.training.threads));
     HarmonizeResult result;
     Federation fed = load_federation(config, registry, roster);
     if (o.keep_unharmonized) result.unharmonized = fed;
