@@ -183,11 +183,17 @@ void run_audit(const Globals& g, const AuditOptions& o) {
   //  - sample level (`privacy: {level: sample}`): one DP-SGD step on the batch, as the site's
   //    local training takes it: each image's gradient clipped to C, N(0, (sigma C)^2) on the sum,
   //    divided by the expected batch size, with the site's plan (its q, steps and sigma).
-  const bool sample = cfg.privacy && sample_level(cfg);
+  const bool sample = sample_level(cfg);
   const double eps = cfg.privacy ? cfg.privacy->epsilon : o.epsilon;
   const double delta = cfg.privacy ? cfg.privacy->delta : 1e-5;
   double clip = cfg.privacy ? cfg.privacy->clip : 1.0, z = 0, noise_std = 0;
   std::vector<at::Tensor> dp_target;
+  // The factor that clips `factor` x `grads` (one vector over all tensors) to L2 norm `clip`.
+  const auto clip_factor = [&clip](const std::vector<at::Tensor>& grads, double factor) {
+    double norm2 = 0;
+    for (const auto& t : grads) norm2 += (factor * t).pow(2).sum().item<double>();
+    return std::min(1.0, clip / std::max(std::sqrt(norm2), 1e-12));
+  };
   torch::manual_seed(derive_seed(cfg.seed, "audit-dp-noise"));
   if (sample) {
     const SampleLevelPlan plan = sample_level_plan(cfg, train_sizes[victim], truth.site);
@@ -198,9 +204,7 @@ void run_audit(const Globals& g, const AuditOptions& o) {
     for (int64_t i = 0; i < truth.x.size(0); ++i) {
       auto g = audit::loss_gradient(forward, params, truth.x.slice(0, i, i + 1),
                                     truth.y.slice(0, i, i + 1), false);
-      double norm2 = 0;
-      for (const auto& t : g) norm2 += t.pow(2).sum().item<double>();
-      const double scale = std::min(1.0, clip / std::max(std::sqrt(norm2), 1e-12));
+      const double scale = clip_factor(g, 1.0);
       for (size_t k = 0; k < g.size(); ++k) {
         const at::Tensor c = g[k].detach() * scale;
         if (sum.size() <= k)
@@ -223,9 +227,7 @@ void run_audit(const Globals& g, const AuditOptions& o) {
             ? cfg.privacy->noise_multiplier
             : dp::noise_multiplier_for(eps, delta, q, cfg.federation.rounds);
     noise_std = z * clip / std::sqrt(double(m));
-    double norm2 = 0;
-    for (const auto& t : grads[victim]) norm2 += (lr * t).pow(2).sum().item<double>();
-    const double scale = std::min(1.0, clip / std::max(std::sqrt(norm2), 1e-12));
+    const double scale = clip_factor(grads[victim], lr);  // the delta is -lr times the gradient
     for (const auto& t : grads[victim]) {
       const at::Tensor d = -lr * t * scale + torch::randn_like(t) * noise_std;
       dp_target.push_back(-d / lr);

@@ -164,12 +164,13 @@ int main(int argc, char** argv) {
     print("precise_bn_img_per_s",
           rates([&] { trainer.recalibrate_batchnorm(); }, double(n), 3).first);
     print("eval_img_per_s", rates([&] { trainer.predict(2); }, double(n), 3).first);
-    SampleLevelPlan plan;
-    plan.q = std::min(1.0, double(batch) / double(n));
-    plan.steps_per_epoch = (n + batch - 1) / batch;
-    plan.noise_multiplier = 1;
-    plan.clip = 1;
-    plan.expected_batch = plan.q * double(n);
+    PipelineConfig dp_config;  // sample-level DP-SGD at sigma 1, C 1, this batch size
+    dp_config.training = training;
+    dp_config.privacy = PipelineConfig::Privacy{};
+    dp_config.privacy->level = "sample";
+    dp_config.privacy->noise_multiplier = 1;
+    dp_config.privacy->clip = 1;
+    const SampleLevelPlan plan = sample_level_plan(dp_config, int64_t(n), "bench");
     trainer.set_sample_level(&plan);
     const double dp_best =
         rates([&] { trainer.train(1, nullptr, nullptr); }, double(n), epochs).first;

@@ -191,10 +191,11 @@ struct Experiment::Impl {
           why = f.what;
       if (why.empty())
         for (const auto& f : coordinator->broadcast(round - 1, {site})) why = f;
-      if (!why.empty()) {
+      if (!why.empty()) {  // `why` names the site
         roster.dropped.insert(site);
-        failures.add(at + site + "': a new process of the site could not be brought up to date (" +
-                     why + "): left out until it starts again");
+        failures.add("round " + std::to_string(round) + ": " + why +
+                     " (a new process of the site could not be brought up to date: left out "
+                     "until it starts again)");
         continue;
       }
       const bool was_out = roster.dropped.erase(site) > 0;

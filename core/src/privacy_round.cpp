@@ -116,8 +116,9 @@ void check_sample_level_model(const PipelineConfig& config,
 }
 
 struct PrivacyBudget::Impl {
+  explicit Impl(const PipelineConfig& c) : config_all(c), config(*config_all.privacy) {}
   PipelineConfig config_all;
-  PipelineConfig::Privacy config;
+  const PipelineConfig::Privacy& config;  // config_all's `privacy:`
   dp::DpSettings settings;
   size_t population = 0;
   dp::RdpAccountant accountant;
@@ -163,10 +164,8 @@ struct PrivacyBudget::Impl {
 
 PrivacyBudget::PrivacyBudget(const PipelineConfig& config, Aggregator& aggregator, size_t trainers,
                              size_t planned_per_round)
-    : impl_(std::make_unique<Impl>()) {
+    : impl_(std::make_unique<Impl>(config)) {
   Impl& x = *impl_;
-  x.config_all = config;
-  x.config = *config.privacy;
   x.settings = settings_of(x.config);
   x.population = trainers;
   const std::string at = x.config.where.str() + ": privacy: ";
