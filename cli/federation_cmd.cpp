@@ -69,7 +69,7 @@ void add_server_command(CLI::App& app, Globals& g) {
       "The sites connect to this server (mutual TLS: each site's certificate name must be in the "
       "pipeline's data.sites). The server holds no data. Exit status as `concord run`.\n");
   struct Opts {
-    std::string kit, file, run_dir, resume, listen;
+    std::string kit, file, run_dir, resume, listen, data_listen;
     std::vector<std::string> sets;
     bool insecure = false, no_progress = false;
     double wait = 600;
@@ -82,6 +82,9 @@ void add_server_command(CLI::App& app, Globals& g) {
   sub->add_flag("--insecure", o->insecure,
                 "No TLS and no authentication: development on this machine only (loopback)");
   sub->add_option("--listen", o->listen, "host:port to listen on (default: the kit's)");
+  sub->add_option("--data-listen", o->data_listen,
+                  "host:port of the data link that carries the weights, or 'off' (default: the "
+                  "listen port + 1)");
   sub->add_option("--wait", o->wait, "Seconds to wait for every site before starting (600)");
   sub->add_option("--set", o->sets, "Override a key, e.g. --set federation.rounds=3 (repeatable)");
   sub->add_flag("--no-progress", o->no_progress, "No progress bar (log lines only)");
@@ -101,6 +104,7 @@ void add_server_command(CLI::App& app, Globals& g) {
     so.sites = config.data.sites;
     so.insecure = o->insecure;
     if (!o->listen.empty()) so.listen = o->listen;
+    so.data_listen = o->data_listen;
 
     const std::string fingerprint = net::pipeline_fingerprint(config);
     const std::string session =
@@ -192,7 +196,7 @@ void add_site_command(CLI::App& app, Globals& g) {
   struct Opts {
     std::string kit, file, server, name, out;
     std::vector<std::string> data;
-    bool insecure = false;
+    bool insecure = false, no_data_link = false;
   };
   auto o = std::make_shared<Opts>();
   sub->add_option("file", o->file, "This site's copy of the pipeline YAML file")->required();
@@ -207,6 +211,9 @@ void add_site_command(CLI::App& app, Globals& g) {
   sub->add_flag("--insecure", o->insecure,
                 "No TLS and no authentication: development on this machine only (loopback)");
   sub->add_option("--name", o->name, "The site's name with --insecure (a kit's is its own)");
+  sub->add_flag("--no-data-link", o->no_data_link,
+                "Send the weights on the gRPC stream, not on the server's data link (slower; for "
+                "networks that let only the server's main port through)");
   sub->callback([&g, o] {
     std::vector<std::string> overrides;
     for (const auto& d : o->data) overrides.push_back("data." + d);
@@ -222,6 +229,7 @@ void add_site_command(CLI::App& app, Globals& g) {
       if (!o->name.empty()) so.site = o->name;
     }
     if (!o->server.empty()) so.server = o->server;
+    so.data_link = !o->no_data_link;
     if (so.site.empty()) throw Error("site: no name (--name with --insecure)");
     if (so.server.empty()) throw Error("site: no server address (--server HOST:PORT)");
     const auto& roster = config.data.sites;

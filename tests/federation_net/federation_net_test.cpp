@@ -50,17 +50,29 @@ std::string read_bytes(const fs::path& p) {
   return s.str();
 }
 
-int free_port() {
+// True when `port` on loopback can be bound now (0: any; then `port` is set to the one given).
+bool bindable(int& port) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  a.sin_port = htons(uint16_t(port));
+  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
   socklen_t len = sizeof a;
   getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
   close(fd);
-  return ntohs(a.sin_port);
+  if (ok) port = ntohs(a.sin_port);
+  return ok;
+}
+
+// A free port whose next one is free too: the server's data link listens there.
+int free_port() {
+  for (;;) {
+    int port = 0, next = 0;
+    if (!bindable(port) || port == 65535) continue;
+    next = port + 1;
+    if (bindable(next)) return port;
+  }
 }
 
 // A `concord` process, its output in a log file.
@@ -234,6 +246,12 @@ TEST(FederationNet, ThreeSiteProcessesEndBitIdenticalToTheSimulation) {
   EXPECT_TRUE(fs::exists(f.run / "metrics.jsonl"));
   // The server names the sites' data shape, never their data.
   EXPECT_NE(server->output().find("classification, 2 classes, 1 x 24 x 24"), std::string::npos);
+  // The weights travelled on the data link (the kit's port + 1), with mutual TLS.
+  for (auto& s : sites)
+    EXPECT_NE(s->output().find("data link to 127.0.0.1:" + std::to_string(f.port + 1) +
+                               " open (mutual TLS)"),
+              std::string::npos)
+        << f.logs(all);
 }
 
 TEST(FederationNet, ASiteKilledMidRoundIsNamedAndTheRoundCompletesWithTheOthers) {

@@ -23,6 +23,7 @@
 #include <fstream>
 #include <thread>
 
+#include "data_link.h"
 #include "testing.h"
 
 using namespace concord;
@@ -252,21 +253,46 @@ TEST(NetTransport, SitesInThreadsAnswerEchoAndSum) {
   EXPECT_EQ(b.exit(), SiteExit::Shutdown);
 }
 
-TEST(NetTransport, MultiChunkPayloadRoundTripsBitExact) {
-  ServerOptions so = server_opts();
-  so.chunk_bytes = 1 << 20;
-  GrpcServerChannel server(so);
-  SiteClientOptions co = site_opts(server.port(), "site-a");
-  co.chunk_bytes = 256 << 10;  // the two ends may cut differently
-  SiteThread a(co, echo);
-  ASSERT_TRUE(server.wait_for_sites({"site-a"}, 20).empty());
-  Bytes req = message_of(50u << 18, 7);  // 50 MiB of float32
-  ASSERT_GT(req->size(), size_t(50) << 20);
-  Bytes reply = server.call("site-a", req);
-  EXPECT_TRUE(same_bytes(reply, req));
-  // An empty-array message and a tiny one.
-  Bytes small = message_of(1, 3);
-  EXPECT_TRUE(same_bytes(server.call("site-a", small), small));
+// Waits up to 10 s for `want` to be the sites with an open data link.
+bool data_links_become(const GrpcServerChannel& server, const std::vector<std::string>& want) {
+  for (int i = 0; i < 1000; ++i) {
+    if (server.data_link_sites() == want) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+// Payloads take the data link when both ends have it, and the stream (in chunks) when either end
+// turns it off; the bytes arrive the same either way.
+TEST(NetTransport, PayloadsTakeTheDataLinkOrTheStreamBitExact) {
+  for (const auto& [server_link, site_link] :
+       {std::pair{true, true}, {false, true}, {true, false}}) {
+    SCOPED_TRACE(std::string("server data link ") + (server_link ? "on" : "off") + ", site's " +
+                 (site_link ? "on" : "off"));
+    ServerOptions so = server_opts();
+    so.chunk_bytes = 1 << 20;
+    if (!server_link) so.data_listen = "off";
+    GrpcServerChannel server(so);
+    EXPECT_EQ(server.data_port() != 0, server_link);
+    SiteClientOptions co = site_opts(server.port(), "site-a");
+    co.chunk_bytes = 256 << 10;  // the two ends may cut differently
+    co.data_link = site_link;
+    SiteThread a(co, echo);
+    ASSERT_TRUE(server.wait_for_sites({"site-a"}, 20).empty());
+    if (server_link && site_link) {
+      EXPECT_TRUE(data_links_become(server, {"site-a"}));
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      EXPECT_TRUE(server.data_link_sites().empty());
+    }
+    Bytes req = message_of(50u << 18, 7);  // 50 MiB of float32
+    ASSERT_GT(req->size(), size_t(50) << 20);
+    Bytes reply = server.call("site-a", req);
+    EXPECT_TRUE(same_bytes(reply, req));
+    // A tiny message too.
+    Bytes small = message_of(1, 3);
+    EXPECT_TRUE(same_bytes(server.call("site-a", small), small));
+  }
 }
 
 TEST(NetTransport, HandlerErrorIsASiteErrorNamingTheSite) {
@@ -364,6 +390,7 @@ TEST(NetTransport, InsecureIsForLoopbackOnly) {
   co.server = "127.0.0.1:" + std::to_string(server.port());
   SiteThread a(co, echo);
   ASSERT_TRUE(server.wait_for_sites({"site-a"}, 20).empty());
+  EXPECT_TRUE(data_links_become(server, {"site-a"}));  // plain TCP too, on loopback
   Bytes req = message_of(100, 2);
   EXPECT_TRUE(same_bytes(server.call("site-a", req), req));
 }
@@ -596,6 +623,93 @@ TEST(NetTransport, MalformedReplyFailsTheCallNamingTheSite) {
   caller.join();
   EXPECT_NE(error.find("site 'site-a': sent a malformed reply"), std::string::npos) << error;
   EXPECT_NE(error.find("over the limit"), std::string::npos) << error;
+}
+
+// A data-link connection opened as a site would, with `cert`'s files.
+std::shared_ptr<detail::DataSocket> data_connect(int port, const std::string& cert) {
+  auto tls = detail::TlsContext::client(pki().path("ca.pem"), pki().path(cert + ".pem"),
+                                        pki().path(cert + ".key"));
+  return detail::DataSocket::connect("localhost", port, tls, 5);
+}
+
+// The server's answer to a hello: "" when accepted, else its reason.
+std::string hello(detail::DataSocket& s, DataKind kind, const std::string& token) {
+  s.send({kind, 0, token.size()}, token.data(), 1 << 20);
+  DataHeader h;
+  if (!s.read_header(h, 0)) return "(closed)";
+  if (h.kind == DataKind::Accept) return "";
+  std::string why(size_t(h.size), '\0');
+  s.read_exact(why.data(), why.size());
+  return why;
+}
+
+// The data link admits only the registered site itself, with its WELCOME's token, once per
+// direction; a reply declaring more than the limit fails the call by the site's name, before any
+// allocation, and the site's connection is dropped.
+TEST(NetTransport, DataLinkRefusesStrangersAndOversizedReplies) {
+  LogCapture log;
+  GrpcServerChannel server(server_opts());
+  ASSERT_GT(server.data_port(), 0);
+  RawClient c(server.port(), "site-a");
+  ASSERT_TRUE(c.send(encode_frame(header(FrameKind::Register, "site-a"))));
+  auto w = c.read_non_heartbeat();
+  ASSERT_TRUE(w);
+  ASSERT_EQ(w->kind, FrameKind::Welcome);
+  EXPECT_EQ(int(w->data_port), server.data_port());
+  ASSERT_EQ(w->data_token.size(), kDataTokenBytes);
+  const int port = int(w->data_port);
+  const std::string token = w->data_token;
+
+  EXPECT_EQ(hello(*data_connect(port, "site-a"), DataKind::HelloDown, std::string(32, 'x')),
+            "unknown data-link token (its site's connection has ended)");
+  EXPECT_EQ(hello(*data_connect(port, "site-b"), DataKind::HelloDown, token),
+            "certificate is for site 'site-b' but the token is site 'site-a''s");
+  EXPECT_NE(hello(*data_connect(port, "revoked"), DataKind::HelloUp, token).find("revoked"),
+            std::string::npos);
+  EXPECT_NE(hello(*data_connect(port, "site-a-other-ca"), DataKind::HelloUp, token)
+                .find("not signed by this project's CA"),
+            std::string::npos);
+  {
+    auto s = data_connect(port, "site-a");
+    s->send_header({DataKind::Request, 7, 0});
+    DataHeader h;
+    ASSERT_TRUE(s->read_header(h, 0));
+    EXPECT_EQ(h.kind, DataKind::Refuse);
+  }
+  EXPECT_TRUE(log.contains("refused a data-link connection"));
+  EXPECT_TRUE(server.data_link_sites().empty());
+
+  auto down = data_connect(port, "site-a");
+  EXPECT_EQ(hello(*down, DataKind::HelloDown, token), "");
+  auto up = data_connect(port, "site-a");
+  EXPECT_EQ(hello(*up, DataKind::HelloUp, token), "");
+  EXPECT_EQ(hello(*data_connect(port, "site-a"), DataKind::HelloDown, token),
+            "site 'site-a' already has its request connection");
+  EXPECT_TRUE(data_links_become(server, {"site-a"}));
+
+  // The request arrives on the data link, bit-exact.
+  const Bytes req = message_of(1000, 2);
+  std::string error;
+  std::thread caller([&] { error = site_error_of([&] { server.call("site-a", req); }); });
+  DataHeader h;
+  ASSERT_TRUE(down->read_header(h, size_t(1) << 30));
+  EXPECT_EQ(h.kind, DataKind::Request);
+  ASSERT_EQ(h.size, req->size());
+  std::vector<uint8_t> got(size_t(h.size));
+  down->read_exact(got.data(), got.size());
+  EXPECT_EQ(std::memcmp(got.data(), req->data(), got.size()), 0);
+  // A reply that declares 2^60 bytes.
+  up->send_header({DataKind::Reply, h.call_id, uint64_t(1) << 60});
+  caller.join();
+  EXPECT_NE(error.find("site 'site-a': data link: "), std::string::npos) << error;
+  EXPECT_NE(error.find("over the limit"), std::string::npos) << error;
+  EXPECT_TRUE(log.contains("site 'site-a': data link (replies)"));
+  // The site is told why, and its stream ends.
+  std::string told;
+  while (auto f = c.read_non_heartbeat())
+    if (f->kind == FrameKind::Error) told = f->text;
+  EXPECT_NE(told.find("data link: data-link reply of"), std::string::npos) << told;
+  EXPECT_TRUE(server.sites().empty());
 }
 
 // ---- kits ---------------------------------------------------------------------------------

@@ -245,3 +245,94 @@ TEST(NetWire, RandomMutationsAreRefusedCleanly) {
   EXPECT_GT(accepted, 100);
   EXPECT_GT(refused, 1000);
 }
+
+// The data link's header (wire.h): every declared field is checked before anything is allocated,
+// and random mutations of valid headers are refused cleanly or decode to a header within limits.
+TEST(NetWire, DataHeadersAreCheckedAndMutationsRefusedCleanly) {
+  auto bytes = [](const DataHeader& h) {
+    std::string b(kDataHeaderBytes, '\0');
+    encode_data_header(h, reinterpret_cast<uint8_t*>(b.data()));
+    return b;
+  };
+  auto decoded = [](const std::string& b, size_t max = 1 << 20) {
+    return decode_data_header(reinterpret_cast<const uint8_t*>(b.data()), b.size(), max);
+  };
+  auto error = [&](const std::string& b, size_t max = 1 << 20) {
+    return testkit::error_of([&] { decoded(b, max); });
+  };
+  const DataHeader reply{DataKind::Reply, 42, 1000};
+  const DataHeader d = decoded(bytes(reply));
+  EXPECT_EQ(d.kind, DataKind::Reply);
+  EXPECT_EQ(d.call_id, 42u);
+  EXPECT_EQ(d.size, 1000u);
+  EXPECT_NE(error(bytes(reply), 999).find("reply of 1000 bytes is over the limit of 999"),
+            std::string::npos);
+  std::string b = bytes(reply);
+  EXPECT_NE(error(b.substr(0, 31)).find("of 31 bytes"), std::string::npos);
+  b[0] = 'X';
+  EXPECT_NE(error(b).find("bad magic"), std::string::npos);
+  b = bytes(reply);
+  b[4] = 2;
+  EXPECT_NE(error(b).find("wire version 2"), std::string::npos);
+  b = bytes(reply);
+  b[8] = 77;
+  EXPECT_NE(error(b).find("unknown kind 77"), std::string::npos);
+  b = bytes(reply);
+  b[12] = 1;
+  EXPECT_NE(error(b).find("reserved"), std::string::npos);
+  EXPECT_NE(error(bytes({DataKind::Reply, 0, 10})).find("call id 0"), std::string::npos);
+  EXPECT_NE(error(bytes({DataKind::Accept, 3, 0})).find("call id 3"), std::string::npos);
+  EXPECT_NE(error(bytes({DataKind::HelloUp, 0, 31})).find("token of 31 bytes"), std::string::npos);
+  EXPECT_NE(error(bytes({DataKind::Accept, 0, 1})).find("over the limit of 0"), std::string::npos);
+  EXPECT_NE(error(bytes({DataKind::Refuse, 0, kMaxRefusalBytes + 1})).find("over the limit"),
+            std::string::npos);
+  EXPECT_EQ(decoded(bytes({DataKind::HelloDown, 0, kDataTokenBytes})).kind, DataKind::HelloDown);
+
+  // WELCOME carries the data link's port and token; no other frame may.
+  FrameHeader w;
+  w.kind = FrameKind::Welcome;
+  w.data_port = 7444;
+  w.data_token = std::string(kDataTokenBytes, 't');
+  const std::string wf = encode_frame(w);
+  const Frame f = decode_frame({{reinterpret_cast<const uint8_t*>(wf.data()), wf.size()}});
+  EXPECT_EQ(f.header.data_port, 7444u);
+  EXPECT_EQ(f.header.data_token, w.data_token);
+  w.data_token = "short";
+  const std::string bad = encode_frame(w);
+  EXPECT_NE(testkit::error_of([&] {
+              decode_frame({{reinterpret_cast<const uint8_t*>(bad.data()), bad.size()}});
+            }).find("data-link token of 5 bytes"),
+            std::string::npos);
+  FrameHeader hb;
+  hb.kind = FrameKind::Heartbeat;
+  hb.data_port = 1;
+  const std::string hf = encode_frame(hb);
+  EXPECT_NE(testkit::error_of([&] {
+              decode_frame({{reinterpret_cast<const uint8_t*>(hf.data()), hf.size()}});
+            }).find("heartbeat frame offers a data link"),
+            std::string::npos);
+
+  const std::vector<std::string> seeds = {bytes(reply), bytes({DataKind::HelloDown, 0, 32}),
+                                          bytes({DataKind::Refuse, 0, 100}),
+                                          bytes({DataKind::Request, 1, 0})};
+  SeededRandom rng(derive_seed(1, "net-data-header-mutation"));
+  int accepted = 0, refused = 0;
+  for (int i = 0; i < 20000; ++i) {
+    std::string m = seeds[size_t(rng.below(int64_t(seeds.size())))];
+    for (int k = 0, edits = 1 + int(rng.below(3)); k < edits; ++k) {
+      const size_t at = size_t(rng.below(int64_t(m.size())));
+      m[at] = rng.below(2) ? char(rng.below(256)) : char(m[at] ^ (1 << rng.below(8)));
+    }
+    try {
+      const DataHeader h = decoded(m);
+      ++accepted;
+      const bool payload = h.kind == DataKind::Request || h.kind == DataKind::Reply;
+      EXPECT_EQ(payload, h.call_id != 0);
+      EXPECT_LE(h.size, uint64_t(1) << 20);
+    } catch (const Error&) {
+      ++refused;
+    }
+  }
+  EXPECT_GT(accepted, 100);
+  EXPECT_GT(refused, 10000);
+}

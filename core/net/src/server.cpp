@@ -3,6 +3,7 @@
 #include <concord/net/pki.h>
 #include <concord/net/transport.h>
 
+#include "data_link.h"
 #include "framed_stream.h"
 #include "net_common.h"
 
@@ -13,6 +14,7 @@
 #include <map>
 #include <set>
 #include <thread>
+#include <tuple>
 
 namespace concord::net {
 
@@ -50,6 +52,22 @@ struct GrpcServerChannel::Impl : grpc::CallbackGenericService {
   bool stopping = false, stopped = false;
   std::thread monitor;
 
+  // The data link (data_link.h): a listener, one thread per accepted connection (a request
+  // connection's ends after its hello; a reply connection's reads the replies), the tokens of the
+  // registered streams (guarded by mu).
+  std::shared_ptr<detail::TlsContext> data_tls;
+  std::unique_ptr<detail::DataListener> data_listener;
+  std::thread data_accepter;
+  std::map<std::string, std::weak_ptr<ServerStream>> data_tokens;
+  struct DataThread {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::mutex data_mu;  // guards data_threads and data_sockets
+  std::vector<DataThread> data_threads;
+  std::vector<std::weak_ptr<detail::DataSocket>> data_sockets;
+  double data_stall_seconds = 10;
+
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override;
   void register_site(const std::shared_ptr<ServerStream>& s, const FrameHeader& h);
   void on_reply(const std::shared_ptr<ServerStream>& s, const Frame& f);
@@ -57,6 +75,11 @@ struct GrpcServerChannel::Impl : grpc::CallbackGenericService {
   void on_stream_done(const std::shared_ptr<ServerStream>& s, const std::string& why);
   void fail_calls_locked(const std::shared_ptr<ServerStream>& s, const std::string& why);
   void monitor_loop();
+  void start_data_link();
+  void data_accept_loop();
+  void data_connection(int fd);
+  void read_replies(const std::shared_ptr<ServerStream>& s, detail::DataSocket& sock);
+  void stop_data_link();
 };
 
 namespace {
@@ -114,6 +137,42 @@ class ServerStream : public detail::FramedStream<grpc::ServerGenericBidiReactor>
   }
 
   void cancel() { ctx_->TryCancel(); }
+
+  // The data link of this registration: its token, and its two connections once the site has
+  // opened them (each direction once).
+  const std::string& data_token() const { return data_token_; }
+  void set_data_token(std::string t) { data_token_ = std::move(t); }
+  // False when this direction is already attached or the stream has ended.
+  bool attach_data(bool down, std::shared_ptr<detail::DataSocket> sock) {
+    std::lock_guard<std::mutex> lock(data_mu_);
+    auto& slot = down ? down_ : up_;
+    if (data_closed_ || slot || (down ? down_used_ : up_used_)) return false;
+    (down ? down_used_ : up_used_) = true;
+    slot = std::move(sock);
+    return true;
+  }
+  std::shared_ptr<detail::DataSocket> data_down() {
+    std::lock_guard<std::mutex> lock(data_mu_);
+    return down_;
+  }
+  bool data_attached() {
+    std::lock_guard<std::mutex> lock(data_mu_);
+    return down_ && up_;
+  }
+  std::mutex& request_write_mutex() { return request_write_mu_; }
+  bool data_closed() {
+    std::lock_guard<std::mutex> lock(data_mu_);
+    return data_closed_;
+  }
+  // Ends both connections (a blocked reader or writer wakes with an error) and refuses new ones.
+  void close_data() {
+    std::lock_guard<std::mutex> lock(data_mu_);
+    data_closed_ = true;
+    if (down_) down_->shutdown();
+    if (up_) up_->shutdown();
+    down_.reset();
+    up_.reset();
+  }
 
  protected:
   void on_frame(const Frame& f) override {
@@ -176,6 +235,10 @@ class ServerStream : public detail::FramedStream<grpc::ServerGenericBidiReactor>
   bool finishing_ = false, finished_ = false;
   grpc::Status status_;
   std::shared_ptr<ServerStream> self_;
+  std::string data_token_;
+  std::mutex data_mu_, request_write_mu_;
+  std::shared_ptr<detail::DataSocket> down_, up_;
+  bool down_used_ = false, up_used_ = false, data_closed_ = false;
 };
 
 }  // namespace
@@ -240,6 +303,10 @@ void Impl::register_site(const std::shared_ptr<ServerStream>& s, const FrameHead
     if (it != registered.end()) old = it->second;
     s->set_registered(name);
     registered[name] = s;
+    if (data_listener) {
+      s->set_data_token(detail::random_token());
+      data_tokens[s->data_token()] = s;
+    }
     if (old) fail_calls_locked(old, "reconnected during the call (a new connection replaced it)");
   }
   if (old) {
@@ -255,6 +322,10 @@ void Impl::register_site(const std::shared_ptr<ServerStream>& s, const FrameHead
   w.site = name;
   w.text = kSoftware;
   w.info = opt.welcome_info;
+  if (data_listener) {
+    w.data_port = uint32_t(data_listener->port());
+    w.data_token = s->data_token();
+  }
   s->send_control(std::move(w));
   cv.notify_all();
 }
@@ -326,7 +397,9 @@ void Impl::fail_calls_locked(const std::shared_ptr<ServerStream>& s, const std::
 }
 
 void Impl::on_stream_done(const std::shared_ptr<ServerStream>& s, const std::string& why) {
+  s->close_data();
   std::lock_guard<std::mutex> lock(mu);
+  if (!s->data_token().empty()) data_tokens.erase(s->data_token());
   if (s->is_registered()) {
     auto it = registered.find(s->site());
     if (it != registered.end() && it->second == s) {
@@ -419,6 +492,202 @@ GrpcServerChannel::GrpcServerChannel(ServerOptions options) : impl_(std::make_sh
   spdlog::info("server listening on port {} ({})", m.port,
                m.opt.insecure ? "INSECURE" : "mutual TLS");
   m.monitor = std::thread([&m] { m.monitor_loop(); });
+  try {
+    m.start_data_link();
+  } catch (...) {
+    shutdown("the data link could not start", false);
+    throw;
+  }
+}
+
+void Impl::start_data_link() {
+  if (opt.data_listen == "off" || !detail::data_link_enabled_by_env()) {
+    spdlog::info("data link off: payloads go over the gRPC stream");
+    return;
+  }
+  auto [host, port] = detail::split_host_port(opt.listen);
+  if (!opt.data_listen.empty()) {
+    std::tie(host, port) = detail::split_host_port(opt.data_listen);
+  } else if (port != 0) {
+    port = port + 1;
+    if (port > 65535) throw Error("server: no data-link port after " + opt.listen);
+  }
+  if (opt.insecure && !is_loopback_address(host + ":" + std::to_string(port)))
+    throw Error("--insecure listens on loopback addresses only, not '" + host + "'");
+  if (!opt.insecure) data_tls = detail::TlsContext::server(opt.server_cert, opt.server_key);
+  data_listener = std::make_unique<detail::DataListener>(host, port);
+  data_stall_seconds = std::max(10.0, 6 * opt.heartbeat_seconds);
+  spdlog::info("data link listening on port {} ({})", data_listener->port(),
+               opt.insecure ? "INSECURE" : "mutual TLS");
+  data_accepter = std::thread([this] { data_accept_loop(); });
+}
+
+void Impl::data_accept_loop() {
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (stopping) return;
+    }
+    const int fd = data_listener->accept(200);
+    std::lock_guard<std::mutex> lock(data_mu);
+    // Reap the threads of connections that ended.
+    for (size_t i = 0; i < data_threads.size();) {
+      if (*data_threads[i].done) {
+        data_threads[i].thread.join();
+        data_threads.erase(data_threads.begin() + long(i));
+      } else {
+        ++i;
+      }
+    }
+    if (fd < 0) continue;
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    data_threads.push_back({std::thread([this, fd, done] {
+                              data_connection(fd);
+                              *done = true;
+                            }),
+                            done});
+  }
+}
+
+void Impl::data_connection(int fd) {
+  auto sock = detail::DataSocket::adopt(fd, data_tls);
+  {
+    std::lock_guard<std::mutex> lock(data_mu);
+    data_sockets.erase(std::remove_if(data_sockets.begin(), data_sockets.end(),
+                                      [](const auto& w) { return w.expired(); }),
+                       data_sockets.end());
+    data_sockets.push_back(sock);
+    std::lock_guard<std::mutex> l(mu);
+    if (stopping) return;
+  }
+  std::shared_ptr<ServerStream> s;
+  bool down = false, attached = false;
+  try {
+    sock->server_handshake(10);
+    sock->set_stall_timeout(10);
+    DataHeader h;
+    if (!sock->read_header(h, max_bytes)) throw Error("closed before its hello");
+    if (h.kind != DataKind::HelloDown && h.kind != DataKind::HelloUp)
+      throw Error(std::string("the first transfer must be a hello, not '") +
+                  data_kind_name(h.kind) + "'");
+    down = h.kind == DataKind::HelloDown;
+    std::string token(kDataTokenBytes, '\0');
+    sock->read_exact(token.data(), token.size());
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = data_tokens.find(token);
+      if (it != data_tokens.end()) s = it->second.lock();
+    }
+    if (!s) throw Error("unknown data-link token (its site's connection has ended)");
+    if (!opt.insecure) {
+      std::string name;
+      {
+        std::lock_guard<std::mutex> lock(check_mu);
+        name = check->verify(sock->peer_certificate_pem());
+      }
+      if (name != s->site())
+        throw Error("certificate is for site '" + name + "' but the token is site '" + s->site() +
+                    "''s");
+    }
+    // The request connection is written by call() once attached: the accept goes first.
+    std::unique_lock<std::mutex> writing(s->request_write_mutex(), std::defer_lock);
+    if (down) writing.lock();
+    if (!s->attach_data(down, sock))
+      throw Error(std::string("site '") + s->site() + "' already has its " +
+                  (down ? "request" : "reply") + " connection");
+    attached = true;
+    sock->send_header({DataKind::Accept, 0, 0});
+  } catch (const Error& e) {
+    spdlog::warn("refused a data-link connection from {}: {}", sock->peer(), e.what());
+    try {
+      const std::string why = std::string(e.what()).substr(0, kMaxRefusalBytes);
+      sock->send({DataKind::Refuse, 0, why.size()}, why.data(), opt.chunk_bytes);
+    } catch (const Error&) {
+    }
+    if (attached) s->close_data();  // failed half-way: the site stays on the stream
+    return;
+  }
+  spdlog::debug("site '{}': data link {} connection from {}", s->site(), down ? "request" : "reply",
+                sock->peer());
+  if (down) {
+    sock->set_stall_timeout(data_stall_seconds);
+    return;  // written by call(); this thread is done
+  }
+  sock->set_stall_timeout(0);  // idle between replies while the site trains
+  read_replies(s, *sock);
+}
+
+// The reply connection's reader: each REPLY is read straight into its call's buffer.
+void Impl::read_replies(const std::shared_ptr<ServerStream>& s, detail::DataSocket& sock) {
+  try {
+    for (;;) {
+      DataHeader h;
+      if (!sock.read_header(h, max_bytes)) {
+        spdlog::debug("site '{}': reply connection closed", s->site());
+        return;  // the site closed it between replies; its stream says whether it is gone
+      }
+      if (h.kind != DataKind::Reply)
+        throw Error(std::string("unexpected data-link '") + data_kind_name(h.kind) + "'");
+      std::shared_ptr<PendingCall> c;
+      bool drop = false;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        auto it = pending.find(h.call_id);
+        if (it != pending.end()) c = it->second;
+        drop = (!c && abandoned.count(h.call_id)) || (c && c->done);
+      }
+      sock.set_stall_timeout(data_stall_seconds);
+      if (drop) {  // a late reply to a call given up
+        sock.discard(h.size);
+        sock.set_stall_timeout(0);
+        continue;
+      }
+      // A reply counts only on the connection of the site the call went to.
+      if (!c || c->stream != s) throw Error("reply to unknown call " + std::to_string(h.call_id));
+      c->reply_total = h.size;  // the deadline grows with the declared size
+      auto buffer = std::make_shared<Buffer>(size_t(h.size), Buffer::ForOverwrite{});
+      sock.read_exact(buffer->data(), buffer->size());
+      sock.set_stall_timeout(0);
+      std::lock_guard<std::mutex> lock(mu);
+      if (!c->done) {
+        c->reply = std::move(buffer);
+        c->done = true;
+      }
+      cv.notify_all();
+    }
+  } catch (const Error& e) {
+    if (s->data_closed()) return;  // the stream ended: not the site's fault
+    spdlog::warn("site '{}': data link (replies): {}: dropping its connection", s->site(),
+                 e.what());
+    FrameHeader err;
+    err.kind = FrameKind::Error;
+    err.text = std::string("data link: ") + e.what();
+    s->send_control(std::move(err));
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      fail_calls_locked(s, std::string("data link: ") + e.what());
+    }
+    s->close_data();
+    s->cancel();
+  }
+}
+
+void Impl::stop_data_link() {
+  if (!data_listener) return;
+  data_listener->close();
+  if (data_accepter.joinable()) data_accepter.join();
+  std::vector<DataThread> threads;
+  {
+    std::lock_guard<std::mutex> lock(data_mu);
+    for (auto& w : data_sockets)
+      if (auto sock = w.lock()) sock->shutdown();
+    threads = std::move(data_threads);
+  }
+  for (auto& t : threads) t.thread.join();
+}
+
+int GrpcServerChannel::data_port() const {
+  return impl_->data_listener ? impl_->data_listener->port() : 0;
 }
 
 GrpcServerChannel::~GrpcServerChannel() {
@@ -445,10 +714,27 @@ Bytes GrpcServerChannel::call(const std::string& site, const Bytes& request) {
     c->id = m.next_id++;
     m.pending[c->id] = c;
   }
-  if (!c->stream->send_payload(FrameKind::Request, c->id, request)) {
+  std::string send_error;
+  if (auto down = c->stream->data_down()) {
+    try {
+      std::lock_guard<std::mutex> lock(c->stream->request_write_mutex());
+      down->send({DataKind::Request, c->id, request->size()}, request->data(), m.opt.chunk_bytes);
+    } catch (const Error& e) {
+      if (!c->stream->data_closed()) {
+        spdlog::warn("site '{}': data link (requests): {}: dropping its connection", site,
+                     e.what());
+        c->stream->close_data();
+        c->stream->cancel();
+      }
+      send_error = std::string("disconnected during the call (data link: ") + e.what() + ")";
+    }
+  } else if (!c->stream->send_payload(FrameKind::Request, c->id, request)) {
+    send_error = "disconnected";
+  }
+  if (!send_error.empty()) {
     std::lock_guard<std::mutex> lock(m.mu);
     m.pending.erase(c->id);
-    throw SiteError(site, "disconnected");
+    throw SiteError(site, send_error);
   }
   const auto start = std::chrono::steady_clock::now();
   auto deadline = [&] {
@@ -487,6 +773,14 @@ std::vector<std::string> GrpcServerChannel::sites() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   std::vector<std::string> out;
   for (const auto& [name, s] : impl_->registered) out.push_back(name);
+  return out;
+}
+
+std::vector<std::string> GrpcServerChannel::data_link_sites() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::vector<std::string> out;
+  for (const auto& [name, s] : impl_->registered)
+    if (s->data_attached()) out.push_back(name);
   return out;
 }
 
@@ -548,6 +842,7 @@ void GrpcServerChannel::shutdown(const std::string& reason, bool end_run) {
   }
   if (m.monitor.joinable()) m.monitor.join();
   m.server->Wait();
+  m.stop_data_link();
 }
 
 }  // namespace concord::net

@@ -4,6 +4,7 @@
 #include <concord/net/transport.h>
 #include <concord/seed.h>
 
+#include "data_link.h"
 #include "framed_stream.h"
 #include "net_common.h"
 
@@ -88,8 +89,16 @@ class Worker {
 class SiteConnection : public detail::FramedStream<ClientReactor>,
                        public std::enable_shared_from_this<SiteConnection> {
  public:
-  SiteConnection(const SiteClientOptions& opt, size_t max_bytes, Worker& worker)
-      : FramedStream(opt.chunk_bytes), opt_(opt), max_bytes_(max_bytes), worker_(worker) {}
+  // data_host: where the data link is (the server's host); data_link false: never open it.
+  SiteConnection(const SiteClientOptions& opt, size_t max_bytes, Worker& worker, bool data_link,
+                 std::string data_host, std::shared_ptr<detail::TlsContext> data_tls)
+      : FramedStream(opt.chunk_bytes),
+        opt_(opt),
+        max_bytes_(max_bytes),
+        worker_(worker),
+        data_link_(data_link),
+        data_host_(std::move(data_host)),
+        data_tls_(std::move(data_tls)) {}
 
   void start(grpc::GenericStub& stub) {
     stub.PrepareBidiStreamingCall(&ctx_, kConnectMethod, grpc::StubOptions(), this);
@@ -116,6 +125,43 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
     send_control(std::move(h));
   }
 
+  // The data link (data_link.h), when the WELCOME offered one: opened on a thread of its own,
+  // which then reads the requests; replies go on the reply connection once it is open.
+  void start_data_link() {
+    std::lock_guard<std::mutex> lock(data_mu_);
+    if (!data_link_ || data_started_ || data_closing_ || data_port_ == 0) return;
+    data_started_ = true;
+    data_thread_ = std::thread([this] { data_loop(data_host_, data_tls_); });
+  }
+  // Ends the data link and waits for its thread (before the connection is dropped).
+  void close_data() {
+    {
+      std::lock_guard<std::mutex> lock(data_mu_);
+      data_closing_ = true;
+      if (opening_) opening_->shutdown();
+      if (down_) down_->shutdown();
+      if (up_) up_->shutdown();
+    }
+    if (data_thread_.joinable()) data_thread_.join();
+  }
+  // The reply to `call_id`: on the reply connection when open, else as frames on the stream.
+  bool send_reply(uint64_t call_id, Bytes reply) {
+    std::shared_ptr<detail::DataSocket> up;
+    {
+      std::lock_guard<std::mutex> lock(data_mu_);
+      up = up_;
+    }
+    if (!up) return send_payload(FrameKind::Reply, call_id, std::move(reply));
+    try {
+      std::lock_guard<std::mutex> lock(up_write_mu_);
+      up->send({DataKind::Reply, call_id, reply->size()}, reply->data(), opt_.chunk_bytes);
+      return true;
+    } catch (const Error& e) {
+      data_failed("replies", e.what());
+      return false;
+    }
+  }
+
   bool welcomed() const { return welcomed_; }
   bool shutdown_received() const { return shutdown_; }
   int64_t heartbeat_ms() const { return heartbeat_ms_; }
@@ -138,6 +184,12 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
     switch (h.kind) {
       case FrameKind::Welcome:
         if (h.heartbeat_ms > 0) heartbeat_ms_ = h.heartbeat_ms;
+        {
+          std::lock_guard<std::mutex> lock(data_mu_);
+          data_port_ = h.data_port;
+          data_token_ = h.data_token;
+        }
+        start_data_link();
         welcomed_ = true;
         spdlog::info("site '{}': registered with the server ({})", opt_.site, h.text);
         // Before any request of this connection, in the handler's thread.
@@ -225,6 +277,105 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
   }
 
  private:
+  // Opens the request and reply connections (each: TLS handshake, hello with the token, the
+  // server's accept), then reads requests until the link ends.
+  void data_loop(const std::string& host, const std::shared_ptr<detail::TlsContext>& tls) {
+    int port;
+    std::string token;
+    {
+      std::lock_guard<std::mutex> lock(data_mu_);
+      port = int(data_port_);
+      token = data_token_;
+    }
+    const std::string where = host + ":" + std::to_string(port);
+    auto open = [&](DataKind hello) {
+      std::shared_ptr<detail::DataSocket> sock = detail::DataSocket::connect(host, port, tls, 10);
+      {
+        std::lock_guard<std::mutex> lock(data_mu_);
+        if (data_closing_) throw Error("closing");
+        opening_ = sock;  // close_data() can interrupt the hello
+      }
+      sock->set_stall_timeout(10);
+      sock->send({hello, 0, token.size()}, token.data(), opt_.chunk_bytes);
+      DataHeader h;
+      if (!sock->read_header(h, 0)) throw Error("the server closed it");
+      if (h.kind == DataKind::Refuse) {
+        std::string why(size_t(h.size), '\0');
+        sock->read_exact(why.data(), why.size());
+        throw Error("the server refused it: " + why);
+      }
+      if (h.kind != DataKind::Accept)
+        throw Error(std::string("unexpected '") + data_kind_name(h.kind) + "' from the server");
+      std::lock_guard<std::mutex> lock(data_mu_);
+      opening_.reset();
+      if (data_closing_) throw Error("closing");
+      // Published only now: send_reply() may write on the reply connection from here on.
+      (hello == DataKind::HelloDown ? down_ : up_) = sock;
+      return sock;
+    };
+    std::shared_ptr<detail::DataSocket> down;
+    try {
+      down = open(DataKind::HelloDown);
+    } catch (const Error& e) {
+      std::lock_guard<std::mutex> lock(data_mu_);
+      opening_.reset();
+      if (!data_closing_)
+        spdlog::warn("site '{}': no data link to {} ({}): payloads go over the gRPC stream",
+                     opt_.site, where, e.what());
+      return;
+    }
+    try {
+      auto up = open(DataKind::HelloUp);
+      up->set_stall_timeout(std::max(10.0, 6 * heartbeat_ms_ / 1e3));
+      spdlog::info("site '{}': data link to {} open ({})", opt_.site, where,
+                   tls ? "mutual TLS" : "INSECURE");
+    } catch (const Error& e) {
+      std::lock_guard<std::mutex> lock(data_mu_);
+      opening_.reset();
+      if (data_closing_) return;
+      spdlog::warn(
+          "site '{}': data link to {}: no reply connection ({}): replies go over the gRPC "
+          "stream",
+          opt_.site, where, e.what());
+    }
+    down->set_stall_timeout(0);  // idle between requests
+    try {
+      for (;;) {
+        DataHeader h;
+        if (!down->read_header(h, max_bytes_)) {
+          // The server closed it between requests (its stream says why): replies go on the
+          // stream from now on.
+          std::lock_guard<std::mutex> lock(data_mu_);
+          if (up_) up_->shutdown();
+          up_.reset();
+          return;
+        }
+        if (h.kind != DataKind::Request)
+          throw Error(std::string("unexpected data-link '") + data_kind_name(h.kind) + "'");
+        auto request = std::make_shared<Buffer>(size_t(h.size), Buffer::ForOverwrite{});
+        down->set_stall_timeout(std::max(10.0, 6 * heartbeat_ms_ / 1e3));
+        down->read_exact(request->data(), request->size());
+        down->set_stall_timeout(0);
+        worker_.push({shared_from_this(), h.call_id, std::move(request), false, {}});
+      }
+    } catch (const Error& e) {
+      data_failed("requests", e.what());
+    }
+  }
+
+  // A broken data link (not one being closed): the whole connection starts again.
+  void data_failed(const char* what, const std::string& why) {
+    {
+      std::lock_guard<std::mutex> lock(data_mu_);
+      if (data_closing_) return;
+      data_closing_ = true;
+      if (down_) down_->shutdown();
+      if (up_) up_->shutdown();
+    }
+    spdlog::warn("site '{}': data link ({}): {}: reconnecting", opt_.site, what, why);
+    cancel();
+  }
+
   void release() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -248,6 +399,15 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
   bool done_ = false;
   grpc::Status status_;
   std::string refusal_, shutdown_reason_;
+  const bool data_link_;
+  const std::string data_host_;
+  const std::shared_ptr<detail::TlsContext> data_tls_;
+  std::mutex data_mu_, up_write_mu_;
+  uint32_t data_port_ = 0;
+  std::string data_token_;
+  std::shared_ptr<detail::DataSocket> down_, up_, opening_;
+  bool data_started_ = false, data_closing_ = false;
+  std::thread data_thread_;
 };
 
 void Worker::loop() {
@@ -284,7 +444,7 @@ void Worker::loop() {
       e.call_id = w.call_id;
       e.text = error;
       w.conn->send_control(std::move(e));
-    } else if (!w.conn->send_payload(FrameKind::Reply, w.call_id, std::move(reply))) {
+    } else if (!w.conn->send_reply(w.call_id, std::move(reply))) {
       spdlog::warn("site '{}': connection lost before the reply to request {} was sent", site_,
                    w.call_id);
     }
@@ -345,6 +505,12 @@ SiteExit run_site_client(const SiteClientOptions& options, SiteHandler handler) 
   for (const auto& [k, v] : transport_args()) args.SetInt(k, v);
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
 
+  // The data link's TLS context, from the same kit files as the stream's.
+  std::shared_ptr<detail::TlsContext> data_tls;
+  const bool data_link = o.data_link && detail::data_link_enabled_by_env();
+  const std::string data_host = detail::split_host_port(o.server).first;
+  if (data_link && !o.insecure) data_tls = detail::TlsContext::client(o.ca_cert, o.cert, o.key);
+
   SeededRandom rng(derive_seed(o.seed, "reconnect/" + o.site));
   Worker worker(std::move(handler), o.on_welcome, o.site);
   int failures = 0;
@@ -353,7 +519,8 @@ SiteExit run_site_client(const SiteClientOptions& options, SiteHandler handler) 
     // A fresh channel per attempt: a new TCP + TLS connection, no state from the broken one.
     auto channel = grpc::CreateCustomChannel(o.server, creds, args);
     grpc::GenericStub stub(channel);
-    auto conn = std::make_shared<SiteConnection>(o, max_bytes, worker);
+    auto conn =
+        std::make_shared<SiteConnection>(o, max_bytes, worker, data_link, data_host, data_tls);
     conn->start(stub);
     int64_t hb_ms = int64_t(o.heartbeat_seconds * 1000);
     int64_t last_hb = detail::now_ms();
@@ -376,6 +543,7 @@ SiteExit run_site_client(const SiteClientOptions& options, SiteHandler handler) 
         last_hb = now;
       }
     }
+    conn->close_data();
     if (conn->shutdown_received()) return SiteExit::Shutdown;
     if (stop_requested(o)) return SiteExit::Stopped;
     const grpc::Status st = conn->status();

@@ -78,6 +78,12 @@ void check_header(const FrameHeader& h, size_t chunk_size, bool has_chunk) {
                 "; this build speaks version " + std::to_string(kWireVersion));
   if (kind == "unknown") throw Error("frame of unknown kind " + std::to_string(uint32_t(h.kind)));
   const bool payload = h.kind == FrameKind::Request || h.kind == FrameKind::Reply;
+  if (h.kind != FrameKind::Welcome && (h.data_port != 0 || !h.data_token.empty()))
+    throw Error(kind + " frame offers a data link");
+  if (h.data_port > 65535) throw Error("welcome frame: data port " + std::to_string(h.data_port));
+  if (h.data_port != 0 && h.data_token.size() != kDataTokenBytes)
+    throw Error("welcome frame: data-link token of " + std::to_string(h.data_token.size()) +
+                " bytes (expected " + std::to_string(kDataTokenBytes) + ")");
   if (!payload) {
     if (has_chunk) throw Error(kind + " frame carries payload bytes");
     if (h.kind != FrameKind::Error && h.call_id != 0)
@@ -143,6 +149,8 @@ std::string encode_frame_prefix(const FrameHeader& h, size_t chunk_size) {
                 std::to_string(h.info.size()) + " bytes (at most " + std::to_string(kMaxInfoBytes) +
                 ")");
   pb.set_info(h.info);
+  pb.set_data_port(h.data_port);
+  pb.set_data_token(h.data_token);
   const std::string header = pb.SerializeAsString();
   std::string out;
   {
@@ -234,6 +242,8 @@ Frame decode_frame(const std::vector<Span>& pieces) {
   h.site = pb.site();
   h.text = pb.text();
   h.info = pb.info();
+  h.data_port = pb.data_port();
+  h.data_token = pb.data_token();
   if (h.info.size() > kMaxInfoBytes)
     throw Error("frame info of " + std::to_string(h.info.size()) + " bytes (at most " +
                 std::to_string(kMaxInfoBytes) + ")");
@@ -316,6 +326,91 @@ Bytes PayloadAssembler::take() {
   Bytes out = std::move(buffer_);
   buffer_.reset();
   return out;
+}
+
+namespace {
+constexpr uint8_t kDataMagic[4] = {'C', 'N', 'D', 'L'};
+
+void put_u32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = uint8_t(v >> (8 * i));
+}
+void put_u64(uint8_t* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = uint8_t(v >> (8 * i));
+}
+uint32_t get_u32(const uint8_t* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= uint32_t(p[i]) << (8 * i);
+  return v;
+}
+uint64_t get_u64(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= uint64_t(p[i]) << (8 * i);
+  return v;
+}
+}  // namespace
+
+const char* data_kind_name(DataKind kind) {
+  switch (kind) {
+    case DataKind::HelloDown:
+      return "hello-down";
+    case DataKind::HelloUp:
+      return "hello-up";
+    case DataKind::Accept:
+      return "accept";
+    case DataKind::Refuse:
+      return "refuse";
+    case DataKind::Request:
+      return "request";
+    case DataKind::Reply:
+      return "reply";
+  }
+  return "unknown";
+}
+
+void encode_data_header(const DataHeader& h, uint8_t out[kDataHeaderBytes]) {
+  std::memcpy(out, kDataMagic, 4);
+  put_u32(out + 4, kWireVersion);
+  put_u32(out + 8, uint32_t(h.kind));
+  put_u32(out + 12, 0);
+  put_u64(out + 16, h.call_id);
+  put_u64(out + 24, h.size);
+}
+
+DataHeader decode_data_header(const uint8_t* p, size_t size, size_t max_payload) {
+  if (size != kDataHeaderBytes)
+    throw Error("data-link header of " + std::to_string(size) + " bytes (expected " +
+                std::to_string(kDataHeaderBytes) + ")");
+  if (std::memcmp(p, kDataMagic, 4) != 0) throw Error("not a data-link header (bad magic)");
+  const uint32_t version = get_u32(p + 4);
+  if (version != kWireVersion)
+    throw Error("data-link header of wire version " + std::to_string(version) +
+                "; this build speaks version " + std::to_string(kWireVersion));
+  DataHeader h;
+  h.kind = DataKind(get_u32(p + 8));
+  const std::string kind = data_kind_name(h.kind);
+  if (kind == "unknown")
+    throw Error("data-link header of unknown kind " + std::to_string(get_u32(p + 8)));
+  if (get_u32(p + 12) != 0) throw Error("data-link " + kind + " header: reserved field is set");
+  h.call_id = get_u64(p + 16);
+  h.size = get_u64(p + 24);
+  const bool payload = h.kind == DataKind::Request || h.kind == DataKind::Reply;
+  if (payload != (h.call_id != 0))
+    throw Error("data-link " + kind + " header: call id " + std::to_string(h.call_id));
+  uint64_t limit = max_payload;
+  if (h.kind == DataKind::HelloDown || h.kind == DataKind::HelloUp) {
+    if (h.size != kDataTokenBytes)
+      throw Error("data-link " + kind + " header: token of " + std::to_string(h.size) +
+                  " bytes (expected " + std::to_string(kDataTokenBytes) + ")");
+  } else if (h.kind == DataKind::Accept) {
+    limit = 0;
+  } else if (h.kind == DataKind::Refuse) {
+    limit = kMaxRefusalBytes;
+  }
+  if (h.size > limit)
+    throw Error("data-link " + kind + " of " + std::to_string(h.size) +
+                " bytes is over the limit of " + std::to_string(limit) +
+                (payload ? " bytes (CONCORD_MAX_MESSAGE_MB)" : " bytes"));
+  return h;
 }
 
 }  // namespace concord::net

@@ -1,6 +1,7 @@
 // The network frame decoder and payload reassembly (core/net/src/wire.cpp): bytes from a peer.
 // Input: records [u16 little-endian length][one gRPC message], each cut in two pieces (as gRPC
 // slices) where its first byte says; payload frames feed one PayloadAssembler, as a stream does.
+// A record of exactly 32 bytes is also decoded as a data-link header (decode_data_header).
 // CONCORD_FUZZ_WRITE_SEEDS=DIR writes seed inputs into DIR and exits (scripts/fuzz).
 #include <concord/net/wire.h>
 
@@ -55,6 +56,15 @@ void write_seeds(const std::string& dir) {
   w.heartbeat_ms = 5000;
   record(control, encode_frame(w));
   put("control", control);
+  std::string link;
+  for (const DataHeader& d :
+       {DataHeader{DataKind::HelloDown, 0, kDataTokenBytes}, DataHeader{DataKind::Reply, 9, 4096},
+        DataHeader{DataKind::Refuse, 0, 12}}) {
+    uint8_t b[kDataHeaderBytes];
+    encode_data_header(d, b);
+    record(link, std::string(reinterpret_cast<const char*>(b), sizeof b));
+  }
+  put("datalink", link);
 }
 
 }  // namespace
@@ -78,6 +88,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       const uint8_t* msg = data + at;
       at += len;
       const size_t cut = len ? msg[0] % (len + 1) : 0;
+      if (len == kDataHeaderBytes) {
+        try {
+          const DataHeader d = decode_data_header(msg, len, 1 << 20);
+          const bool payload = d.kind == DataKind::Request || d.kind == DataKind::Reply;
+          if (payload ? (d.call_id == 0 || d.size > (1 << 20)) : d.call_id != 0) std::abort();
+          if (d.size > (1 << 20)) std::abort();
+        } catch (const Error&) {
+        }
+      }
       std::vector<Span> pieces = {{msg, cut}, {msg + cut, len - cut}};
       try {
         Frame f = decode_frame(pieces);

@@ -45,6 +45,12 @@ struct ServerOptions {
   // request and reply bytes at min_throughput_mb_s (MB/s, the slowest link accepted).
   double call_base_seconds = 600;
   double min_throughput_mb_s = 5;
+  // The data link: requests and replies travel on two TLS connections per site beside the stream
+  // (same certificates; concord_net.proto), which costs half the CPU of gRPC's TLS stack.
+  // "": the listen host at the listen port + 1 (any free port when that is 0); "off" (or
+  // CONCORD_NET_DATA_LINK=0): payloads go over the stream. A site that cannot reach it uses the
+  // stream too.
+  std::string data_listen;
   // Sites the coordinator asks at once (each call then runs on its own thread); more sites
   // than this wait for a free slot. 0: CONCORD_NET_PARALLEL_SITES, else 8.
   size_t max_parallel_calls = 0;
@@ -61,13 +67,16 @@ class GrpcServerChannel : public Channel {
   GrpcServerChannel(const GrpcServerChannel&) = delete;
   GrpcServerChannel& operator=(const GrpcServerChannel&) = delete;
 
-  int port() const;  // the port actually bound
+  int port() const;       // the port actually bound
+  int data_port() const;  // the data link's port (0: none)
 
   // Sends `request` to `site` and waits for its reply. Throws SiteError naming the site when it
   // is not connected, disconnects or stops heartbeating during the call, replies with an error
   // (the site's handler threw), sends a malformed reply, or misses the deadline.
   Bytes call(const std::string& site, const Bytes& request) override;
   std::vector<std::string> sites() const;  // registered sites, now
+  // Registered sites whose data link is open both ways (their payloads bypass the stream), now.
+  std::vector<std::string> data_link_sites() const;
   // The info a registered site sent at its (latest) registration; "" when it is not registered.
   std::string site_info(const std::string& site) const;
   size_t max_concurrent_calls() const override;
@@ -94,6 +103,8 @@ struct SiteClientOptions {
   bool insecure = false;           // development only: loopback servers only, warned
   size_t chunk_bytes = 0;          // 0: CONCORD_NET_CHUNK_KB, else 1 MiB (4 KiB .. 4 MiB)
   size_t max_message_bytes = 0;    // 0: max_message_bytes()
+  // Open the data link when the server offers one (CONCORD_NET_DATA_LINK=0 also turns it off).
+  bool data_link = true;
   // Heartbeat interval before the server's WELCOME says otherwise.
   double heartbeat_seconds = 5;
   // Reconnection: waits initial * 2^attempt, capped at max, times a factor in [0.5, 1) drawn

@@ -43,6 +43,8 @@ struct FrameHeader {
   std::string site;
   std::string text;
   std::string info;  // REGISTER / WELCOME: the application's description (at most kMaxInfoBytes)
+  uint32_t data_port = 0;  // WELCOME: the data link's port (0: none offered)
+  std::string data_token;  // WELCOME with data_port: kDataTokenBytes random bytes
 };
 constexpr size_t kMaxInfoBytes = size_t(4) << 10;
 
@@ -99,5 +101,37 @@ class PayloadAssembler {
   uint32_t count_ = 0, next_index_ = 0;
   bool complete_ = false;
 };
+
+// The data link (concord_net.proto, core/net/src/data_link.h): two TLS connections per site beside
+// the stream, one per direction. Each transfer on them is a fixed header followed by `size`
+// payload bytes. A site's first transfer on each connection is HELLO_DOWN or HELLO_UP carrying
+// the WELCOME's token; the server answers ACCEPT, or REFUSE with a reason (text payload).
+constexpr size_t kDataHeaderBytes = 32;
+constexpr size_t kDataTokenBytes = 32;
+constexpr size_t kMaxRefusalBytes = size_t(4) << 10;
+
+enum class DataKind : uint32_t {
+  HelloDown = 1,  // site -> server: this connection carries requests (server -> site)
+  HelloUp = 2,    // site -> server: this connection carries replies (site -> server)
+  Accept = 3,     // server -> site: the hello is accepted
+  Refuse = 4,     // server -> site: the hello is refused; the payload says why
+  Request = 5,    // server -> site: a request payload (an encoded Message) of call `call_id`
+  Reply = 6,      // site -> server: the reply payload of call `call_id`
+};
+const char* data_kind_name(DataKind kind);
+
+struct DataHeader {
+  DataKind kind = DataKind::Accept;
+  uint64_t call_id = 0;
+  uint64_t size = 0;  // payload bytes that follow the header
+};
+
+// Layout: "CNDL", u32 wire version, u32 kind, u32 zero, u64 call id, u64 size; little-endian.
+void encode_data_header(const DataHeader& header, uint8_t out[kDataHeaderBytes]);
+// Checks everything a peer declares before anything is allocated: magic, version, kind, the
+// call id (> 0 exactly for REQUEST / REPLY), the size (the token's for a hello, none for ACCEPT,
+// at most kMaxRefusalBytes for REFUSE, at most `max_payload` for REQUEST / REPLY). Throws
+// concord::Error saying what is wrong.
+DataHeader decode_data_header(const uint8_t* bytes, size_t size, size_t max_payload);
 
 }  // namespace concord::net
