@@ -325,9 +325,17 @@ long peak_rss_mb() {
   return ru.ru_maxrss / 1024;
 }
 
-int round_bench(int sites, int64_t params, int reps, size_t chunk) {
+// Only the data-link round (for a profiler): `only_link`.
+int round_bench(int sites, int64_t params, int reps, size_t chunk, bool only_link) {
   const size_t model_bytes = size_t(params) * 4;
   Certs certs(sites);
+  if (only_link) {
+    Network n(certs, sites, chunk, true);
+    const Timing t = rounds(*n.server, n.names, params, reps);
+    std::printf("round, payloads on the data link: %.1f / %.1f ms (wall / CPU)\n", t.wall * 1e3,
+                t.cpu * 1e3);
+    return 0;
+  }
   // (a) in-process channel
   InProcessChannel ip;
   std::vector<std::unique_ptr<NoopSite>> ss;
@@ -427,7 +435,7 @@ int main(int argc, char** argv) {
   int sites = 8, reps = 3;
   int64_t params = 10000000;
   double payload_mb = 0;
-  bool data_link = true;
+  bool data_link = true, only_link = false;
   size_t chunk = net::chunk_bytes_from_env();
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -444,15 +452,17 @@ int main(int argc, char** argv) {
       payload_mb = std::stod(next());
     else if (a == "--stream-only")
       data_link = false;
+    else if (a == "--only-link")
+      only_link = true;
     else {
       std::fprintf(stderr,
                    "usage: bench_net_round [--sites N] [--params N] [--reps N] "
-                   "[--chunk-kb K] [--payload-mb MB [--stream-only]]\n");
+                   "[--chunk-kb K] [--payload-mb MB [--stream-only]] [--only-link]\n");
       return 2;
     }
   }
   spdlog::set_level(spdlog::level::warn);
   SSL_library_init();
   if (payload_mb > 0) return payload_bench(payload_mb, chunk, data_link);
-  return round_bench(sites, params, reps, chunk);
+  return round_bench(sites, params, reps, chunk, only_link);
 }

@@ -20,23 +20,6 @@ using json = nlohmann::json;
 
 namespace concord {
 
-// ---- defaults of the Harmonizer interface (a statistics harmonizer is not learned) -----------
-
-LearnedPlan Harmonizer::plan(const std::vector<Stats>&, const StageSettings&) {
-  throw Error("this harmonizer is not learned: it has no training stage");
-}
-LearnedUpdate Harmonizer::learn_round(const LearnedRound&) {
-  throw Error("this harmonizer is not learned: it has no training stage");
-}
-Stats Harmonizer::survey(const LearnedSiteData& data) {
-  return fit_site([&](const ImageVisitor& visit) {
-    for (const auto& sample : *data.train) visit(sample.image);
-  });
-}
-Stats Harmonizer::learn_result(const NamedArrays&) {
-  throw Error("this harmonizer is not learned: it has no training stage");
-}
-
 bool has_learned_harmonizer(const PipelineConfig& config, const Registry& registry) {
   for (size_t i = 0; i < config.harmonizers.size(); ++i) {
     const auto& h = config.harmonizers[i];

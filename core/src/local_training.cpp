@@ -46,6 +46,14 @@ const std::map<std::string, OptimizerFactory>& optimizers() {
          return std::make_unique<torch::optim::Adam>(
              std::move(p), torch::optim::AdamOptions(t.lr).weight_decay(t.weight_decay));
        }}};
+  static const bool same_names = [] {
+    std::vector<std::string> keys;
+    for (const auto& [name, make] : table) keys.push_back(name);
+    if (keys != optimizer_names())
+      throw std::logic_error("local training: the optimizer table and optimizer_names() differ");
+    return true;
+  }();
+  (void)same_names;
   return table;
 }
 
@@ -114,12 +122,6 @@ at::Tensor task_loss(Task task, const at::Tensor& logits, const at::Tensor& y) {
   at::Tensor denom = prob.sum({0, 2, 3}) + onehot.sum({0, 2, 3});
   at::Tensor dice = (2 * inter + 1) / (denom + 1);
   return ce + (1 - dice.slice(0, 1).mean());
-}
-
-std::vector<std::string> optimizer_names() {
-  std::vector<std::string> out;
-  for (const auto& [name, make] : optimizers()) out.push_back(name);
-  return out;
 }
 
 LossTerm proximal_term(Model& model, const std::map<std::string, at::Tensor>& target,

@@ -24,8 +24,9 @@ struct SampleLevelPlan;  // privacy_round.h
 // Dice over the foreground classes.
 at::Tensor task_loss(Task task, const at::Tensor& logits, const at::Tensor& y);
 
-// The local optimizers a pipeline may name in training.optimizer (one table: the pipeline's
-// validation lists these names, local training builds from the same table).
+// The local optimizers a pipeline may name in training.optimizer, sorted. Defined in pipeline.cpp
+// (the validation links without LibTorch: tests/fuzz); local training's table of optimizers
+// checks on first use that it has exactly these names.
 std::vector<std::string> optimizer_names();
 
 // Seeds LibTorch's global generator (model initialisation; dropout and other draws of the model

@@ -23,6 +23,10 @@ ValidationError::ValidationError(std::vector<Diagnostic> diags)
       }()),
       diags_(std::move(diags)) {}
 
+std::vector<std::string> optimizer_names() {
+  return {"adam", "sgd"};
+}
+
 namespace {
 
 // Core sections are declared with the same ArgSpec machinery plugins use.

@@ -111,15 +111,20 @@ class ZipArchive {
       fail("entry '" + name + "' declares " + std::to_string(e.size) +
            " bytes uncompressed, more than the limit of " + std::to_string(max_bytes >> 20) +
            " MiB (CONCORD_MAX_IMAGE_MB)");
-    // Deflate produces at most 1032 bytes per input byte (RFC 1951 block limits).
+    // Deflate produces at most 1032 bytes per input byte (RFC 1951 block limits); a stored
+    // entry holds exactly its bytes (present in the file: checked above). Both before allocating.
     if (e.method == 8 && e.size / 1032 > e.compressed + 1)
       fail("entry '" + name + "' declares " + std::to_string(e.size) + " bytes from " +
            std::to_string(e.compressed) + " compressed ones, more than deflate can produce");
+    if (e.method == 0 && e.compressed != e.size)
+      fail("stored entry '" + name + "' has inconsistent sizes");
+    if (e.method != 0 && e.method != 8)
+      fail("entry '" + name + "' uses compression method " + std::to_string(e.method) +
+           " (only stored and deflate are read)");
     std::vector<uint8_t> out(e.size);
     if (e.method == 0) {
-      if (e.compressed != e.size) fail("stored entry '" + name + "' has inconsistent sizes");
       std::memcpy(out.data(), d + start, e.size);
-    } else if (e.method == 8) {
+    } else {  // deflate
       z_stream zs{};
       if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) fail("zlib init failed");
       zs.next_in = const_cast<Bytef*>(d + start);
@@ -132,9 +137,6 @@ class ZipArchive {
       if (rc != Z_STREAM_END || produced != e.size)
         fail("entry '" + name + "' does not inflate (" + std::string(zs.msg ? zs.msg : "bad data") +
              ")");
-    } else {
-      fail("entry '" + name + "' uses compression method " + std::to_string(e.method) +
-           " (only stored and deflate are supported)");
     }
     if (uint32_t(crc32_z(0L, out.data(), out.size())) != e.crc)
       fail("entry '" + name + "' fails its CRC check (corrupt file)");

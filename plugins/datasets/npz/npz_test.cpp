@@ -298,6 +298,16 @@ TEST(Npz, DeclaredSizesAreCheckedBeforeAllocating) {
             false, {{"train_labels.npy", 100000000u}});
   e = refused(bomb);
   EXPECT_NE(e.find("more than deflate can produce"), std::string::npos) << e;
+  // Stored entry declaring 300 MB (under the ceiling) that holds 8 bytes: refused before the
+  // 300 MB are allocated (scripts/fuzz npz found the allocation with -malloc_limit_mb).
+  const std::string liar = dir.str() + "/liar.npz";
+  write_zip(liar,
+            {{"train_images.npy", npy("|u1", {2, 2, 2}, {1, 2, 3, 4, 5, 6, 7, 8})},
+             {"train_labels.npy", labels}},
+            false, {{"train_images.npy", 300000000u}});
+  e = refused(liar);
+  EXPECT_NE(e.find("stored entry 'train_images.npy' has inconsistent sizes"), std::string::npos)
+      << e;
   // A shape that overflows, and one that disagrees with the data the entry holds.
   const std::string shape = dir.str() + "/shape.npz";
   write_zip(shape, {{"train_images.npy", npy("|u1", {2147483648, 2147483648, 2147483648}, {1, 2})},

@@ -1,7 +1,8 @@
 // The network Channel: a coordinator (server) and sites in other processes or on other machines,
 // over gRPC with mutual TLS. Each site connects OUT to the server and keeps one bidirectional
 // stream open (core/net/proto/concord_net.proto); the server sends requests down that stream
-// and waits for the replies. Payloads travel in chunks (wire.h).
+// and waits for the replies. Payloads travel on the data link (two TLS connections per site beside
+// the stream, core/net/src/data_link.h), or in chunks on the stream (wire.h) without it.
 //
 //   server:  GrpcServerChannel ch(options);  ch.wait_for_sites(names, 60);
 //            Coordinator coordinator(ch, aggregator, seed);  ...   (ch is a concord::Channel)
