@@ -153,6 +153,14 @@ struct Experiment::Impl {
   }
 
   void harmonize_sites(const RunOptions& options, RunRecord& record) {
+    // Remote sites: the processes registered before the phase take part in it. A process that
+    // registers from here on is brought up to date before the first round (catch_up), even if
+    // it took the statistics in the phase: a site acknowledges statistics it already applied,
+    // so bringing it up to date twice costs a message and changes nothing, while missing one
+    // would leave it refusing to train on unharmonized images. (Counting at the end of the
+    // phase missed a process that registered after its last statistics were sent.)
+    if (remote && remote->starts)
+      for (const auto& site : roster.order) starts_seen[site] = remote->starts(site);
     HarmonizationPhase phase{config, registry, *coordinator, roster, failures, nullptr, nullptr};
     phase.on_harmonizer = [&](const std::string& p, int i, int n) { progress(options, p, i, n); };
     // Learned harmonizers train here, before the task stage (learned_stage.h).
@@ -162,12 +170,6 @@ struct Experiment::Impl {
     learned.on_progress = [&](const std::string& p, int i, int n) { progress(options, p, i, n); };
     phase.learned = &learned;
     harmonizer_stats = phase.run();
-    // Remote sites: the processes registered by now took part in the phase (a site still in the
-    // run took every harmonizer's statistics, whichever of its processes asked for them), or
-    // failed it and were dropped. Only a process that registers after this is brought up to
-    // date (catch_up); a site that had not registered at all (count 0) then rejoins the run.
-    if (remote && remote->starts)
-      for (const auto& site : roster.order) starts_seen[site] = remote->starts(site);
   }
 
   // Remote sites: a site process that registered since the site was last brought up to date (a

@@ -13,6 +13,7 @@
 
 #include <c10/core/GradMode.h>
 
+#include <cstring>
 #include <optional>
 #include <random>
 
@@ -50,6 +51,15 @@ class SiteHarmonizers {
 
   Message set_statistics(Message&& in, SiteData& data) {
     protocol::SetStatistics set = protocol::read_set_statistics(std::move(in), harmonizers_.size());
+    // The same statistics again (the coordinator brings a process up to date whenever it cannot
+    // tell that it took them already): nothing to do.
+    Bytes canonical = encode(protocol::set_statistics(set.harmonizer, set.stats));
+    if (set.harmonizer < applied_) {
+      const Bytes& had = applied_stats_[set.harmonizer];
+      if (had->size() == canonical->size() &&
+          std::memcmp(had->data(), canonical->data(), had->size()) == 0)
+        return protocol::ack(site_, 0);
+    }
     // Applying a harmonizer twice would harmonize the images twice; out of order, the next
     // harmonizer would see images its statistics were not fitted on.
     if (set.harmonizer != applied_)
@@ -59,6 +69,7 @@ class SiteHarmonizers {
     Harmonizer& h = *harmonizers_[set.harmonizer];
     h.set_statistics(set.stats, site_);
     ++applied_;
+    applied_stats_.push_back(std::move(canonical));
     if (h.replays()) replayers_.push_back(&h);  // adds samples to training batches instead
     if (h.augments()) {
       augmenters_.push_back(&h);
@@ -88,7 +99,8 @@ class SiteHarmonizers {
   std::string site_;
   std::vector<std::unique_ptr<Harmonizer>> harmonizers_;
   std::vector<Harmonizer*> augmenters_, replayers_;
-  size_t applied_ = 0;  // harmonizers[0 .. applied_) have their statistics applied
+  size_t applied_ = 0;                // harmonizers[0 .. applied_) have their statistics applied
+  std::vector<Bytes> applied_stats_;  // their statistics, encoded (a repeat is recognised)
 };
 
 }  // namespace

@@ -48,10 +48,13 @@ class RestartingSites : public Channel {
   }
   Bytes call(const std::string& site, const Bytes& request) override {
     if (restart_before && restart_before(site, decode(request))) restart(site);
-    return sites_.at(site)->handle(request);
+    Bytes reply = sites_.at(site)->handle(request);
+    if (restart_after && restart_after(site, decode(request))) restart(site);
+    return reply;
   }
-  // A new process takes the site's place just before this request reaches it.
-  std::function<bool(const std::string& site, const Message& request)> restart_before;
+  // A new process takes the site's place just before this request reaches it, or just after it
+  // answered it.
+  std::function<bool(const std::string&site, const Message&request)> restart_before, restart_after;
   void restart(const std::string& site) {
     sites_[site].reset();
     sites_[site] = std::make_unique<StandaloneSite>(config_, testkit::builtin_registry(), site,
@@ -86,12 +89,15 @@ Outcome simulate() {
 
 // The pipeline with remote sites; site-B restarts after round `restart_after` (checkpointed),
 // or before the requests `restart_before` picks.
-Outcome remote(int restart_after, bool count_starts,
-               std::function<bool(const std::string&, const Message&)> restart_before = nullptr) {
+Outcome remote(
+    int restart_after, bool count_starts,
+    std::function<bool(const std::string&, const Message&)> restart_before = nullptr,
+    std::function<bool(const std::string&, const Message&)> restart_once_answered = nullptr) {
   testkit::TempDir dir;
   const PipelineConfig c = config();
   RestartingSites sites(c, dir.str());
   sites.restart_before = std::move(restart_before);
+  sites.restart_after = std::move(restart_once_answered);
   RemoteSites remote{&sites, sites.shape(), nullptr};
   if (count_starts) remote.starts = [&](const std::string& s) { return sites.starts(s); };
   Experiment exp(c, testkit::builtin_registry(), remote);
@@ -161,4 +167,42 @@ TEST(SiteRestart, AProcessStartedDuringTheHarmonizerPhaseTakesItsStatisticsThere
   EXPECT_TRUE(done);
   EXPECT_TRUE(net.summary.failures.empty()) << joined(net.summary.failures);
   EXPECT_TRUE(testkit::bit_identical(net.global, sim.global));
+}
+
+// A process that registers right after its predecessor took the last harmonizer statistics (the
+// end of the harmonizer phase) is brought up to date before round 1. The engine used to count a
+// site's processes at the end of the phase, so such a process counted as up to date and refused
+// every round.
+TEST(SiteRestart, AProcessStartedJustAfterTheLastStatisticsIsBroughtUpToDate) {
+  const Outcome sim = simulate();
+  bool done = false;
+  const Outcome net = remote(0, true, nullptr, [&](const std::string& site, const Message& m) {
+    if (done || site != "site-B" || m.type != protocol::kSetStatistics) return false;
+    return done = true;
+  });
+  EXPECT_TRUE(done);
+  EXPECT_TRUE(net.summary.failures.empty()) << joined(net.summary.failures);
+  EXPECT_TRUE(testkit::bit_identical(net.global, sim.global));
+}
+
+// Statistics a site process already applied, sent again, are acknowledged and not applied twice;
+// other statistics for a harmonizer already applied are refused.
+TEST(SiteRestart, RepeatedStatisticsAreAcknowledgedOnce) {
+  testkit::TempDir dir;
+  const PipelineConfig c = config();
+  StandaloneSite site(c, testkit::builtin_registry(), "site-B", dir.str());
+  // This site's own statistics stand in for the combined ones.
+  protocol::Checked<Stats> fitted =
+      protocol::read_statistics(decode(site.handle(encode(protocol::fit_request(0)))));
+  ASSERT_TRUE(fitted.ok()) << fitted.problem;
+  const Stats s = *fitted.value;
+  auto send = [&](const Stats& st) {
+    return decode(site.handle(encode(protocol::set_statistics(0, st))));
+  };
+  EXPECT_EQ(send(s).type, protocol::kAck);
+  EXPECT_EQ(send(s).type, protocol::kAck);  // the same again: a no-op
+  Stats other = s;
+  other.weight = 9;
+  const std::string e = testkit::error_of([&] { send(other); });
+  EXPECT_NE(e.find("already applied"), std::string::npos) << e;
 }
