@@ -152,10 +152,11 @@ struct Federation {
     a.insert(a.end(), extra.begin(), extra.end());
     return std::make_unique<Proc>(a, dir.path() / log, kill_at);
   }
-  std::unique_ptr<Proc> site(const std::string& name, const std::string& kill_at = "") {
-    return std::make_unique<Proc>(
-        std::vector<std::string>{"site", "--kit", (kits / name).string(), pipeline_file.string()},
-        dir.path() / (name + ".log"), kill_at);
+  std::unique_ptr<Proc> site(const std::string& name, const std::string& kill_at = "",
+                             const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> a = {"site", "--kit", (kits / name).string(), pipeline_file.string()};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return std::make_unique<Proc>(a, dir.path() / (name + ".log"), kill_at);
   }
   // The pipeline with `from` replaced by `to`, written to `name` in the test's folder.
   fs::path variant(const std::string& name, const std::string& from, const std::string& to) {
@@ -252,6 +253,43 @@ TEST(FederationNet, ThreeSiteProcessesEndBitIdenticalToTheSimulation) {
                                " open (mutual TLS)"),
               std::string::npos)
         << f.logs(all);
+}
+
+// The weights may travel on the gRPC stream instead of the data link, for one site
+// (`concord site --no-data-link`) or for all (`concord server --data-listen off`): the results
+// are the same, bit for bit.
+TEST(FederationNet, SitesOnTheGrpcStreamEndBitIdenticalToo) {
+  const fs::path& sim = simulation();
+  for (const bool server_off : {false, true}) {
+    SCOPED_TRACE(server_off ? "server --data-listen off" : "site-A --no-data-link");
+    Federation f;
+    std::vector<std::string> args = {f.pipeline_file.string(), "--run-dir", f.run.string()};
+    if (server_off) args.insert(args.end(), {"--data-listen", "off"});
+    auto server = f.server(args, "server.log");
+    std::vector<std::unique_ptr<Proc>> sites;
+    for (const auto& s : f.sites)
+      sites.push_back(f.site(s, "",
+                             s == "site-A" && !server_off
+                                 ? std::vector<std::string>{"--no-data-link"}
+                                 : std::vector<std::string>{}));
+    const int rc = server->wait(90);
+    std::vector<const Proc*> all = {server.get()};
+    for (auto& s : sites) all.push_back(s.get());
+    ASSERT_EQ(rc, 0) << f.logs(all);
+    for (auto& s : sites) EXPECT_EQ(s->wait(20), 0) << f.logs(all);
+    expect_same_weights(f.run, sim);
+    for (size_t i = 0; i < sites.size(); ++i) {
+      const bool link = !server_off && f.sites[i] != "site-A";
+      EXPECT_EQ(sites[i]->output().find("data link to") != std::string::npos, link)
+          << f.sites[i] << "\n"
+          << f.logs(all);
+    }
+    if (server_off) {
+      EXPECT_NE(server->output().find("data link off: payloads go over the gRPC stream"),
+                std::string::npos)
+          << f.logs(all);
+    }
+  }
 }
 
 TEST(FederationNet, ASiteKilledMidRoundIsNamedAndTheRoundCompletesWithTheOthers) {

@@ -709,6 +709,8 @@ TEST(NetTransport, DataLinkRefusesStrangersAndOversizedReplies) {
   while (auto f = c.read_non_heartbeat())
     if (f->kind == FrameKind::Error) told = f->text;
   EXPECT_NE(told.find("data link: data-link reply of"), std::string::npos) << told;
+  for (int i = 0; i < 500 && !server.sites().empty(); ++i)  // the server's end closes too
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   EXPECT_TRUE(server.sites().empty());
 }
 

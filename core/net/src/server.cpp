@@ -16,6 +16,8 @@
 #include <thread>
 #include <tuple>
 
+#include <unistd.h>
+
 namespace concord::net {
 
 namespace {
@@ -540,6 +542,15 @@ void Impl::data_accept_loop() {
       }
     }
     if (fd < 0) continue;
+    // Each site keeps one connection's thread (its replies) and briefly a second; beyond a
+    // margin, connections are refused at once instead of each holding a thread for its
+    // handshake's 10 s.
+    if (data_threads.size() >= 4 * opt.sites.size() + 16) {
+      ::close(fd);
+      spdlog::warn("data link: {} connections open or being accepted: refusing another",
+                   data_threads.size());
+      continue;
+    }
     auto done = std::make_shared<std::atomic<bool>>(false);
     data_threads.push_back({std::thread([this, fd, done] {
                               data_connection(fd);
@@ -564,6 +575,13 @@ void Impl::data_connection(int fd) {
   bool down = false, attached = false;
   try {
     sock->server_handshake(10);
+    // Who the peer is, before it may present a token: a certificate of this project, valid,
+    // not revoked, of a site of this federation.
+    std::string name;
+    if (!opt.insecure) {
+      std::lock_guard<std::mutex> lock(check_mu);
+      name = check->verify(sock->peer_certificate_pem());
+    }
     sock->set_stall_timeout(10);
     DataHeader h;
     if (!sock->read_header(h, max_bytes)) throw Error("closed before its hello");
@@ -579,16 +597,9 @@ void Impl::data_connection(int fd) {
       if (it != data_tokens.end()) s = it->second.lock();
     }
     if (!s) throw Error("unknown data-link token (its site's connection has ended)");
-    if (!opt.insecure) {
-      std::string name;
-      {
-        std::lock_guard<std::mutex> lock(check_mu);
-        name = check->verify(sock->peer_certificate_pem());
-      }
-      if (name != s->site())
-        throw Error("certificate is for site '" + name + "' but the token is site '" + s->site() +
-                    "''s");
-    }
+    if (!opt.insecure && name != s->site())
+      throw Error("certificate is for site '" + name + "' but the token is site '" + s->site() +
+                  "''s");
     // The request connection is written by call() once attached: the accept goes first.
     std::unique_lock<std::mutex> writing(s->request_write_mutex(), std::defer_lock);
     if (down) writing.lock();
