@@ -18,7 +18,7 @@ echo "== 8 sites x 1e7 float32, mutual TLS"
 concord_s=$(awk '$1 == "net_round_s" {print $2}' /tmp/concord-net-round-$$.txt)
 stream_s=$(awk '$1 == "net_round_stream_s" {print $2}' /tmp/concord-net-round-$$.txt)
 rm -f /tmp/concord-net-round-$$.txt
-echo "   target (issue 11): under ~0.45 s for 8 sites"
+awk -v c="$concord_s" 'BEGIN { printf "   target (issue 11): under ~0.45 s for 8 sites: %s (%.3f s)\n", (c < 0.45 ? "met" : "NOT met"), c }'
 if [ "${CONCORD_BENCH_SKIP_BIG:-0}" != 1 ]; then
   echo "== 32 sites x 1e7 float32, mutual TLS"
   "$exe" --sites 32 --params 10000000 --reps 2
@@ -45,7 +45,7 @@ if [ -n "$peer" ] && [ -x "$peer/round_bench.sh" ]; then
   flower_s=$(echo "$flower_out" | awk '/^flower_round_s/ {print $2}')
   if [ -n "$flower_s" ] && [ -n "$concord_s" ]; then
     awk -v f="$flower_s" -v c="$concord_s" -v s="$stream_s" \
-      'BEGIN { printf "   Flower round %.3f s, Concord round %.3f s (data link): Concord is %.1fx faster (target >= 10x); on the gRPC stream alone %.3f s, %.1fx\n", f, c, f / c, s, f / s }'
+      'BEGIN { printf "   Flower round %.3f s, Concord round %.3f s (data link): Concord is %.1fx faster (issue 11 asks 10x of its Flower figure, 4.3 s; 10x of this run'"'"'s: %s); on the gRPC stream alone %.3f s, %.1fx\n", f, c, f / c, (f / c >= 10 ? "met" : "not met"), s, f / s }'
   fi
 else
   echo "== Flower: no peer folder (/work/shared/peers/flower): not measured in this run"

@@ -164,10 +164,18 @@ struct Experiment::Impl {
     HarmonizationPhase phase{config, registry, *coordinator, roster, failures, nullptr, nullptr};
     phase.on_harmonizer = [&](const std::string& p, int i, int n) { progress(options, p, i, n); };
     // Learned harmonizers train here, before the task stage (learned_stage.h).
-    LearnedStageOptions learned{record.dir(), options.resume, nullptr, nullptr,
-                                [&](const std::string& line) { record.append_line(line); }};
+    LearnedStageOptions learned;
+    learned.run_dir = record.dir();
+    learned.resume = options.resume;
+    learned.add_metrics_line = [&](const std::string& line) { record.append_line(line); };
     if (options.stop_after) learned.stop = [&] { return options.stop_after(0); };
     learned.on_progress = [&](const std::string& p, int i, int n) { progress(options, p, i, n); };
+    if (remote && remote->starts) {  // a site process that restarts during a learned stage
+      learned.restarted = [this](const std::string& site) { return restarted(site); };
+      learned.caught_up = [this](const std::string& site) {
+        starts_seen[site] = remote->starts(site);
+      };
+    }
     phase.learned = &learned;
     harmonizer_stats = phase.run();
   }
@@ -473,7 +481,8 @@ RunSummary Experiment::run(const RunOptions& options) {
   // A learned harmonizer's stage checkpoints and records into the run folder: open it first.
   const bool learned = has_learned_harmonizer(cfg, x.registry);
   if (learned && !options.resume) record.open(false, cfg.resolved_yaml, 0);
-  if (learned) x.sites->set_output_dir(record.dir().string());
+  // Simulated sites write their figures there; a remote site has its own folder (`concord site`).
+  if (learned && x.sites) x.sites->set_output_dir(record.dir().string());
   try {
     x.harmonize_sites(options, record);
   } catch (const LearnedStageStopped&) {

@@ -55,8 +55,9 @@ std::vector<Stats> HarmonizationPhase::run(int last, const std::map<int, Stats>&
     if (from_given) {
       global = given_here->second;
     } else if (fit && combine->learned()) {
-      LearnedStage stage(config, registry, coordinator, roster, failures,
-                         learned ? *learned : LearnedStageOptions{});
+      LearnedStageOptions o = learned ? *learned : LearnedStageOptions{};
+      o.earlier = &broadcast;  // harmonizers 0 .. i-1
+      LearnedStage stage(config, registry, coordinator, roster, failures, std::move(o));
       global = stage.run(i, *combine, [&] { return site_statistics(i, label); });
       contributed = roster.names(false).size();
     } else if (fit) {

@@ -61,6 +61,8 @@ struct LearnedStage::Impl {
   Roster& roster;
   FailureLog& failures;
   LearnedStageOptions options;
+  // Each site's learned state at the last checkpoint that has it, and that checkpoint's round.
+  std::map<std::string, std::pair<int64_t, NamedArrays>> last_states;
 
   fs::path folder() const { return options.run_dir / "learned"; }
   fs::path checkpoint_file() const { return folder() / "stage.ckpt"; }
@@ -149,6 +151,7 @@ struct LearnedStage::Impl {
                coordinator.ask(protocol::learn_restore_request(i, c.round, st), {site}, acked))
             throw Error(checkpoint_file().string() + ": " + f.what);
         start = {c.phase, int(c.round)};
+        for (const auto& [site, st] : c.sites) last_states[site] = {int64_t(c.round), st};
         finals = std::move(c.finals);
         resumed_global = std::move(c.global);
         resumed_aggregator = std::move(c.aggregator);
@@ -188,6 +191,8 @@ struct LearnedStage::Impl {
       for (int r = first; r <= phase.rounds; ++r) {
         const std::string name = "stage " + hc.type + " " + phase.name + " " + std::to_string(r) +
                                  "/" + std::to_string(phase.rounds);
+        bring_up_to_date(i, plan.shared, sites,
+                         hc.type + " " + phase.name + " round " + std::to_string(r));
         progress(name, 0, int(phase_sites.size()));
         protocol::LearnRequest req;
         req.harmonizer = i;
@@ -257,6 +262,47 @@ struct LearnedStage::Impl {
     return global;
   }
 
+  // Remote sites: a stage site whose process is new since it was last brought up to date (a
+  // restart during the stage) gets, before round `at`, the earlier harmonizers' statistics,
+  // learn-begin and its state from the stage's last checkpoint, and takes part from that round.
+  // Without a checkpoint (no run folder) its local networks start afresh. If that fails, the
+  // failure is named and the engine brings the process up to date after the stage.
+  void bring_up_to_date(size_t i, const Stats& shared, const std::vector<std::string>& sites,
+                        const std::string& at) {
+    if (!options.restarted || !options.caught_up) return;
+    for (const auto& site : sites) {
+      if (!options.restarted(site)) continue;
+      std::string why;
+      const std::vector<Stats> none;
+      const std::vector<Stats>& earlier = options.earlier ? *options.earlier : none;
+      for (size_t k = 0; k < earlier.size() && why.empty(); ++k)
+        for (const auto& f : coordinator.set_statistics(k, earlier[k], {site})) why = f.what;
+      if (why.empty())
+        for (const auto& f : coordinator.ask(protocol::learn_begin(i, shared), {site}, acked))
+          why = f.what;
+      auto kept = last_states.find(site);
+      if (why.empty() && kept != last_states.end())
+        for (const auto& f : coordinator.ask(
+                 protocol::learn_restore_request(i, kept->second.first, kept->second.second),
+                 {site}, acked))
+          why = f.what;
+      if (!why.empty()) {
+        failures.add("stage " + at + ": " + why +
+                     " (a new process of the site could not join the stage; it is brought up "
+                     "to date after it)");
+        continue;
+      }
+      options.caught_up(site);
+      spdlog::info(
+          "stage {}: site '{}': a new process of the site registered: brought into the "
+          "stage ({} earlier harmonizer statistics, {})",
+          at, site, earlier.size(),
+          kept != last_states.end() ? "its state from the stage's checkpoint of round " +
+                                          std::to_string(kept->second.first)
+                                    : "no checkpointed state: its networks start afresh");
+    }
+  }
+
   void log_round(size_t i, const std::string& type, size_t p, const LearnedPhase& phase, int r,
                  const Coordinator::RoundOutcome& outcome) const {
     double loss = 0, n = 0;
@@ -300,6 +346,9 @@ struct LearnedStage::Impl {
                                            return std::string();
                                          }))
       failures.add("stage round " + std::to_string(r) + ": checkpoint: " + f.what);
+    // For a site process that restarts during the stage (a site whose export failed keeps its
+    // state of an earlier checkpoint: the last it had).
+    for (const auto& [site, st] : c.sites) last_states[site] = {r, st};
     c.pipeline = config.resolved_yaml;
     c.failures = failures.lines;
     fs::create_directories(folder());
@@ -312,7 +361,7 @@ LearnedStage::LearnedStage(const PipelineConfig& config, const Registry& registr
                            Coordinator& coordinator, Roster& roster, FailureLog& failures,
                            LearnedStageOptions options)
     : impl_(std::make_shared<Impl>(
-          Impl{config, registry, coordinator, roster, failures, std::move(options)})) {}
+          Impl{config, registry, coordinator, roster, failures, std::move(options), {}})) {}
 
 Stats LearnedStage::run(size_t index, Harmonizer& coordinator_side,
                         const std::function<std::vector<Stats>()>& survey) {
@@ -339,6 +388,10 @@ Message answer_learned(const std::vector<std::unique_ptr<Harmonizer>>& harmonize
     throw Error("harmonizers[" + std::to_string(i) + "] is not learned: no '" + in.type +
                 "' requests");
   const auto kind = protocol::request_kind(in);
+  if (ctx.begun && kind != protocol::Request::LearnBegin && !ctx.begun->count(i))
+    throw Error("refusing '" + in.type + "' for harmonizer " + std::to_string(i) +
+                ": this site process had no learn-begin for it (did it start during the "
+                "harmonizer's stage?)");
   switch (kind) {
     case protocol::Request::LearnBegin: {
       auto st = config_stage(ctx, i);
@@ -351,6 +404,7 @@ Message answer_learned(const std::vector<std::unique_ptr<Harmonizer>>& harmonize
       d.settings = st;
       d.output_dir = ctx.output_dir;
       h.learn_begin(stats_from_message(std::move(in)), d);
+      if (ctx.begun) ctx.begun->insert(i);
       return protocol::ack(site, 0);
     }
     case protocol::Request::Learn: {

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,14 @@ struct LearnedStageOptions {
   std::function<void(const std::string& phase, int done, int total)> on_progress;
   // One metrics.jsonl line (JSON text without the newline).
   std::function<void(const std::string& line)> add_metrics_line;
+  // Remote sites (RemoteSites::starts): true when `site` has a new process since it was last
+  // brought up to date; caught_up(site) records that it now is. Before each round of the stage
+  // such a process gets what its predecessor had: the statistics of the harmonizers before this
+  // one (`earlier`, set by the harmonizer phase), learn-begin, and its learned state from the
+  // stage's last checkpoint. Unset: sites do not restart (simulation).
+  std::function<bool(const std::string& site)> restarted;
+  std::function<void(const std::string& site)> caught_up;
+  const std::vector<Stats>* earlier = nullptr;
 };
 
 // True when one of the pipeline's harmonizers is learned.
@@ -65,6 +74,9 @@ struct LearnedSiteContext {
   const SiteData* data = nullptr;
   std::string output_dir;
   int num_classes = 0;  // the task's, 0 when the site has no model
+  // The harmonizers this site process had learn-begin for (updated here): any other learn-*
+  // request for a harmonizer not in it is refused (a process that started during the stage).
+  std::set<size_t>* begun = nullptr;
 };
 Message answer_learned(const std::vector<std::unique_ptr<Harmonizer>>& harmonizers, Message&& in,
                        const LearnedSiteContext& context);

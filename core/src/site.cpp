@@ -16,6 +16,7 @@
 #include <cstring>
 #include <optional>
 #include <random>
+#include <set>
 
 namespace concord {
 
@@ -195,7 +196,8 @@ struct Site::Impl {
   int round = 0;
   int64_t calls = 0;
   std::optional<SampleLevelPlan> sample_plan;  // sample-level DP: this site's DP-SGD plan
-  std::string output_dir;  // where the site may write figures (learned harmonizers)
+  std::string output_dir;        // where the site may write figures (learned harmonizers)
+  std::set<size_t> learn_begun;  // learned harmonizers this process had learn-begin for
 
   Impl(const PipelineConfig& c, const Registry& registry, SiteData d, ModelPool* p)
       : config(c),
@@ -314,8 +316,9 @@ struct Site::Impl {
       case protocol::Request::LearnResult:
       case protocol::Request::LearnExport:
       case protocol::Request::LearnRestore:
-        out = answer_learned(harmonization.all(), std::move(in),
-                             {&config, &name, &data, output_dir, pool ? pool->num_classes : 0});
+        out = answer_learned(
+            harmonization.all(), std::move(in),
+            {&config, &name, &data, output_dir, pool ? pool->num_classes : 0, &learn_begun});
         break;
     }
     out.round = round;

@@ -35,8 +35,28 @@ federation: {rounds: 3, min_sites: 2}
 )";
 }
 
-PipelineConfig config() {
-  return parse_pipeline(pipeline(), "restart-test.yaml", {}, testkit::builtin_registry());
+// A learned harmonizer (cyclegan, reference site-B, local generators): its stage trains site-B's
+// style GAN, then site-A's and site-C's CycleGANs, 3 rounds each, checkpointed after each round.
+std::string cyclegan_pipeline() {
+  return R"(name: restart-cyclegan
+seed: 3
+data:
+  dataset: {type: brainsim, args: {sites: 3, train_per_site: 6, test_per_site: 2, size: 32}}
+  sites: [site-A, site-B, site-C]
+model: {type: cnn, args: {width: 4, depth: 2}}
+harmonizers:
+  - type: cyclegan
+    args: {reference_site: site-B, generator_sharing: local, ngf: 4, ndf: 4, n_blocks: 1,
+           pool_size: 2, batch_size: 2, style_epochs: 1, style_ngf: 4, style_batch: 4,
+           style_latent: 8, reference_samples: 4}
+    stage: {rounds: 3, local_epochs: 1}
+training: {local_epochs: 1, batch_size: 4, lr: 0.01, threads: 1}
+federation: {rounds: 1, min_sites: 1}
+)";
+}
+
+PipelineConfig config(const std::string& text = pipeline()) {
+  return parse_pipeline(text, "restart-test.yaml", {}, testkit::builtin_registry());
 }
 
 // Every site a StandaloneSite, as `concord site` builds it; restart() replaces one with a new
@@ -76,9 +96,9 @@ struct Outcome {
   RunSummary summary;
 };
 
-Outcome simulate() {
+Outcome simulate(const std::string& text = pipeline()) {
   testkit::TempDir dir;
-  Experiment exp(config(), testkit::builtin_registry());
+  Experiment exp(config(text), testkit::builtin_registry());
   RunOptions o;
   o.run_dir = (dir.path() / "run").string();
   Outcome out;
@@ -92,9 +112,10 @@ Outcome simulate() {
 Outcome remote(
     int restart_after, bool count_starts,
     std::function<bool(const std::string&, const Message&)> restart_before = nullptr,
-    std::function<bool(const std::string&, const Message&)> restart_once_answered = nullptr) {
+    std::function<bool(const std::string&, const Message&)> restart_once_answered = nullptr,
+    const std::string& text = pipeline()) {
   testkit::TempDir dir;
-  const PipelineConfig c = config();
+  const PipelineConfig c = config(text);
   RestartingSites sites(c, dir.str());
   sites.restart_before = std::move(restart_before);
   sites.restart_after = std::move(restart_once_answered);
@@ -205,4 +226,38 @@ TEST(SiteRestart, RepeatedStatisticsAreAcknowledgedOnce) {
   other.weight = 9;
   const std::string e = testkit::error_of([&] { send(other); });
   EXPECT_NE(e.find("already applied"), std::string::npos) << e;
+}
+
+// A site process that restarts between two rounds of a learned harmonizer's stage is brought into
+// the stage before the next round (learn-begin, its state from the stage's checkpoint) and the
+// run ends bit-identical to the uninterrupted simulation. It used to sit out the rest of the
+// stage and be brought up to date only after it.
+TEST(SiteRestart, AProcessRestartedDuringALearnedStageRejoinsItBitIdentical) {
+  const Outcome sim = simulate(cyclegan_pipeline());
+  ASSERT_TRUE(sim.summary.failures.empty()) << joined(sim.summary.failures);
+  // site-A restarts once it has answered the checkpoint request after its first CycleGAN
+  // round (the checkpoints before it are of the style phase, in which site-A takes no part).
+  int exports = 0;
+  const auto after_first_round = [&](const std::string& site, const Message& m) {
+    return site == "site-A" && m.type == protocol::kLearnExport && ++exports == 4;
+  };
+  const Outcome net = remote(0, true, nullptr, after_first_round, cyclegan_pipeline());
+  EXPECT_GE(exports, 4);
+  EXPECT_TRUE(net.summary.failures.empty()) << joined(net.summary.failures);
+  EXPECT_TRUE(testkit::bit_identical(net.global, sim.global));
+  // Restarted in the middle of a round instead (before its second CycleGAN request), the new
+  // process refuses that round's request and says why, then rejoins from the next round.
+  int learns = 0;
+  const Outcome mid = remote(
+      0, true,
+      [&](const std::string& site, const Message& m) {
+        return site == "site-A" && m.type == protocol::kLearn && ++learns == 2;
+      },
+      nullptr, cyclegan_pipeline());
+  const std::string all = joined(mid.summary.failures);
+  EXPECT_NE(all.find("stage cyclegan cyclegan round 2: site 'site-A': refusing 'learn'"),
+            std::string::npos)
+      << all;
+  EXPECT_NE(all.find("had no learn-begin"), std::string::npos) << all;
+  EXPECT_EQ(all.find("round 3"), std::string::npos) << all;
 }

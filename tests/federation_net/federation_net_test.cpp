@@ -465,3 +465,29 @@ TEST(FederationNet, SecureAggregationOverTheNetworkMatchesTheSimulation) {
   }
   EXPECT_EQ(secure_lines, 2 * 3);  // 2 rounds x 3 sites
 }
+
+// A learned harmonizer (cyclegan) with the sites in their own processes: its stage (style GAN at
+// the reference site, CycleGANs at the others, checkpoints through the protocol) crosses the
+// network, each site keeps its local networks and pools in its own folder, and the run ends with
+// the simulation's weights. (The server used to crash here: it set an output folder on simulated
+// sites it does not have.)
+TEST(FederationNet, ACycleGanStageOverTheNetworkMatchesTheSimulation) {
+  Federation f;
+  std::string text = pipeline();
+  auto replace = [&](const std::string& from, const std::string& to) {
+    text.replace(text.find(from), from.size(), to);
+  };
+  replace("size: 24", "size: 32");  // the style generator wants a power-of-two side
+  replace("  - type: histogram-match\n",
+          "  - type: cyclegan\n"
+          "    args: {reference_site: site-B, generator_sharing: federated, ngf: 4, ndf: 4,\n"
+          "           n_blocks: 1, pool_size: 2, batch_size: 2, style_epochs: 1, style_ngf: 4,\n"
+          "           style_batch: 4, style_latent: 8, reference_samples: 4}\n"
+          "    stage: {rounds: 2, local_epochs: 1}\n");
+  const fs::path file = f.dir.path() / "cyclegan.yaml";
+  std::ofstream(file) << text;
+  const fs::path sim = f.dir.path() / "sim-run";
+  ASSERT_NO_FATAL_FAILURE(simulate_and_run_network(f, file, sim));
+  EXPECT_EQ(read_bytes(f.run / "learned/harmonizer-0-cyclegan.stats"),
+            read_bytes(sim / "learned/harmonizer-0-cyclegan.stats"));
+}
