@@ -714,6 +714,46 @@ TEST(NetTransport, DataLinkRefusesStrangersAndOversizedReplies) {
   EXPECT_TRUE(server.sites().empty());
 }
 
+// A site whose data link reads, but slower than the slowest link accepted (min_throughput_mb_s),
+// is given up at the call's deadline even while the request is still being written, and its
+// connection is dropped.
+TEST(NetTransport, DataLinkGivesUpOnASiteTooSlowToRead) {
+  ServerOptions so = server_opts();
+  so.call_base_seconds = 0.5;
+  so.min_throughput_mb_s = 1000;  // the deadline: 0.5 s + 20 MB at 1 GB/s = 0.52 s
+  GrpcServerChannel server(so);
+  RawClient c(server.port(), "site-a");
+  ASSERT_TRUE(c.send(encode_frame(header(FrameKind::Register, "site-a"))));
+  auto w = c.read_non_heartbeat();
+  ASSERT_TRUE(w && w->kind == FrameKind::Welcome);
+  auto down = data_connect(int(w->data_port), "site-a");
+  ASSERT_EQ(hello(*down, DataKind::HelloDown, w->data_token), "");
+  auto up = data_connect(int(w->data_port), "site-a");
+  ASSERT_EQ(hello(*up, DataKind::HelloUp, w->data_token), "");
+  ASSERT_TRUE(data_links_become(server, {"site-a"}));
+  std::atomic<bool> stop{false};
+  std::thread slow([&] {  // about 3 MB/s
+    std::vector<uint8_t> piece(64 << 10);
+    try {
+      while (!stop) {
+        down->read_exact(piece.data(), piece.size());
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    } catch (const Error&) {  // the server ended the connection
+    }
+  });
+  // 20 MB: at 3 MB/s the whole request would take 7 s; the error must come from the deadline,
+  // while writing (not from the 10 s stall limit, nor "no reply" after the write).
+  const std::string e = site_error_of([&] { server.call("site-a", message_of(5u << 20, 9)); });
+  stop = true;
+  down->shutdown();
+  slow.join();
+  EXPECT_NE(e.find("site 'site-a': disconnected during the call (data link: request of"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("bytes not sent within"), std::string::npos) << e;
+}
+
 // ---- kits ---------------------------------------------------------------------------------
 
 TEST(NetKits, ProvisionConnectTamperRevokeAddSite) {

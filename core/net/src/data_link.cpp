@@ -346,13 +346,15 @@ void DataSocket::send_header(const DataHeader& header) {
   write_all(h, sizeof h);
 }
 
-void DataSocket::send(const DataHeader& header, const void* payload, size_t piece_bytes) {
+void DataSocket::send(const DataHeader& header, const void* payload, size_t piece_bytes,
+                      const std::function<void()>& between) {
   send_header(header);
   const auto* p = static_cast<const uint8_t*>(payload);
   for (uint64_t off = 0; off < header.size;) {
     const size_t n = size_t(std::min<uint64_t>(piece_bytes, header.size - off));
     write_all(p + off, n);
     off += n;
+    if (between) between();
   }
 }
 

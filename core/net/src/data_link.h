@@ -13,6 +13,7 @@
 #include <concord/net/wire.h>
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -56,8 +57,10 @@ class DataSocket {
   DataSocket(const DataSocket&) = delete;
   DataSocket& operator=(const DataSocket&) = delete;
 
-  // A header and its payload, the payload in pieces of `piece_bytes`. Throws concord::Error.
-  void send(const DataHeader& header, const void* payload, size_t piece_bytes);
+  // A header and its payload, the payload in pieces of `piece_bytes`; `between` (if set) runs
+  // after each piece and may throw to give up (a deadline). Throws concord::Error.
+  void send(const DataHeader& header, const void* payload, size_t piece_bytes,
+            const std::function<void()>& between = nullptr);
   // A header alone (its payload follows with further writes, or never: tests).
   void send_header(const DataHeader& header);
   // The next header, decoded and checked (decode_data_header); false when the peer closed the

@@ -10,6 +10,7 @@
 #include <grpcpp/generic/async_generic_service.h>
 
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <set>
@@ -657,7 +658,18 @@ void Impl::read_replies(const std::shared_ptr<ServerStream>& s, detail::DataSock
       if (!c || c->stream != s) throw Error("reply to unknown call " + std::to_string(h.call_id));
       c->reply_total = h.size;  // the deadline grows with the declared size
       auto buffer = std::make_shared<Buffer>(size_t(h.size), Buffer::ForOverwrite{});
-      sock.read_exact(buffer->data(), buffer->size());
+      // In pieces: a reply still arriving when its call has given up (the site sends slower
+      // than min_throughput_mb_s) ends the site's connection.
+      for (size_t off = 0; off < buffer->size();) {
+        const size_t n = std::min(opt.chunk_bytes, buffer->size() - off);
+        sock.read_exact(buffer->data() + off, n);
+        off += n;
+        std::lock_guard<std::mutex> lock(mu);
+        if (c->done && off < buffer->size())
+          throw Error("reply " + std::to_string(h.call_id) +
+                      " still arriving after its call gave up (" + std::to_string(off) + " of " +
+                      std::to_string(buffer->size()) + " bytes)");
+      }
       sock.set_stall_timeout(0);
       std::lock_guard<std::mutex> lock(mu);
       if (!c->done) {
@@ -725,11 +737,31 @@ Bytes GrpcServerChannel::call(const std::string& site, const Bytes& request) {
     c->id = m.next_id++;
     m.pending[c->id] = c;
   }
+  // The deadline counts from here: writing a request on the data link is part of the call.
+  const auto start = std::chrono::steady_clock::now();
+  auto deadline = [&] {
+    const double bytes = double(request->size()) + double(c->reply_total.load());
+    const double s = m.opt.call_base_seconds + bytes / (m.opt.min_throughput_mb_s * 1e6);
+    return start + std::chrono::microseconds(int64_t(s * 1e6));
+  };
+  auto seconds_since_start = [&] {
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    char text[32];
+    std::snprintf(text, sizeof text, "%.1f", s);
+    return std::string(text);
+  };
   std::string send_error;
   if (auto down = c->stream->data_down()) {
     try {
       std::lock_guard<std::mutex> lock(c->stream->request_write_mutex());
-      down->send({DataKind::Request, c->id, request->size()}, request->data(), m.opt.chunk_bytes);
+      // A site that reads, but slower than min_throughput_mb_s, is given up at the deadline.
+      down->send({DataKind::Request, c->id, request->size()}, request->data(), m.opt.chunk_bytes,
+                 [&] {
+                   if (std::chrono::steady_clock::now() >= deadline())
+                     throw Error("request of " + std::to_string(request->size()) +
+                                 " bytes not sent within " + seconds_since_start() + " s");
+                 });
     } catch (const Error& e) {
       if (!c->stream->data_closed()) {
         spdlog::warn("site '{}': data link (requests): {}: dropping its connection", site,
@@ -747,12 +779,6 @@ Bytes GrpcServerChannel::call(const std::string& site, const Bytes& request) {
     m.pending.erase(c->id);
     throw SiteError(site, send_error);
   }
-  const auto start = std::chrono::steady_clock::now();
-  auto deadline = [&] {
-    const double bytes = double(request->size()) + double(c->reply_total.load());
-    const double s = m.opt.call_base_seconds + bytes / (m.opt.min_throughput_mb_s * 1e6);
-    return start + std::chrono::microseconds(int64_t(s * 1e6));
-  };
   std::unique_lock<std::mutex> lock(m.mu);
   while (!c->done) {
     auto d = deadline();
@@ -765,9 +791,7 @@ Bytes GrpcServerChannel::call(const std::string& site, const Bytes& request) {
     m.abandoned.insert(c->id);
     lock.unlock();
     c->stream->cancel_payload(c->id);
-    const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    throw SiteError(site, "no reply within " + std::to_string(int64_t(s)) + " s (request of " +
+    throw SiteError(site, "no reply within " + seconds_since_start() + " s (request of " +
                               std::to_string(request->size()) + " bytes)");
   }
   lock.unlock();
