@@ -397,7 +397,9 @@ DataListener::DataListener(const std::string& host, int port) {
     throw Error("data link: cannot resolve " + where + ": " + gai_strerror(rc));
   std::string why = "no address";
   for (addrinfo* ai = res; ai && fd_ < 0; ai = ai->ai_next) {
+    // "0.0.0.0": IPv4 only; "::": IPv6 (dual-stack where the system allows it).
     if (any && host == "0.0.0.0" && ai->ai_family != AF_INET) continue;
+    if (host == "::" && ai->ai_family != AF_INET6) continue;
     int s = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
     if (s < 0) continue;
     const int one = 1;
