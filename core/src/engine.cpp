@@ -192,10 +192,7 @@ struct Experiment::Impl {
     for (const auto& site : roster.order) {
       if (!restarted(site)) continue;
       starts_seen[site] = remote->starts(site);
-      std::string why;
-      for (size_t i = 0; i < harmonizer_stats.size() && why.empty(); ++i)
-        for (const auto& f : coordinator->set_statistics(i, harmonizer_stats[i], {site}))
-          why = f.what;
+      std::string why = resend_statistics(*coordinator, harmonizer_stats, site);
       if (auto st = kept_states.find(site); why.empty() && st != kept_states.end())
         for (const auto& f : coordinator->restore_states(round - 1, {{site, st->second}}))
           why = f.what;

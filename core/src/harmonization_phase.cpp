@@ -86,6 +86,13 @@ std::vector<Stats> HarmonizationPhase::run(int last, const std::map<int, Stats>&
   return broadcast;
 }
 
+std::string resend_statistics(Coordinator& coordinator, const std::vector<Stats>& stats,
+                              const std::string& site) {
+  for (size_t i = 0; i < stats.size(); ++i)
+    for (const auto& f : coordinator.set_statistics(i, stats[i], {site})) return f.what;
+  return "";
+}
+
 // Every training site's fit_site() statistics for harmonizers[i], minus the ones that fail or
 // that protocol::read_statistics() refuses. The entries most sites agree on (names, dtypes,
 // shapes) are the reference, so one odd site cannot make the others look wrong.

@@ -62,4 +62,9 @@ struct HarmonizationPhase {
   std::vector<Stats> site_statistics(size_t i, const std::string& label);
 };
 
+// Sends harmonizers 0 .. stats.size()-1 their statistics, in order, to `site` alone (a new
+// process of the site being brought up to date): "" or the first failure (naming the site).
+std::string resend_statistics(Coordinator& coordinator, const std::vector<Stats>& stats,
+                              const std::string& site);
+
 }  // namespace concord

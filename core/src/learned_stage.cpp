@@ -270,13 +270,11 @@ struct LearnedStage::Impl {
   void bring_up_to_date(size_t i, const Stats& shared, const std::vector<std::string>& sites,
                         const std::string& at) {
     if (!options.restarted || !options.caught_up) return;
+    static const std::vector<Stats> none;
+    const std::vector<Stats>& earlier = options.earlier ? *options.earlier : none;
     for (const auto& site : sites) {
       if (!options.restarted(site)) continue;
-      std::string why;
-      const std::vector<Stats> none;
-      const std::vector<Stats>& earlier = options.earlier ? *options.earlier : none;
-      for (size_t k = 0; k < earlier.size() && why.empty(); ++k)
-        for (const auto& f : coordinator.set_statistics(k, earlier[k], {site})) why = f.what;
+      std::string why = resend_statistics(coordinator, earlier, site);
       if (why.empty())
         for (const auto& f : coordinator.ask(protocol::learn_begin(i, shared), {site}, acked))
           why = f.what;

@@ -632,17 +632,6 @@ std::shared_ptr<detail::DataSocket> data_connect(int port, const std::string& ce
   return detail::DataSocket::connect("localhost", port, tls, 5);
 }
 
-// The server's answer to a hello: "" when accepted, else its reason.
-std::string hello(detail::DataSocket& s, DataKind kind, const std::string& token) {
-  s.send({kind, 0, token.size()}, token.data(), 1 << 20);
-  DataHeader h;
-  if (!s.read_header(h, 0)) return "(closed)";
-  if (h.kind == DataKind::Accept) return "";
-  std::string why(size_t(h.size), '\0');
-  s.read_exact(why.data(), why.size());
-  return why;
-}
-
 // The data link admits only the registered site itself, with its WELCOME's token, once per
 // direction; a reply declaring more than the limit fails the call by the site's name, before any
 // allocation, and the site's connection is dropped.
@@ -660,13 +649,14 @@ TEST(NetTransport, DataLinkRefusesStrangersAndOversizedReplies) {
   const int port = int(w->data_port);
   const std::string token = w->data_token;
 
-  EXPECT_EQ(hello(*data_connect(port, "site-a"), DataKind::HelloDown, std::string(32, 'x')),
+  EXPECT_EQ(data_connect(port, "site-a")->hello(DataKind::HelloDown, std::string(32, 'x')),
             "unknown data-link token (its site's connection has ended)");
-  EXPECT_EQ(hello(*data_connect(port, "site-b"), DataKind::HelloDown, token),
+  EXPECT_EQ(data_connect(port, "site-b")->hello(DataKind::HelloDown, token),
             "certificate is for site 'site-b' but the token is site 'site-a''s");
-  EXPECT_NE(hello(*data_connect(port, "revoked"), DataKind::HelloUp, token).find("revoked"),
+  EXPECT_NE(data_connect(port, "revoked")->hello(DataKind::HelloUp, token).find("revoked"),
             std::string::npos);
-  EXPECT_NE(hello(*data_connect(port, "site-a-other-ca"), DataKind::HelloUp, token)
+  EXPECT_NE(data_connect(port, "site-a-other-ca")
+                ->hello(DataKind::HelloUp, token)
                 .find("not signed by this project's CA"),
             std::string::npos);
   {
@@ -680,10 +670,10 @@ TEST(NetTransport, DataLinkRefusesStrangersAndOversizedReplies) {
   EXPECT_TRUE(server.data_link_sites().empty());
 
   auto down = data_connect(port, "site-a");
-  EXPECT_EQ(hello(*down, DataKind::HelloDown, token), "");
+  EXPECT_EQ(down->hello(DataKind::HelloDown, token), "");
   auto up = data_connect(port, "site-a");
-  EXPECT_EQ(hello(*up, DataKind::HelloUp, token), "");
-  EXPECT_EQ(hello(*data_connect(port, "site-a"), DataKind::HelloDown, token),
+  EXPECT_EQ(up->hello(DataKind::HelloUp, token), "");
+  EXPECT_EQ(data_connect(port, "site-a")->hello(DataKind::HelloDown, token),
             "site 'site-a' already has its request connection");
   EXPECT_TRUE(data_links_become(server, {"site-a"}));
 
@@ -727,9 +717,9 @@ TEST(NetTransport, DataLinkGivesUpOnASiteTooSlowToRead) {
   auto w = c.read_non_heartbeat();
   ASSERT_TRUE(w && w->kind == FrameKind::Welcome);
   auto down = data_connect(int(w->data_port), "site-a");
-  ASSERT_EQ(hello(*down, DataKind::HelloDown, w->data_token), "");
+  ASSERT_EQ(down->hello(DataKind::HelloDown, w->data_token), "");
   auto up = data_connect(int(w->data_port), "site-a");
-  ASSERT_EQ(hello(*up, DataKind::HelloUp, w->data_token), "");
+  ASSERT_EQ(up->hello(DataKind::HelloUp, w->data_token), "");
   ASSERT_TRUE(data_links_become(server, {"site-a"}));
   std::atomic<bool> stop{false};
   std::thread slow([&] {  // about 3 MB/s

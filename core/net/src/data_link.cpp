@@ -90,22 +90,28 @@ std::string errno_text(int e) {
   return std::strerror(e);
 }
 
+// True when SSL_get_error's `err` (errno `e` saved before it) means the peer closed the
+// connection: a close_notify, or TCP closed without one (OpenSSL 3's "unexpected eof").
+bool peer_closed(int err, int e) {
+  return err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && e == 0) ||
+         (err == SSL_ERROR_SSL &&
+          ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING);
+}
+
 // What went wrong in an SSL call that returned `ret`.
 std::string ssl_failure(SSL* ssl, int ret, const std::string& what) {
   const int e = errno;
   const int err = SSL_get_error(ssl, ret);
-  if (err == SSL_ERROR_ZERO_RETURN) return what + ": closed by the peer";
-  if (err == SSL_ERROR_SYSCALL) {
-    ERR_clear_error();
-    return what + ": " + (e ? errno_text(e) : std::string("closed by the peer"));
-  }
-  if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
-    return what + ": no progress within the time limit";
-  if (err == SSL_ERROR_SSL &&
-      ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+  if (peer_closed(err, e)) {
     ERR_clear_error();
     return what + ": closed by the peer";
   }
+  if (err == SSL_ERROR_SYSCALL) {
+    ERR_clear_error();
+    return what + ": " + errno_text(e);
+  }
+  if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
+    return what + ": no progress within the time limit";
   return openssl_error(what);
 }
 
@@ -295,14 +301,8 @@ bool DataSocket::read_or_eof(void* out, size_t size) {
       const int rc = SSL_read_ex(ssl_, p, n, &got);
       if (rc != 1) {
         const int e = errno;
-        const int err = SSL_get_error(ssl_, rc);
-        // A close_notify, or the TCP connection closed without one (OpenSSL 3's "unexpected
-        // eof"), before any byte: the peer closed between two transfers.
-        const bool eof = err == SSL_ERROR_ZERO_RETURN ||
-                         (err == SSL_ERROR_SSL &&
-                          ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) ||
-                         (err == SSL_ERROR_SYSCALL && e == 0);
-        if (eof && size == total) {
+        // Closed before any byte: the peer closed between two transfers.
+        if (size == total && peer_closed(SSL_get_error(ssl_, rc), e)) {
           ERR_clear_error();
           return false;
         }
@@ -356,6 +356,18 @@ void DataSocket::send(const DataHeader& header, const void* payload, size_t piec
     off += n;
     if (between) between();
   }
+}
+
+std::string DataSocket::hello(DataKind kind, const std::string& token) {
+  send({kind, 0, token.size()}, token.data(), token.size());
+  DataHeader h;
+  if (!read_header(h, 0)) throw Error("the server closed it");
+  if (h.kind == DataKind::Accept) return "";
+  if (h.kind != DataKind::Refuse)
+    throw Error(std::string("unexpected '") + data_kind_name(h.kind) + "' from the server");
+  std::string why(size_t(h.size), '\0');
+  read_exact(why.data(), why.size());
+  return why;
 }
 
 bool DataSocket::read_header(DataHeader& header, size_t max_payload) {

@@ -71,6 +71,9 @@ class DataSocket {
   void read_exact(void* out, size_t size);
   // Reads and drops `size` bytes (a payload nobody waits for any more).
   void discard(size_t size);
+  // A site's hello (HELLO_DOWN / HELLO_UP with the WELCOME's token) and the server's answer: ""
+  // when accepted, else the server's reason. Throws concord::Error when the connection fails.
+  std::string hello(DataKind kind, const std::string& token);
 
   // No send/receive may block longer than this without progress (0: no limit).
   void set_stall_timeout(double seconds);
@@ -109,6 +112,10 @@ class DataListener {
 
 // host and port of "host:port" / "[v6]:port"; throws concord::Error when there is no port.
 std::pair<std::string, int> split_host_port(const std::string& host_port);
+// How long a transfer may make no progress: max(10 s, 6 heartbeats).
+inline double stall_seconds(double heartbeat_seconds) {
+  return heartbeat_seconds * 6 > 10 ? heartbeat_seconds * 6 : 10;
+}
 // The data link's switch: CONCORD_NET_DATA_LINK=0 turns it off (payloads on the gRPC stream).
 bool data_link_enabled_by_env();
 // kDataTokenBytes random bytes (OpenSSL's RAND_bytes).

@@ -519,7 +519,7 @@ void Impl::start_data_link() {
     throw Error("--insecure listens on loopback addresses only, not '" + host + "'");
   if (!opt.insecure) data_tls = detail::TlsContext::server(opt.server_cert, opt.server_key);
   data_listener = std::make_unique<detail::DataListener>(host, port);
-  data_stall_seconds = std::max(10.0, 6 * opt.heartbeat_seconds);
+  data_stall_seconds = detail::stall_seconds(opt.heartbeat_seconds);
   spdlog::info("data link listening on port {} ({})", data_listener->port(),
                opt.insecure ? "INSECURE" : "mutual TLS");
   data_accepter = std::thread([this] { data_accept_loop(); });

@@ -131,16 +131,13 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
     std::lock_guard<std::mutex> lock(data_mu_);
     if (!data_link_ || data_started_ || data_closing_ || data_port_ == 0) return;
     data_started_ = true;
-    data_thread_ = std::thread([this] { data_loop(data_host_, data_tls_); });
+    data_thread_ = std::thread([this] { data_loop(); });
   }
   // Ends the data link and waits for its thread (before the connection is dropped).
   void close_data() {
     {
       std::lock_guard<std::mutex> lock(data_mu_);
-      data_closing_ = true;
-      if (opening_) opening_->shutdown();
-      if (down_) down_->shutdown();
-      if (up_) up_->shutdown();
+      close_sockets_locked();
     }
     if (data_thread_.joinable()) data_thread_.join();
   }
@@ -279,7 +276,9 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
  private:
   // Opens the request and reply connections (each: TLS handshake, hello with the token, the
   // server's accept), then reads requests until the link ends.
-  void data_loop(const std::string& host, const std::shared_ptr<detail::TlsContext>& tls) {
+  void data_loop() {
+    const std::string& host = data_host_;
+    const auto& tls = data_tls_;
     int port;
     std::string token;
     {
@@ -296,16 +295,8 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
         opening_ = sock;  // close_data() can interrupt the hello
       }
       sock->set_stall_timeout(10);
-      sock->send({hello, 0, token.size()}, token.data(), opt_.chunk_bytes);
-      DataHeader h;
-      if (!sock->read_header(h, 0)) throw Error("the server closed it");
-      if (h.kind == DataKind::Refuse) {
-        std::string why(size_t(h.size), '\0');
-        sock->read_exact(why.data(), why.size());
+      if (std::string why = sock->hello(hello, token); !why.empty())
         throw Error("the server refused it: " + why);
-      }
-      if (h.kind != DataKind::Accept)
-        throw Error(std::string("unexpected '") + data_kind_name(h.kind) + "' from the server");
       std::lock_guard<std::mutex> lock(data_mu_);
       opening_.reset();
       if (data_closing_) throw Error("closing");
@@ -326,7 +317,7 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
     }
     try {
       auto up = open(DataKind::HelloUp);
-      up->set_stall_timeout(std::max(10.0, 6 * heartbeat_ms_ / 1e3));
+      up->set_stall_timeout(detail::stall_seconds(heartbeat_ms_ / 1e3));
       spdlog::info("site '{}': data link to {} open ({})", opt_.site, where,
                    tls ? "mutual TLS" : "INSECURE");
     } catch (const Error& e) {
@@ -353,7 +344,7 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
         if (h.kind != DataKind::Request)
           throw Error(std::string("unexpected data-link '") + data_kind_name(h.kind) + "'");
         auto request = std::make_shared<Buffer>(size_t(h.size), Buffer::ForOverwrite{});
-        down->set_stall_timeout(std::max(10.0, 6 * heartbeat_ms_ / 1e3));
+        down->set_stall_timeout(detail::stall_seconds(heartbeat_ms_ / 1e3));
         down->read_exact(request->data(), request->size());
         down->set_stall_timeout(0);
         worker_.push({shared_from_this(), h.call_id, std::move(request), false, {}});
@@ -368,12 +359,17 @@ class SiteConnection : public detail::FramedStream<ClientReactor>,
     {
       std::lock_guard<std::mutex> lock(data_mu_);
       if (data_closing_) return;
-      data_closing_ = true;
-      if (down_) down_->shutdown();
-      if (up_) up_->shutdown();
+      close_sockets_locked();
     }
     spdlog::warn("site '{}': data link ({}): {}: reconnecting", opt_.site, what, why);
     cancel();
+  }
+
+  // No further data-link connection; the open ones end now (a blocked reader or writer wakes).
+  void close_sockets_locked() {
+    data_closing_ = true;
+    for (auto* s : {&opening_, &down_, &up_})
+      if (*s) (*s)->shutdown();
   }
 
   void release() {
