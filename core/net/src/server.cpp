@@ -574,6 +574,9 @@ void Impl::data_connection(int fd) {
   }
   std::shared_ptr<ServerStream> s;
   bool down = false, attached = false;
+  // What of the peer's hello is still unread when it is refused (header_unread: all of it).
+  bool header_unread = true;
+  size_t unread = 0;
   try {
     sock->server_handshake(10);
     // Who the peer is, before it may present a token: a certificate of this project, valid,
@@ -586,12 +589,15 @@ void Impl::data_connection(int fd) {
     sock->set_stall_timeout(10);
     DataHeader h;
     if (!sock->read_header(h, max_bytes)) throw Error("closed before its hello");
+    header_unread = false;
     if (h.kind != DataKind::HelloDown && h.kind != DataKind::HelloUp)
       throw Error(std::string("the first transfer must be a hello, not '") +
                   data_kind_name(h.kind) + "'");
     down = h.kind == DataKind::HelloDown;
+    unread = kDataTokenBytes;
     std::string token(kDataTokenBytes, '\0');
     sock->read_exact(token.data(), token.size());
+    unread = 0;
     {
       std::lock_guard<std::mutex> lock(mu);
       auto it = data_tokens.find(token);
@@ -611,6 +617,14 @@ void Impl::data_connection(int fd) {
     sock->send_header({DataKind::Accept, 0, 0});
   } catch (const Error& e) {
     spdlog::warn("refused a data-link connection from {}: {}", sock->peer(), e.what());
+    try {
+      // A peer refused for its certificate is still sending its hello: take it first, so that
+      // it reads the reason instead of a broken pipe.
+      DataHeader h;
+      if (header_unread && sock->read_header(h, kDataTokenBytes)) unread = size_t(h.size);
+      sock->discard(unread);
+    } catch (const Error&) {
+    }
     try {
       const std::string why = std::string(e.what()).substr(0, kMaxRefusalBytes);
       sock->send({DataKind::Refuse, 0, why.size()}, why.data(), opt.chunk_bytes);
