@@ -515,7 +515,7 @@ void Impl::start_data_link() {
     port = port + 1;
     if (port > 65535) throw Error("server: no data-link port after " + opt.listen);
   }
-  if (opt.insecure && !is_loopback_address(host + ":" + std::to_string(port)))
+  if (opt.insecure && !is_loopback_address(host))
     throw Error("--insecure listens on loopback addresses only, not '" + host + "'");
   if (!opt.insecure) data_tls = detail::TlsContext::server(opt.server_cert, opt.server_key);
   data_listener = std::make_unique<detail::DataListener>(host, port);
